@@ -1,0 +1,160 @@
+"""The int4 weight / int8 activation formats and the numpy reference of every kernel.
+
+This module is the specification: the C kernels (scalar, AVX2, NEON) are tested against
+these functions, and the converter writes exactly what `pack_weights` produces.
+
+Weights W[M, K] (M output rows, K inputs), group size G (32, 64, 128 or 256):
+- q = clamp(rint(W / d), -8, 7) with one scale d per group of G consecutive inputs of a row.
+- `qs`: uint8 [M, K/2]. Columns are packed in blocks of 64: within block b, byte i (0..31)
+  holds column 64b+i in its low nibble and column 64b+32+i in its high nibble, each stored as
+  q + 8 (0..15). One 32-byte load then yields 64 weights with a mask and a shift.
+- `scales`: float16 [M, K/G]. fp16 halves the scale bytes (0.5 instead of 1 bit per weight
+  at G=32) on a path bound by memory bandwidth; F16C and NEON convert in one instruction.
+- `rowsum`: float32 [M], sum over groups of d * sum(q): lets the kernels apply the activation
+  zero point once per output instead of once per weight.
+Requires K % 64 == 0 and K % G == 0.
+
+Activations X[N, K] (float32) are quantized per row (token), asymmetric uint8 as in Meta's
+INT4 recipe: the range [min(x, 0), max(x, 0)] maps to 0..255 with a zero point, so
+x ~ s * (q - zp). The integer part of a dot product is then sum(q_x * q_w) per group, which
+the SIMD kernels compute with u8 x s8 multiply-adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PyguardError
+
+GROUP_SIZES = (32, 64, 128, 256)
+BLOCK = 64  # columns per nibble block
+
+
+@dataclass
+class QTensor:
+    """An int4 weight matrix in the packed layout (see module docstring)."""
+
+    qs: np.ndarray  # uint8 [M, K/2]
+    scales: np.ndarray  # float16 [M, K/G]
+    rowsum: np.ndarray  # float32 [M]
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * 2
+
+
+@dataclass
+class QActs:
+    """Activation rows quantized to uint8: x ~ scale[n] * (q[n] - zp[n])."""
+
+    q: np.ndarray  # uint8 [N, K]
+    scale: np.ndarray  # float32 [N]
+    zp: np.ndarray  # int32 [N], 0..255
+
+
+def check_shape(k: int, group: int) -> None:
+    if group not in GROUP_SIZES:
+        raise PyguardError(f"group size {group} not supported (use one of {GROUP_SIZES})")
+    if k % BLOCK or k % group:
+        raise PyguardError(f"input dimension {k} must be a multiple of 64 and of the group size {group}")
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """int8 [M, K] in -8..7 -> uint8 [M, K/2] in the 64-column block layout."""
+    m, k = q.shape
+    u = (q.astype(np.int16) + 8).astype(np.uint8).reshape(m, k // BLOCK, 2, BLOCK // 2)
+    return (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(m, k // 2)
+
+
+def unpack_nibbles(qs: np.ndarray) -> np.ndarray:
+    """uint8 [M, K/2] -> int8 [M, K], inverse of pack_nibbles."""
+    m, half = qs.shape
+    b = qs.reshape(m, half // (BLOCK // 2), 1, BLOCK // 2)
+    u = np.concatenate([b & 0x0F, b >> 4], axis=2)
+    return (u.astype(np.int8) - 8).reshape(m, half * 2)
+
+
+def quantize_with_scales(w: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Round W [M, K] to int8 in -8..7 given fp16 scales [M, K/G]; a zero scale gives zeros."""
+    m, k = w.shape
+    d = scales.astype(np.float32)
+    g = k // d.shape[1]
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d != 0)
+    wg = w.astype(np.float32).reshape(m, -1, g)
+    return np.clip(np.rint(wg * inv[:, :, None]), -8, 7).astype(np.int8).reshape(m, k)
+
+
+def pack_weights(q: np.ndarray, scales: np.ndarray) -> QTensor:
+    """Assemble a QTensor from int8 values [M, K] and fp16 scales [M, K/G]."""
+    m, k = q.shape
+    group = k // scales.shape[1]
+    check_shape(k, group)
+    scales = np.ascontiguousarray(scales, dtype=np.float16)
+    qsum = q.reshape(m, -1, group).sum(axis=2, dtype=np.int64)
+    rowsum = (scales.astype(np.float64) * qsum).sum(axis=1).astype(np.float32)
+    return QTensor(pack_nibbles(q), scales, rowsum, group)
+
+
+def absmax_scales(w: np.ndarray, group: int) -> np.ndarray:
+    """Plain absmax scales: the value of largest magnitude in a group maps to -8 (ggml Q4_0 style)."""
+    m, k = w.shape
+    wg = w.astype(np.float32).reshape(m, k // group, group)
+    idx = np.abs(wg).argmax(axis=2)
+    peak = np.take_along_axis(wg, idx[:, :, None], axis=2)[:, :, 0]
+    return (peak / -8.0).astype(np.float16)
+
+
+def quantize_weights(w: np.ndarray, group: int) -> QTensor:
+    """Reference absmax quantization of a float matrix (the converter refines the scales)."""
+    check_shape(w.shape[1], group)
+    scales = absmax_scales(w, group)
+    return pack_weights(quantize_with_scales(w, scales), scales)
+
+
+def dequantize(t: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 [len(rows) or M, K]: d * q. Rows given: the embedding lookup."""
+    qs, scales = (t.qs, t.scales) if rows is None else (t.qs[rows], t.scales[rows])
+    q = unpack_nibbles(qs).astype(np.float32)
+    m, k = q.shape
+    return (q.reshape(m, -1, t.group) * scales.astype(np.float32)[:, :, None]).reshape(m, k)
+
+
+def quantize_acts(x: np.ndarray) -> QActs:
+    """Per-row asymmetric uint8 quantization of float32 X [N, K] (finite values).
+
+    In float32, exactly as the C kernels: lo = min(x, 0), hi = max(x, 0), s = (hi - lo) / 255
+    (1 if zero), zp = clamp(rint(-lo / s), 0, 255), q = clamp(rint(x * (1 / s)) + zp, 0, 255).
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    lo = np.minimum(x.min(axis=1), np.float32(0))
+    hi = np.maximum(x.max(axis=1), np.float32(0))
+    s = (hi - lo) / np.float32(255)
+    s[s == 0] = 1
+    zp = np.clip(np.rint(-lo / s), 0, 255)
+    inv = np.float32(1) / s
+    q = np.clip(np.rint(x * inv[:, None]) + zp[:, None], 0, 255)
+    return QActs(q.astype(np.uint8), s.astype(np.float32), zp.astype(np.int32))
+
+
+def group_dots(t: QTensor, a: QActs) -> np.ndarray:
+    """int64 [N, M, K/G]: the exact integer dot products sum(q_x * q_w) of every group."""
+    qw = unpack_nibbles(t.qs).astype(np.int64)
+    m, k = qw.shape
+    n = a.q.shape[0]
+    qx = a.q.astype(np.int64).reshape(n, 1, -1, t.group)
+    return (qx * qw.reshape(1, m, -1, t.group)).sum(axis=3)
+
+
+def gemm(t: QTensor, a: QActs) -> np.ndarray:
+    """Y[N, M] = s_n * (sum_g d[m, g] * dot[n, m, g] - zp_n * rowsum[m]), float32."""
+    acc = (group_dots(t, a).astype(np.float32) * t.scales.astype(np.float32)[None]).sum(axis=2)
+    y = a.scale[:, None] * (acc - a.zp[:, None].astype(np.float32) * t.rowsum[None, :])
+    return y.astype(np.float32)
+
+
+def gemv(t: QTensor, x: np.ndarray) -> np.ndarray:
+    """y[M] = W . x for float32 x[K]: x is quantized like a one-token prefill (the INT4 recipe)."""
+    return gemm(t, quantize_acts(x.reshape(1, -1)))[0]
