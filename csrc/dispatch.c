@@ -10,6 +10,10 @@ static const pg_kernels *active = &pg_kernels_scalar; /* the dispatch table */
 /* Kernel tables this CPU can run, best first, NULL-terminated. */
 static int supported(const pg_kernels **out) {
     int n = 0;
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out[n++] = &pg_kernels_avx2;
+#endif
     out[n++] = &pg_kernels_scalar;
     out[n] = NULL;
     return n;
@@ -109,4 +113,31 @@ static void dequant_task(void *ctx, int32_t i) {
 void pg_dequant_rows(const pg_qtensor *w, const int32_t *rows, int32_t n, float *out) {
     job j = {.w = w, .rows = rows, .y = out};
     pg_pool_run(dequant_task, &j, n);
+}
+
+typedef struct {
+    const uint64_t *words;
+    int64_t n, per_task;
+    uint64_t sums[256];
+} read_job;
+
+static void read_task(void *ctx, int32_t t) {
+    read_job *j = ctx;
+    int64_t a = t * j->per_task, b = a + j->per_task < j->n ? a + j->per_task : j->n;
+    uint64_t s[4] = {0}; /* independent sums, so the adds never limit the loads */
+    int64_t i = a;
+    for (; i + 4 <= b; i += 4)
+        for (int u = 0; u < 4; u++) s[u] += j->words[i + u];
+    for (; i < b; i++) s[0] += j->words[i];
+    j->sums[t] = s[0] + s[1] + s[2] + s[3];
+}
+
+uint64_t pg_stream_read(const uint8_t *buf, int64_t n) {
+    read_job j = {.words = (const uint64_t *)buf, .n = n / 8};
+    int32_t tasks = 4 * pg_pool_size() > 256 ? 256 : 4 * pg_pool_size();
+    j.per_task = (j.n + tasks - 1) / tasks;
+    pg_pool_run(read_task, &j, tasks);
+    uint64_t s = 0;
+    for (int32_t t = 0; t < tasks; t++) s += j.sums[t];
+    return s;
 }

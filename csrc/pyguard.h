@@ -32,4 +32,8 @@ void pg_gemv(const pg_qtensor *w, const float *x, float *y);
 /* out[n][K] = dequantized rows rows[0..n) of W (embedding lookup; quant.dequantize). */
 void pg_dequant_rows(const pg_qtensor *w, const int32_t *rows, int32_t n, float *out);
 
+/* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
+ * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
+uint64_t pg_stream_read(const uint8_t *buf, int64_t n);
+
 #endif

@@ -1,0 +1,174 @@
+/* x86-64 AVX2+FMA+F16C kernels. Each function carries its own target attribute, so the library
+ * is built for baseline x86-64 and this path is only entered when the CPU reports AVX2.
+ *
+ * Integer core: vpmaddubsw(u8 activations, s8 weights) gives 16 int16 lanes, each the sum of
+ * two products of magnitude <= 255*8. Eight such results (256 inputs, one group at G=256) sum
+ * to at most 16*2040 = 32640 < 32767, so a whole group accumulates in int16 and is widened
+ * (vpmaddwd by ones) once per group rather than once per multiply. */
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <math.h>
+#include "kernels.h"
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE TARGET __attribute__((always_inline)) static inline
+#define UNROLL _Pragma("GCC unroll 8") /* tile loops must unroll for the tile to live in registers */
+
+/* Sum of 8 floats in a fixed order (every output uses this same order). */
+INLINE float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* x[K] -> q[K], any K: same float32 operations as the scalar path, 8 lanes at a time. */
+TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
+    __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+    int32_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 v = _mm256_loadu_ps(x + k);
+        lo8 = _mm256_min_ps(v, lo8); /* returns lo8 on ties, like the scalar compare */
+        hi8 = _mm256_max_ps(v, hi8);
+    }
+    float lanes_lo[8], lanes_hi[8], lo = 0.0f, hi = 0.0f;
+    _mm256_storeu_ps(lanes_lo, lo8);
+    _mm256_storeu_ps(lanes_hi, hi8);
+    for (int i = 0; i < 8; i++) {
+        lo = lanes_lo[i] < lo ? lanes_lo[i] : lo;
+        hi = lanes_hi[i] > hi ? lanes_hi[i] : hi;
+    }
+    for (int32_t j = k; j < K; j++) {
+        lo = x[j] < lo ? x[j] : lo;
+        hi = x[j] > hi ? x[j] : hi;
+    }
+    float s = (hi - lo) / 255.0f;
+    if (s == 0.0f) s = 1.0f;
+    float z = rintf(-lo / s);
+    z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
+    float inv = 1.0f / s;
+    const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z), vmax = _mm256_set1_ps(255.0f);
+    for (k = 0; k + 32 <= K; k += 32) {
+        __m256i i[4];
+        for (int p = 0; p < 4; p++) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k + 8 * p), vinv);
+            v = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+            v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), vmax);
+            i[p] = _mm256_cvtps_epi32(v);
+        }
+        /* packs interleave 128-bit lanes; the permute restores the order */
+        __m256i w = _mm256_packus_epi16(_mm256_packus_epi32(i[0], i[1]), _mm256_packus_epi32(i[2], i[3]));
+        w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + k), w);
+    }
+    for (; k < K; k++) {
+        float v = rintf(x[k] * inv) + z;
+        q[k] = (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
+    }
+    *scale = s;
+    *zp = (int32_t)z;
+}
+
+/* 32 packed bytes -> 64 signed weights: lo = columns 0..31 of the block, hi = 32..63. */
+INLINE void unpack64(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_sub_epi8(_mm256_and_si256(v, mask), eight);
+    *hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), eight);
+}
+
+/* R rows x T tokens of Y. Rows m..m+R of W, activation rows q[t*K], outputs y[t*M + m + r].
+ * Per output and group: int16 lanes over the group's 32-column chunks, widened to 8 int32
+ * lanes, converted and multiplied by the group scale into 8 float lanes; lanes are summed at
+ * the end. That sequence is the same for every R and T, so tiling never changes a result. */
+INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *scale,
+                 const int32_t *zp, float *y, const int R, const int T) {
+    const int32_t K = w->K, G = w->G, ngroups = K / G;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 facc[R][T];
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int t = 0; t < T; t++) facc[r][t] = _mm256_setzero_ps();
+    for (int32_t g = 0; g < ngroups; g++) {
+        __m256i acc[R][T];
+        UNROLL for (int r = 0; r < R; r++)
+            UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+        /* G >= 64: whole 64-column blocks. G == 32: one half (lo or hi nibbles) of a block. */
+        for (int32_t c = g * G; c < (g + 1) * G; c += G == 32 ? 32 : 64) {
+            const int32_t block = G == 32 ? c & ~63 : c;
+            UNROLL for (int r = 0; r < R; r++) {
+                __m256i wlo, whi;
+                unpack64(w->qs + (int64_t)(m + r) * (K / 2) + block / 2, &wlo, &whi);
+                UNROLL for (int t = 0; t < T; t++) {
+                    const uint8_t *x = q + (int64_t)t * K + c;
+                    if (G == 32) {
+                        __m256i wv = (c & 32) ? whi : wlo;
+                        acc[r][t] = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)x), wv);
+                    } else {
+                        __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)x), wlo);
+                        __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(x + 32)), whi);
+                        acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_add_epi16(a, b));
+                    }
+                }
+            }
+        }
+        UNROLL for (int r = 0; r < R; r++) {
+            const __m256 d = _mm256_set1_ps(_cvtsh_ss(w->scales[(int64_t)(m + r) * ngroups + g]));
+            UNROLL for (int t = 0; t < T; t++) {
+                __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][t], ones));
+                facc[r][t] = _mm256_fmadd_ps(v, d, facc[r][t]);
+            }
+        }
+    }
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int t = 0; t < T; t++)
+            y[(int64_t)t * w->M + m + r] = scale[t] * (hsum(facc[r][t]) - (float)zp[t] * w->rowsum[m + r]);
+}
+
+/* Rows [m0, m1) of Y[N][M]. Row pairs outermost: their weights (K bytes) stay in L1 while all
+ * N tokens pass, so W is read from memory once; 2x4 tiles fill the 16 ymm registers. */
+TARGET static void gemm_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
+                             const float *scale, const int32_t *zp, int32_t N, float *y) {
+    const int64_t K = w->K;
+    int32_t m = m0;
+    for (; m + 2 <= m1; m += 2) {
+        int32_t n = 0;
+        for (; n + 4 <= N; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 4);
+        for (; n < N; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 1);
+    }
+    for (; m < m1; m++) {
+        int32_t n = 0;
+        for (; n + 4 <= N; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 4);
+        for (; n < N; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 1);
+    }
+}
+
+/* y[m0, m1) for one activation row: four rows at a time keep four weight streams in flight. */
+TARGET static void gemv_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
+                             float scale, int32_t zp, float *y) {
+    int32_t m = m0;
+    for (; m + 4 <= m1; m += 4) tile(w, m, q, &scale, &zp, y, 4, 1);
+    for (; m < m1; m++) tile(w, m, q, &scale, &zp, y, 1, 1);
+}
+
+/* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
+TARGET static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
+    const int32_t K = w->K, G = w->G;
+    const uint16_t *d = w->scales + (int64_t)row * (K / G);
+    for (int32_t b = 0; b < K; b += 64) {
+        __m256i half[2];
+        unpack64(w->qs + (int64_t)row * (K / 2) + b / 2, &half[0], &half[1]);
+        for (int h = 0; h < 2; h++) {
+            const int32_t c = b + 32 * h;
+            const __m256 s = _mm256_set1_ps(_cvtsh_ss(d[c / G]));
+            __m128i parts[2] = {_mm256_castsi256_si128(half[h]), _mm256_extracti128_si256(half[h], 1)};
+            for (int p = 0; p < 4; p++) {
+                __m128i bytes = p & 1 ? _mm_srli_si128(parts[p / 2], 8) : parts[p / 2];
+                __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+                _mm256_storeu_ps(out + c + 8 * p, _mm256_mul_ps(v, s));
+            }
+        }
+    }
+}
+
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows, gemv_rows, dequant_row};
+#endif

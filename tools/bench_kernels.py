@@ -1,0 +1,104 @@
+"""Kernel benchmark on the Llama Guard 3 1B shapes (not a test: prints figures and ratios).
+
+gemv: effective GB/s (packed weights + scales read per call / time) beside a plain streaming
+read (pg_stream_read) of buffers of the same size, measured in the same run with the same
+rotation over copies, so that neither is served from a cache the other does not get.
+gemm: int8 GOP/s (2*N*M*K / time) and the fraction of the vpmaddubsw ceiling.
+
+    python tools/bench_kernels.py [--group 256] [--reps 20] [--isa avx2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from pyguard import kernels, quant
+from pyguard._kernels import ffi, lib
+
+SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
+CEILING_GOPS = 2 * 175  # vpmaddubsw: ~175 G multiply-accumulates/s on 2 cores (reference facts)
+ROTATION_BYTES = 1 << 30  # copies cycled through so that each call reads from memory
+
+
+def random_qtensor(rng: np.random.Generator, m: int, k: int, group: int) -> quant.QTensor:
+    q = rng.integers(-8, 8, size=(m, k), dtype=np.int8)
+    scales = (rng.random((m, k // group)) * 0.02 + 0.001).astype(np.float16)
+    return quant.pack_weights(q, scales)
+
+
+def best_time(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def bench_gemv(rng, m, k, group, reps):
+    proto = random_qtensor(rng, m, k, group)
+    nbytes = proto.qs.nbytes + proto.scales.nbytes
+    copies = max(2, ROTATION_BYTES // nbytes)
+    ws = [quant.QTensor(proto.qs.copy(), proto.scales.copy(), proto.rowsum, group) for _ in range(copies)]
+    bufs = [np.empty(nbytes, np.uint8) for _ in range(copies)]
+    for b in bufs:
+        b[:] = 1
+    x = rng.standard_normal(k).astype(np.float32)
+    y = np.empty(m, np.float32)
+    state = {"i": 0}
+
+    def gemv():
+        for _ in range(copies):
+            kernels.gemv(ws[state["i"] % copies], x, out=y)
+            state["i"] += 1
+
+    def read():
+        for _ in range(copies):
+            b = bufs[state["i"] % copies]
+            lib.pg_stream_read(ffi.cast("uint8_t *", ffi.from_buffer(b)), b.nbytes)
+            state["i"] += 1
+
+    calls = copies
+    t_gemv = best_time(gemv, reps) / calls
+    t_read = best_time(read, reps) / calls
+    return nbytes / t_gemv / 1e9, nbytes / t_read / 1e9
+
+
+def bench_gemm(rng, m, k, n, group, reps):
+    w = random_qtensor(rng, m, k, group)
+    a = kernels.quantize_acts(rng.standard_normal((n, k)).astype(np.float32))
+    y = np.empty((n, m), np.float32)
+    t = best_time(lambda: kernels.gemm(w, a, out=y), reps)
+    return 2 * n * m * k / t / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--group", type=int, nargs="+", default=[256, 32])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--isa", default=None, help="kernel path (default: the one picked for this CPU)")
+    args = p.parse_args()
+    if args.isa:
+        kernels.set_isa(args.isa)
+    rng = np.random.default_rng(0)
+    print(f"isa={kernels.isa()}")
+    for group in args.group:
+        print(f"\n== group size {group}")
+        print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "
+              f"{'gemm GOP/s N=16':>15} {'N=64':>6} {'N=256':>6} {'of ceil':>7}")
+        for m, k in SHAPES:
+            for threads in (1, 2):
+                kernels.set_threads(threads)
+                g, r = bench_gemv(rng, m, k, group, args.reps)
+                ops = [bench_gemm(rng, m, k, n, group, max(3, args.reps // 2)) for n in (16, 64, 256)]
+                ceiling = CEILING_GOPS * threads / 2
+                print(f"{m:>5}x{k:<5} {threads:>3} | {g:9.1f} {r:9.1f} {g / r:5.2f} | "
+                      f"{ops[0]:15.1f} {ops[1]:6.1f} {ops[2]:6.1f} {ops[2] / ceiling:7.0%}")
+
+
+if __name__ == "__main__":
+    main()
