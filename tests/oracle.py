@@ -1,10 +1,9 @@
-"""Hugging Face transformers as the oracle of the engine (test and tools only; needs torch).
+"""Hugging Face transformers as the oracle of the engine (tests and tools only; needs torch).
 
-Random Llama checkpoints in Hugging Face naming, their conversion to pyguard tensors in
-memory (the converter's recipe: stack rows per tensor_plan, quant.quantize_weights), and the
-oracle model holding the *dequantized* int4 weights, so that only the engine's arithmetic
-differs from it. `quantized_activations` makes the oracle round the input of every linear
-layer exactly as the kernels do, which isolates the engine's own float rounding.
+The oracle is a float32 LlamaForCausalLM holding the *dequantized* int4 weights (see
+synth.py), so that only the engine's arithmetic differs from it. `quantized_activations`
+makes it round the input of every linear layer to int8 exactly as the kernels do, and can
+make it take the engine's very rounding decisions (`linear_inputs` records them).
 """
 
 from __future__ import annotations
@@ -17,16 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pyguard import model as pgmodel
 from pyguard import quant
-from pyguard.config import ModelConfig, expected_shapes, tensor_plan
+from pyguard.config import ModelConfig
 from pyguard.model import Model
-
-GUARD_1B = ModelConfig(
-    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192, vocab_size=128256,
-    rope_theta=500000.0, max_seq_len=131072,
-    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
-# Token ids of a Llama Guard answer: the rows a pruned guard head keeps.
-GUARD_HEAD = [19193, 39257, 271, 198, 50, 16, 17, 18, 19, 20, 21, 22, 23, 24, 15, 605, 806, 717, 1032, 11, 128009]
 
 
 def hf_config(cfg: ModelConfig) -> LlamaConfig:
@@ -39,48 +30,6 @@ def hf_config(cfg: ModelConfig) -> LlamaConfig:
         head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
         max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings,
     )
-
-
-def random_weights(cfg: ModelConfig, seed: int = 0, qk_gain: float = 1.5, logit_std: float = 6.0) -> dict[str, np.ndarray]:
-    """Hugging Face named float32 weights, far from a flat random model: every matrix keeps
-    activations at unit scale (std 1/sqrt(fan in)), q and k are larger so attention is
-    peaked, norms vary around 1, and the head rows resemble the embedding rows (as in trained
-    models; tied embeddings are the extreme case), so most positions have a decisive top
-    token (top-1 margin ~1 logit std) that int8 rounding noise must not flip."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1:
-            out[name] = (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-            continue
-        std = 1.0 if name == "model.embed_tokens.weight" else 1 / np.sqrt(shape[1])
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            std *= qk_gain
-        out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
-    if not cfg.tie_embeddings:
-        noise = out["lm_head.weight"] * np.sqrt(cfg.dim)
-        out["lm_head.weight"] = ((out["model.embed_tokens.weight"] + noise) * (logit_std / np.sqrt(2 * cfg.dim))).astype(np.float32)
-    return out
-
-
-def quantize_checkpoint(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, head_ids=None):
-    """(pyguard tensors, Hugging Face weights with every quantized tensor replaced by its
-    dequantized int4 values). head_ids prunes pyguard's output head to those rows (the
-    oracle keeps its full head: tests pick its columns)."""
-    tensors, deq = {}, dict(hf)
-    for name, sources, quantized in tensor_plan(cfg):
-        w = np.concatenate([hf[s] for s in sources])
-        if not quantized:
-            tensors[name] = w
-            continue
-        t = tensors[name] = quant.quantize_weights(w, group)
-        rows = np.cumsum([len(hf[s]) for s in sources])[:-1]
-        for s, part in zip(sources, np.split(quant.dequantize(t), rows)):
-            deq[s] = part
-    if head_ids is not None:
-        t, ids = tensors["output"], np.asarray(head_ids)
-        tensors["output"] = quant.QTensor(t.qs[ids], t.scales[ids], t.rowsum[ids], t.group)
-    return tensors, deq
 
 
 def hf_model(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> LlamaForCausalLM:
