@@ -212,8 +212,12 @@ def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * w over the last axis."""
-    ms = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[1])
-    y = x * (1 / np.sqrt(ms + np.float32(eps)))[:, None]
+    r = np.einsum("ij,ij->i", x, x)
+    r /= x.shape[1]
+    r += eps
+    np.sqrt(r, out=r)
+    np.reciprocal(r, out=r)
+    y = x * r[:, None]
     y *= w
     return y
 
@@ -221,12 +225,12 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """silu(gate) * up for [n, 2 hidden] (gate columns first). silu(g) = g * sigmoid(g) is
     written t * (1 + tanh(t)) with t = g / 2, which cannot overflow the way exp(-g) can."""
-    gate, up = np.split(gate_up, 2, axis=1)
-    t = gate * np.float32(0.5)
+    hidden = gate_up.shape[1] // 2
+    t = gate_up[:, :hidden] * np.float32(0.5)
     y = np.tanh(t)
     y += 1
     y *= t
-    y *= up
+    y *= gate_up[:, hidden:]
     return y
 
 
