@@ -1,0 +1,125 @@
+"""The language of Llama Guard answers, and greedy decoding constrained to it.
+
+After the prompt the model writes "\\n\\n", then "safe", or "unsafe", a newline and a
+comma-separated list of category codes ("S1,S10"), then <|eot_id|>. pyguard appends the
+"\\n\\n" to the prompt itself (it is the only way an answer can start, and it saves a decode
+step), so the grammar here covers what follows it. Decoding only ever picks tokens that keep
+the text a prefix of a valid answer, so even a badly quantized model cannot produce an
+unparsable verdict, and it stops as soon as the answer is decided: "safe" needs nothing more.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from .errors import PyguardError
+
+SAFE, UNSAFE = "safe", "unsafe"
+ANSWER_START = "\n\n"
+
+
+class Grammar:
+    """Valid answers: "safe", or "unsafe\\n" then distinct codes joined by ","."""
+
+    def __init__(self, codes: Iterable[str]):
+        self.codes = tuple(codes)
+
+    def _categories(self, text: str) -> list[str] | None:
+        """The code list of an "unsafe\\n..." text, None for any other text."""
+        head = UNSAFE + "\n"
+        return text[len(head):].split(",") if text.startswith(head) else None
+
+    def viable(self, text: str) -> bool:
+        """Is text a prefix of some valid answer?"""
+        if SAFE.startswith(text) or (UNSAFE + "\n").startswith(text):
+            return True
+        parts = self._categories(text)
+        if parts is None:
+            return False
+        *done, last = parts
+        if len(set(done)) != len(done) or any(c not in self.codes for c in done):
+            return False
+        return any(c.startswith(last) and c not in done for c in self.codes)
+
+    def complete(self, text: str) -> bool:
+        """Is text a whole valid answer (so <|eot_id|> may follow)?"""
+        if text == SAFE:
+            return True
+        parts = self._categories(text)
+        return parts is not None and self.viable(text) and parts[-1] in self.codes and parts[-1] not in parts[:-1]
+
+    def categories(self, text: str) -> list[str]:
+        parts = self._categories(text)
+        return [] if parts is None else parts
+
+
+@dataclass
+class Decoded:
+    text: str  # the answer after "\n\n", e.g. "unsafe\nS1,S10"
+    tokens: list[int]  # vocabulary ids generated (not counting the appended "\n\n")
+
+
+class AnswerDecoder:
+    """Greedy decoding restricted to a grammar, over the rows of an output head.
+
+    head_ids[i] is the vocabulary id of head row i and head_text[i] its text (None for special
+    tokens). Only rows whose text is made of the grammar's characters can ever be chosen; they
+    are found once here, so a full 128k-row head costs no more per step than a pruned one.
+    """
+
+    def __init__(self, grammar: Grammar, head_ids: np.ndarray, head_text: Sequence[str | None], eot_id: int):
+        alphabet = set(SAFE + UNSAFE + "\n," + "".join(grammar.codes))
+        self.grammar = grammar
+        self.head_ids = np.asarray(head_ids)
+        self.rows = [i for i, t in enumerate(head_text) if t and set(t) <= alphabet]
+        self.text = {i: head_text[i] for i in self.rows}
+        eot = np.flatnonzero(self.head_ids == eot_id)
+        self.eot_row = int(eot[0]) if eot.size else None
+        self._reach: dict[str, bool] = {}
+
+    def _completable(self, text: str) -> bool:
+        """Can the head's tokens still turn text into a whole answer? ("un" + "s" cannot, if no
+        token spells "afe".) Depth-first, stopping at the first completion found."""
+        if text not in self._reach:
+            g = self.grammar
+            self._reach[text] = g.complete(text) or any(
+                g.viable(text + t) and self._completable(text + t) for t in self.text.values()
+            )
+        return self._reach[text]
+
+    def _done(self, text: str) -> bool:
+        g = self.grammar
+        return text == SAFE or (g.complete(text) and not any(g.viable(text + t) for t in self.text.values()))
+
+    def decode(self, logits: np.ndarray, step: Callable[[int], np.ndarray], force_first: str | None = None) -> Decoded:
+        """logits: over the head rows after the prompt and "\n\n"; step(id) feeds a chosen
+        vocabulary id and returns the next logits. force_first ("safe"/"unsafe") imposes the
+        first word, when a score threshold has decided it."""
+        text, tokens = "", []
+        while not self._done(text):
+            allowed = [i for i in self.rows if self.grammar.viable(text + self.text[i]) and self._completable(text + self.text[i])]
+            if force_first and not text:
+                allowed = [i for i in allowed if force_first.startswith(self.text[i])] or allowed
+            if self.eot_row is not None and self.grammar.complete(text):
+                allowed.append(self.eot_row)
+            if not allowed:  # a head that cannot spell any answer at all
+                raise PyguardError("the model's output head cannot spell a Llama Guard answer")
+            best = allowed[int(np.argmax(logits[allowed]))]
+            if best == self.eot_row:
+                break
+            text += self.text[best]
+            tokens.append(int(self.head_ids[best]))
+            if not self._done(text):
+                logits = step(tokens[-1])
+        return Decoded(text, tokens)
+
+
+def answer_strings(codes: Sequence[str]) -> list[str]:
+    """Representative answers whose tokens a pruned output head must keep."""
+    out = [ANSWER_START + SAFE, ANSWER_START + UNSAFE + "\n" + ",".join(codes)]
+    out += [ANSWER_START + UNSAFE + "\n" + c for c in codes]
+    out += [ANSWER_START + UNSAFE + "\n" + codes[0] + "," + c for c in codes]
+    return out

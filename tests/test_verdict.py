@@ -1,0 +1,76 @@
+"""The answer grammar and grammar-constrained greedy decoding, on synthetic heads and logits."""
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from pyguard.verdict import AnswerDecoder, Grammar
+
+CODES = [f"S{i}" for i in range(1, 14)]
+# A head like a pruned Llama 3 one, plus distractors the grammar must never pick.
+HEAD_TEXT = ["safe", "unsafe", "\n", "S", ",S", ",", "un", "s", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+             "10", "11", "12", "13", "14", "0", None, "hello", "\n\n", " safe", "S1"]
+EOT = 128009
+HEAD_IDS = np.array([1000 + i if t is not None else EOT for i, t in enumerate(HEAD_TEXT)])
+
+
+def test_grammar_accepts_exactly_valid_answers():
+    g = Grammar(CODES)
+    for text in ["safe", "unsafe\nS1", "unsafe\nS1,S10", "unsafe\nS13,S2,S7"]:
+        assert g.complete(text) and all(g.viable(text[:i]) for i in range(len(text) + 1))
+    for text in ["unsafe", "unsafe\n", "unsafe\nS", "unsafe\nS1,", "s", "un"]:
+        assert g.viable(text) and not g.complete(text)
+    for text in ["safex", "unsafe\nS14", "unsafe\nS1,S1", "unsafe\nS1,,S2", "Safe", " safe", "unsafe\n\n"]:
+        assert not g.complete(text)
+    assert not g.viable("unsafe\nS14") and not g.viable("unsafe\nS1,S1,")
+
+
+def test_custom_and_excluded_codes():
+    g = Grammar(["S1", "S3", "X9"])
+    assert g.complete("unsafe\nX9,S3") and not g.viable("unsafe\nS2") and not g.viable("unsafe\nS10")
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.1, 100.0))
+def test_decoding_always_parses(seed, scale):
+    rng = np.random.default_rng(seed)
+    grammar = Grammar(CODES)
+    dec = AnswerDecoder(grammar, HEAD_IDS, HEAD_TEXT, EOT)
+    fed = []
+
+    def step(token):
+        fed.append(token)
+        return rng.standard_normal(len(HEAD_TEXT)) * scale
+
+    out = dec.decode(rng.standard_normal(len(HEAD_TEXT)) * scale, step)
+    assert grammar.complete(out.text), out.text
+    assert "".join(HEAD_TEXT[int(np.flatnonzero(HEAD_IDS == t)[0])] for t in out.tokens) == out.text
+    # The model is asked only for tokens whose continuation was still open.
+    assert fed == out.tokens[: len(fed)] and len(fed) <= len(out.tokens)
+
+
+def test_safe_stops_without_another_step():
+    logits = np.full(len(HEAD_TEXT), -5.0)
+    logits[HEAD_TEXT.index("safe")] = 10
+    logits[HEAD_TEXT.index("hello")] = 50  # not allowed by the grammar
+    out = AnswerDecoder(Grammar(CODES), HEAD_IDS, HEAD_TEXT, EOT).decode(logits, lambda t: 1 / 0)
+    assert out.text == "safe" and out.tokens == [1000]
+
+
+def test_unsafe_categories_follow_the_model_until_eot():
+    seq = iter(["\n", "S", "1", ",S", "10", None])
+
+    def favour(text):
+        logits = np.zeros(len(HEAD_TEXT))
+        logits[HEAD_TEXT.index(text) if text else HEAD_TEXT.index(None)] = 9
+        return logits
+
+    out = AnswerDecoder(Grammar(CODES), HEAD_IDS, HEAD_TEXT, EOT).decode(favour("unsafe"), lambda t: favour(next(seq)))
+    assert out.text == "unsafe\nS1,S10"
+
+
+def test_threshold_forces_the_first_word():
+    logits = np.zeros(len(HEAD_TEXT))
+    logits[HEAD_TEXT.index("safe")] = 10
+    dec = AnswerDecoder(Grammar(["S1"]), HEAD_IDS, HEAD_TEXT, EOT)
+    out = dec.decode(logits, lambda t: np.zeros(len(HEAD_TEXT)), force_first="unsafe")
+    assert out.text == "unsafe\nS1"  # only code left: decided without asking for <|eot_id|>
