@@ -21,8 +21,8 @@ from .config import ModelConfig
 from .errors import PyguardError
 from .quant import QTensor
 
-PREFILL_CHUNK = 256  # tokens per pass: bounds prefill buffers (~30 MB for the 1B geometry)
-SCORES_BYTES = 16 << 20  # attention scores per block of key/value heads
+PREFILL_CHUNK = 128  # tokens per pass: bounds prefill buffers (~40 MB for the 1B geometry at 4096 positions)
+SCORES_BYTES = 8 << 20  # attention scores computed at once (as many key/value heads as fit)
 
 
 @dataclass
