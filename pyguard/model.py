@@ -1,0 +1,291 @@
+"""The Llama decoder: int4 weights, int8 dynamic activations, everything else float32 in numpy.
+
+One forward pass (`Model._forward`) serves prefill (a chunk of tokens through the int8 x int4
+GEMM) and decode (one token through the GEMV): per layer RMSNorm, the stacked q/k/v product,
+rotary embeddings (Hugging Face "rotate half" layout, optional Llama 3 frequency scaling),
+grouped-query attention over the state's key/value cache, the output product, RMSNorm, the
+stacked gate/up product, SwiGLU and the down product; then the final norm and the head.
+Activations are quantized per token at the input of every linear layer (the INT4 recipe).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from . import kernels
+from .config import ModelConfig
+from .errors import PyguardError
+from .quant import QTensor
+
+PREFILL_CHUNK = 128  # tokens per pass: bounds prefill buffers (~40 MB for the 1B geometry at 4096 positions)
+SCORES_BYTES = 8 << 20  # attention scores computed at once (as many key/value heads as fit)
+
+
+@dataclass
+class Layer:
+    attention_norm: np.ndarray  # float32 [dim]
+    wqkv: QTensor  # [(n_heads + 2 n_kv_heads) head_dim, dim]: q, k, v rows
+    wo: QTensor  # [dim, n_heads head_dim]
+    ffn_norm: np.ndarray  # float32 [dim]
+    w13: QTensor  # [2 hidden_dim, dim]: gate rows, then up rows
+    w2: QTensor  # [dim, hidden_dim]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The cache of a state's first `pos` positions (see State.snapshot)."""
+
+    pos: int
+    kv: np.ndarray  # [n_layers, 2, n_kv_heads, pos, head_dim]
+
+
+class State:
+    """One sequence: its key/value cache and the number of positions filled.
+
+    The cache is one array [n_layers, 2 (k, v), n_kv_heads, max_len, head_dim]. It comes from
+    np.zeros, whose large allocations are fresh pages mapped on first write: a state costs
+    memory only for the positions actually filled, whatever max_len it was given.
+    """
+
+    def __init__(self, config: ModelConfig, max_len: int, dtype: np.dtype = np.float32):
+        if max_len < 1:
+            raise PyguardError(f"state length must be positive, not {max_len}")
+        c = config
+        self.kv = np.zeros((c.n_layers, 2, c.n_kv_heads, max_len, c.head_dim), dtype)
+        self.pos = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[3]
+
+    def snapshot(self) -> Snapshot:
+        """A copy of the filled positions only (a policy prefix of 136 tokens is 9 MB for 1B)."""
+        return Snapshot(self.pos, self.kv[:, :, :, : self.pos].copy())
+
+    def restore(self, snap: Snapshot) -> None:
+        """Return to the snapshot's positions; this state may be longer than the snapshot's."""
+        if snap.kv.shape[:3] + snap.kv.shape[4:] != self.kv.shape[:3] + self.kv.shape[4:]:
+            raise PyguardError("snapshot taken from a model of another geometry")
+        if snap.pos > self.max_len:
+            raise PyguardError(f"snapshot of {snap.pos} positions does not fit a state of {self.max_len}")
+        self.kv[:, :, :, : snap.pos] = snap.kv
+        self.pos = snap.pos
+
+
+class Model:
+    """A Llama decoder on int4 weights.
+
+    Not reentrant: one call at a time (buffers and the kernel thread pool are shared).
+    """
+
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, QTensor | np.ndarray], head_ids: Sequence[int] | None = None):
+        """config: the geometry; tensors: the names of config.tensor_plan, matrices as QTensor,
+        norm weights as float arrays (`output` may be left out when embeddings are tied);
+        head_ids: vocabulary id of each row of a pruned `output` (None: the full vocabulary)."""
+        config.validate()
+        c = self.config = config
+        q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+
+        def matrix(name: str, shape: tuple[int, int] | None) -> QTensor:
+            t = tensors.get(name)
+            if not isinstance(t, QTensor):
+                raise PyguardError(f"tensor {name!r} is {'missing' if t is None else 'not an int4 QTensor'}")
+            if shape and t.shape != shape:
+                raise PyguardError(f"tensor {name!r} has shape {t.shape}, expected {shape}")
+            return t
+
+        def norm(name: str) -> np.ndarray:
+            if name not in tensors:
+                raise PyguardError(f"tensor {name!r} is missing")
+            w = np.ascontiguousarray(tensors[name], dtype=np.float32)
+            if w.shape != (c.dim,):
+                raise PyguardError(f"tensor {name!r} has shape {w.shape}, expected {(c.dim,)}")
+            return w
+
+        self.tok_embeddings = matrix("tok_embeddings", (c.vocab_size, c.dim))
+        self.layers = [
+            Layer(
+                norm(f"layers.{i}.attention_norm"),
+                matrix(f"layers.{i}.wqkv", (q_rows + 2 * kv_rows, c.dim)),
+                matrix(f"layers.{i}.wo", (c.dim, q_rows)),
+                norm(f"layers.{i}.ffn_norm"),
+                matrix(f"layers.{i}.w13", (2 * c.hidden_dim, c.dim)),
+                matrix(f"layers.{i}.w2", (c.dim, c.hidden_dim)),
+            )
+            for i in range(c.n_layers)
+        ]
+        self.norm = norm("norm")
+        tied = c.tie_embeddings and "output" not in tensors
+        self.output = self.tok_embeddings if tied else matrix("output", None)
+        rows, k = self.output.shape
+        if k != c.dim:
+            raise PyguardError(f"tensor 'output' has {k} columns, expected {c.dim}")
+        if head_ids is None:
+            if rows != c.vocab_size:
+                raise PyguardError(f"the output head has {rows} rows, not {c.vocab_size}: its vocabulary ids are needed")
+            head_ids = range(rows)
+        self.head_ids = np.array(head_ids, dtype=np.int64)
+        if self.head_ids.shape != (rows,) or self.head_ids.min() < 0 or self.head_ids.max() >= c.vocab_size:
+            raise PyguardError(f"head ids must be {rows} vocabulary ids in 0..{c.vocab_size - 1}")
+        self.inv_freq = rope_frequencies(c)
+
+    @classmethod
+    def load(cls, path: str, threads: int | None = None) -> "Model":
+        """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
+        from .file import load as load_file
+
+        kernels.set_threads(threads)
+        f = load_file(path)
+        return cls(f.config, f.tensors, f.head_ids)
+
+    @property
+    def head_size(self) -> int:
+        """Number of logits per position (rows of the output head)."""
+        return len(self.head_ids)
+
+    def new_state(self, max_len: int, kv_dtype: np.dtype = np.float32) -> State:
+        """An empty sequence of up to max_len positions. kv_dtype float16 halves the cache
+        (134 MB instead of 268 MB for 4096 positions of the 1B model) at some decode speed."""
+        return State(self.config, max_len, kv_dtype)
+
+    def prefill(self, state: State, token_ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append tokens to the sequence; float32 logits of the last position [head_size], or of
+        every new position [len(token_ids), head_size] if all_logits."""
+        ids = self._check(state, token_ids)
+        out = []
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            x = self._forward(state, ids[i : i + PREFILL_CHUNK])
+            if all_logits:
+                out.append(self._head(x))
+        return np.concatenate(out) if all_logits else self._head(x[-1:])[0]
+
+    def decode(self, state: State, token_id: int) -> np.ndarray:
+        """Append one token; float32 logits of the next one [head_size]."""
+        return self._head(self._forward(state, self._check(state, [token_id])))[0]
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """float32 [len(token_ids), head_size]: the logits after every position of a fresh sequence."""
+        return self.prefill(self.new_state(max(len(token_ids), 1)), token_ids, all_logits=True)
+
+    def _check(self, state: State, token_ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise PyguardError("no tokens given")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise PyguardError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+        if state.pos + ids.size > state.max_len:
+            raise PyguardError(f"{state.pos} + {ids.size} positions exceed the state's {state.max_len}")
+        return ids.astype(np.int32)
+
+    def _forward(self, state: State, ids: np.ndarray) -> np.ndarray:
+        """Run n tokens at positions state.pos.. through every layer, filling the cache;
+        returns the hidden states [n, dim] before the final norm."""
+        c = self.config
+        n, start = len(ids), state.pos
+        q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
+        cos, sin = rope_tables(self.inv_freq, np.arange(start, start + n))
+        x = kernels.dequant_rows(self.tok_embeddings, ids)
+        for layer, kv in zip(self.layers, state.kv):
+            qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps))
+            apply_rope(qkv[:, :k_end].reshape(n, -1, 2, c.head_dim // 2), cos, sin)
+            kv[:, :, start : start + n] = qkv[:, q_end:].reshape(n, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3)
+            x += linear(layer.wo, attention(qkv[:, :q_end], kv, start, c.n_kv_heads))
+            gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps))
+            x += linear(layer.w2, swiglu(gate_up))
+        state.pos += n
+        return x
+
+    def _head(self, x: np.ndarray) -> np.ndarray:
+        return linear(self.output, rms_norm(x, self.norm, self.config.norm_eps))
+
+
+def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
+    """x [n, K] . W^T with x quantized per row; one row goes through the GEMV (same arithmetic)."""
+    if len(x) == 1:
+        return kernels.gemv(w, x[0])[None]
+    return kernels.gemm(w, kernels.quantize_acts(x))
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * w over the last axis."""
+    r = np.einsum("ij,ij->i", x, x)
+    r /= x.shape[1]
+    r += eps
+    np.sqrt(r, out=r)
+    np.reciprocal(r, out=r)
+    y = x * r[:, None]
+    y *= w
+    return y
+
+
+def swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up for [n, 2 hidden] (gate columns first). silu(g) = g * sigmoid(g) is
+    written t * (1 + tanh(t)) with t = g / 2, which cannot overflow the way exp(-g) can."""
+    hidden = gate_up.shape[1] // 2
+    t = gate_up[:, :hidden] * np.float32(0.5)
+    y = np.tanh(t)
+    y += 1
+    y *= t
+    y *= gate_up[:, hidden:]
+    return y
+
+
+def rope_frequencies(c: ModelConfig) -> np.ndarray:
+    """Rotation frequencies [head_dim / 2], float32 as in Hugging Face and Meta's code, with
+    Llama 3 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
+    inv_freq = 1.0 / (np.float32(c.rope_theta) ** (np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim)))
+    s = c.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        ramp = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelen > old_len / low, inv_freq / factor, np.where(wavelen < old_len / high, inv_freq, ramp))
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos [n, 1, 1, head_dim/2] and signed sin [n, 1, 2, head_dim/2] (-sin for the first half).
+    Angles are float32 products position * frequency, as the models were trained with."""
+    angles = positions.astype(np.float32)[:, None] * inv_freq
+    sin = np.sin(angles)[:, None, None, :]
+    return np.cos(angles)[:, None, None, :], np.concatenate([-sin, sin], axis=2)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """Rotate heads x [n, heads, 2, head_dim/2] in place, "rotate half" layout:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); x[:, :, ::-1] is (x2, x1)."""
+    np.add(x * cos, x[:, :, ::-1] * sin, out=x)
+
+
+def attention(q: np.ndarray, kv: np.ndarray, start: int, n_kv_heads: int) -> np.ndarray:
+    """Causal grouped-query attention of n queries at positions start.. [n, n_heads head_dim]
+    over the cache kv [2, n_kv_heads, >= start + n, head_dim]; query head h uses key/value head
+    h // (n_heads / n_kv_heads), as Hugging Face's repeat_kv."""
+    n = len(q)
+    head_dim = kv.shape[3]
+    group = q.shape[1] // (n_kv_heads * head_dim)
+    length = start + n
+    # [kv head, (query, group member), head_dim], scaled by 1/sqrt(head_dim) on the way
+    qs = np.empty((n_kv_heads, n, group, head_dim), np.float32)
+    np.multiply(q.reshape(n, n_kv_heads, group, head_dim).transpose(1, 0, 2, 3), np.float32(head_dim**-0.5), out=qs)
+    qs = qs.reshape(n_kv_heads, n * group, head_dim)
+    keys, values = kv[0, :, :length], kv[1, :, :length]
+    # future positions get -inf: query i (position start + i) sees keys 0..start + i
+    mask = np.triu(np.full((n, length), -np.inf, np.float32), start + 1)[:, None] if n > 1 else None
+    out = np.empty_like(qs)
+    step = max(1, SCORES_BYTES // (n * group * length * 4))
+    for h in range(0, n_kv_heads, step):
+        s = np.matmul(qs[h : h + step], keys[h : h + step].transpose(0, 2, 1))
+        if mask is not None:
+            s.reshape(-1, n, group, length)[:] += mask
+        s -= s.max(axis=2, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=2, keepdims=True)
+        np.matmul(s, values[h : h + step], out=out[h : h + step])
+    return out.reshape(n_kv_heads, n, group * head_dim).transpose(1, 0, 2).reshape(n, -1)
