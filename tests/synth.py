@@ -1,5 +1,5 @@
 """Random Llama checkpoints for tests and tools (numpy only): Hugging Face named float
-weights and their conversion to pyguard tensors in memory (the converter's recipe: stack rows
+weights (pyguard.checkpoint) and their conversion to pyguard tensors in memory (the converter's recipe: stack rows
 per tensor_plan, quant.quantize_weights), or int4 tensors drawn directly for large geometries."""
 
 from __future__ import annotations
@@ -7,37 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from pyguard import quant
+from pyguard.checkpoint import GUARD_1B, random_weights  # noqa: F401 (re-exported for tests and tools)
 from pyguard.config import ModelConfig, expected_shapes, tensor_plan
 
-GUARD_1B = ModelConfig(
-    dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192, vocab_size=128256,
-    rope_theta=500000.0, max_seq_len=131072,
-    rope_scaling={"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-)
 # Token ids of a Llama Guard answer: the rows a pruned guard head keeps.
 GUARD_HEAD = [19193, 39257, 271, 198, 50, 16, 17, 18, 19, 20, 21, 22, 23, 24, 15, 605, 806, 717, 1032, 11, 128009]
-
-
-def random_weights(cfg: ModelConfig, seed: int = 0, qk_gain: float = 1.5, logit_std: float = 6.0) -> dict[str, np.ndarray]:
-    """Hugging Face named float32 weights, far from a flat random model: every matrix keeps
-    activations at unit scale (std 1/sqrt(fan in)), q and k are larger so attention is
-    peaked, norms vary around 1, and the head rows resemble the embedding rows (as in trained
-    models; tied embeddings are the extreme case), so most positions have a decisive top
-    token (top-1 margin ~1 logit std) that int8 rounding noise must not flip."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in expected_shapes(cfg).items():
-        if len(shape) == 1:
-            out[name] = (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-            continue
-        std = 1.0 if name == "model.embed_tokens.weight" else 1 / np.sqrt(shape[1])
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            std *= qk_gain
-        out[name] = (std * rng.standard_normal(shape)).astype(np.float32)
-    if not cfg.tie_embeddings:
-        noise = out["lm_head.weight"] * np.sqrt(cfg.dim)
-        out["lm_head.weight"] = ((out["model.embed_tokens.weight"] + noise) * (logit_std / np.sqrt(2 * cfg.dim))).astype(np.float32)
-    return out
 
 
 def quantize_checkpoint(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, head_ids=None):

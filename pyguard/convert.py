@@ -1,0 +1,215 @@
+"""Hugging Face Llama checkpoint (safetensors) -> one pyguard file, streamed tensor by tensor.
+
+Each tensor is read in row chunks (float32), quantized with searched group scales
+(quant.mse_scales) on a few threads, and appended to the output file; memory stays bounded
+by a few chunks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import quant
+from .config import ModelConfig, expected_shapes, tensor_plan
+from .errors import PyguardError
+from .file import Writer, header_meta, tokenizer_arrays
+from .safetensors import Checkpoint
+
+CHUNK_ROWS = 1024  # rows read at once; quantized in sub-chunks of SUB_ROWS on the threads
+SUB_ROWS = 64
+FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b")
+
+
+@dataclass
+class Summary:
+    tensors: int
+    parameters: int
+    bytes: int
+    seconds: float
+    head: str
+    head_rows: int
+    group: int
+    tokenizer: str
+
+    def text(self) -> str:
+        bits = 8 * self.bytes / max(self.parameters, 1)
+        return (f"wrote {self.tensors} tensors, {self.parameters / 1e6:.1f} M parameters, {self.bytes / 1e6:.1f} MB "
+                f"({bits:.2f} bits per parameter), group size {self.group}, {self.head} head of {self.head_rows} rows, "
+                f"tokenizer: {self.tokenizer}; {self.seconds:.1f} s")
+
+
+def read_config(hf_dir: str) -> ModelConfig:
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except FileNotFoundError:
+        raise PyguardError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)") from None
+    except (OSError, ValueError) as e:
+        raise PyguardError(f"{path}: cannot parse ({e})") from None
+    if not isinstance(hf, dict):
+        raise PyguardError(f"{path}: not a JSON object")
+    return ModelConfig.from_hf(hf)
+
+
+def read_tokenizer(hf_dir: str):
+    """The checkpoint's tokenizer as a pyguard Tokenizer, or (None, reason) if it cannot be
+    represented; special token names come from tokenizer.json / tokenizer_config.json."""
+    from .tokenizer import Tokenizer, from_hf_tokenizer_json
+
+    model = os.path.join(hf_dir, "original", "tokenizer.model")
+    tok_json = os.path.join(hf_dir, "tokenizer.json")
+    try:
+        if os.path.exists(model):
+            tok = Tokenizer.from_file(model)
+            names = _special_names(hf_dir)
+            if names:
+                tok = Tokenizer(tok.ranks, names)
+            return tok, "original/tokenizer.model"
+        if os.path.exists(tok_json):
+            return from_hf_tokenizer_json(tok_json), "tokenizer.json"
+        return None, "no original/tokenizer.model or tokenizer.json"
+    except PyguardError as e:
+        return None, str(e)
+
+
+def _special_names(hf_dir: str) -> dict[str, int]:
+    """{name: id} of the added (special) tokens a Hugging Face checkpoint declares."""
+    out = {}
+    try:
+        with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
+            out = {t["content"]: int(t["id"]) for t in json.load(f).get("added_tokens", [])}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise PyguardError(f"{hf_dir}/tokenizer.json: malformed added_tokens") from None
+    if out:
+        return out
+    try:
+        with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+            return {t["content"]: int(i) for i, t in json.load(f).get("added_tokens_decoder", {}).items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise PyguardError(f"{hf_dir}/tokenizer_config.json: malformed added_tokens_decoder") from None
+
+
+def guard_head_ids(tokenizer, family: str) -> list[int]:
+    """Vocabulary ids of every token a Llama Guard answer can contain, in id order."""
+    from .prompt import CATEGORIES
+    from .verdict import answer_strings
+
+    ids = {tokenizer.special("<|eot_id|>")}
+    for s in answer_strings(list(CATEGORIES[family])) + ["\n\n"]:
+        ids.update(tokenizer.encode(s))
+    return sorted(ids)
+
+
+def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", family: str = "auto",
+            threads: int | None = None, progress: Callable[[float, str], None] | None = None) -> Summary:
+    """Convert a checkpoint directory to a pyguard file (written to a temporary name, then renamed)."""
+    t0 = time.time()
+    if group not in quant.GROUP_SIZES:
+        raise PyguardError(f"group size {group} not supported (use one of {quant.GROUP_SIZES})")
+    if head not in ("full", "guard"):
+        raise PyguardError(f"head must be 'full' or 'guard', not {head!r}")
+    if not os.path.isdir(hf_dir):
+        raise PyguardError(f"{hf_dir}: not a directory")
+    cfg = read_config(hf_dir)
+    quant.check_shape(cfg.dim, group)
+    quant.check_shape(cfg.n_heads * cfg.head_dim, group)
+    quant.check_shape(cfg.hidden_dim, group)
+    ckpt = Checkpoint(hf_dir)
+    ckpt.require(expected_shapes(cfg))
+    if family == "auto":
+        family = "llama-guard-3-8b" if cfg.dim == 4096 else "llama-guard-3-1b"
+    if family not in FAMILIES:
+        raise PyguardError(f"family must be auto or one of {', '.join(FAMILIES)}, not {family!r}")
+    tok, tok_note = read_tokenizer(hf_dir)
+    if tok is None:
+        warnings.warn(f"tokenizer not converted ({tok_note}): the file serves token ids only, not the guard API", stacklevel=2)
+    elif tok.vocab_size > cfg.vocab_size:
+        raise PyguardError(f"the tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
+    head_ids = None
+    if head == "guard":
+        if tok is None:
+            raise PyguardError(f"--head guard needs the tokenizer, which could not be read: {tok_note}")
+        head_ids = guard_head_ids(tok, family)
+
+    plan = tensor_plan(cfg)
+    if cfg.tie_embeddings and head_ids is None:
+        plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
+    layout, sizes = [], {}
+    for name, sources, quantized in plan:
+        rows = len(head_ids) if name == "output" and head_ids is not None else sum(ckpt.rows(s) for s in sources)
+        k = expected_shapes(cfg)[sources[0]][-1]
+        if quantized:
+            layout += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // group)), (f"{name}.rowsum", "f32", (rows,))]
+        else:
+            layout.append((name, "f32", (k,)))
+        sizes[name] = rows * k
+    tok_arrays = tokenizer_arrays(tok) if tok is not None else []
+    layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + layout
+    extra = {"quant": {"group": group, "scales": "f16, searched (min squared error)", "activations": "uint8 asymmetric per token"},
+             "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
+    writer = Writer(out_path, header_meta(cfg, head_ids, family, tok, extra), layout)
+    total, done = sum(sizes.values()), 0
+    pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
+    try:
+        for _, a in tok_arrays:
+            writer.append(a)
+        for name, sources, quantized in plan:
+            if not quantized:
+                w = ckpt.read(sources[0])
+                _check_finite(w, sources[0])
+                writer.append(w)
+                done += w.size
+                continue
+            scales, rowsums = [], []
+            for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
+                w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
+                _check_finite(w, src)
+                parts = list(pool.map(lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True), range(0, len(w), SUB_ROWS)))
+                for p in parts:
+                    writer.append(p.qs)
+                scales += [p.scales for p in parts]
+                rowsums += [p.rowsum for p in parts]
+                done += w.size
+                if progress:
+                    progress(done / total, name)
+            writer.append(np.concatenate(scales))
+            writer.append(np.concatenate(rowsums))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        pool.shutdown()
+    params = sum(sizes.values())
+    return Summary(len(plan), params, os.path.getsize(out_path), time.time() - t0, head,
+                   len(head_ids) if head_ids is not None else cfg.vocab_size, group, tok_note if tok else "none")
+
+
+def _row_chunks(ckpt: Checkpoint, sources: list[str], head_ids):
+    """(source tensor, rows) pieces in output row order: slices of CHUNK_ROWS, or id lists."""
+    if head_ids is not None:
+        for i in range(0, len(head_ids), CHUNK_ROWS):
+            yield sources[0], head_ids[i : i + CHUNK_ROWS]
+        return
+    for src in sources:
+        n = ckpt.rows(src)
+        for r in range(0, n, CHUNK_ROWS):
+            yield src, slice(r, min(r + CHUNK_ROWS, n))
+
+
+def _check_finite(w: np.ndarray, name: str) -> None:
+    if not np.isfinite(w).all():
+        raise PyguardError(f"tensor {name} holds infinite or NaN values")
