@@ -63,10 +63,12 @@ def read_config(hf_dir: str) -> ModelConfig:
 def read_tokenizer(hf_dir: str):
     """The checkpoint's tokenizer as a pyguard Tokenizer, or (None, reason) if it cannot be
     represented; special token names come from tokenizer.json / tokenizer_config.json."""
-    from .tokenizer import Tokenizer, from_hf_tokenizer_json
-
     model = os.path.join(hf_dir, "original", "tokenizer.model")
     tok_json = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.exists(model) and not os.path.exists(tok_json):
+        return None, "no original/tokenizer.model or tokenizer.json"
+    from .tokenizer import Tokenizer, from_hf_tokenizer_json
+
     try:
         if os.path.exists(model):
             tok = Tokenizer.from_file(model)
@@ -74,9 +76,7 @@ def read_tokenizer(hf_dir: str):
             if names:
                 tok = Tokenizer(tok.ranks, names)
             return tok, "original/tokenizer.model"
-        if os.path.exists(tok_json):
-            return from_hf_tokenizer_json(tok_json), "tokenizer.json"
-        return None, "no original/tokenizer.model or tokenizer.json"
+        return from_hf_tokenizer_json(tok_json), "tokenizer.json"
     except PyguardError as e:
         return None, str(e)
 
@@ -153,9 +153,10 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         k = expected_shapes(cfg)[sources[0]][-1]
         if quantized:
             layout += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // group)), (f"{name}.rowsum", "f32", (rows,))]
+            sizes[name] = rows * k
         else:
             layout.append((name, "f32", (k,)))
-        sizes[name] = rows * k
+            sizes[name] = k
     tok_arrays = tokenizer_arrays(tok) if tok is not None else []
     layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + layout
     extra = {"quant": {"group": group, "scales": "f16, searched (min squared error)", "activations": "uint8 asymmetric per token"},
@@ -172,6 +173,8 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
                 _check_finite(w, sources[0])
                 writer.append(w)
                 done += w.size
+                if progress:
+                    progress(done / total, name)
                 continue
             scales, rowsums = [], []
             for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
