@@ -1,5 +1,13 @@
-"""pyguard: Llama Guard 3 on CPUs with int4 kernels."""
+"""pyguard: Llama Guard 3 on CPUs with int4 kernels.
 
+file -> weights (file.py, quant.py) -> forward (model.py, kernels.py) -> logits -> verdict
+(tokenizer.py, prompt.py, verdict.py, guard.py).
+"""
+
+from .errors import PyguardError
+from .guard import Guard, Result
 from .model import Model
+from .prompt import format_prompt
+from .tokenizer import Tokenizer
 
-__all__ = ["Model"]
+__all__ = ["Guard", "Model", "PyguardError", "Result", "Tokenizer", "format_prompt"]

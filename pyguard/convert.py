@@ -21,6 +21,8 @@ from . import quant
 from .config import ModelConfig, expected_shapes, tensor_plan
 from .errors import PyguardError
 from .file import Writer, header_meta, tokenizer_arrays
+from .prompt import CATEGORIES
+from .verdict import answer_token_ids
 from .safetensors import Checkpoint
 
 CHUNK_ROWS = 1024  # rows read at once; quantized in sub-chunks of SUB_ROWS on the threads
@@ -102,17 +104,6 @@ def _special_names(hf_dir: str) -> dict[str, int]:
         raise PyguardError(f"{hf_dir}/tokenizer_config.json: malformed added_tokens_decoder") from None
 
 
-def guard_head_ids(tokenizer, family: str) -> list[int]:
-    """Vocabulary ids of every token a Llama Guard answer can contain, in id order."""
-    from .prompt import CATEGORIES
-    from .verdict import answer_strings
-
-    ids = {tokenizer.special("<|eot_id|>")}
-    for s in answer_strings(list(CATEGORIES[family])) + ["\n\n"]:
-        ids.update(tokenizer.encode(s))
-    return sorted(ids)
-
-
 def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", family: str = "auto",
             threads: int | None = None, progress: Callable[[float, str], None] | None = None) -> Summary:
     """Convert a checkpoint directory to a pyguard file (written to a temporary name, then renamed)."""
@@ -142,7 +133,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     if head == "guard":
         if tok is None:
             raise PyguardError(f"--head guard needs the tokenizer, which could not be read: {tok_note}")
-        head_ids = guard_head_ids(tok, family)
+        head_ids = answer_token_ids(tok, list(CATEGORIES[family]))
 
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:

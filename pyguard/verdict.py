@@ -123,3 +123,12 @@ def answer_strings(codes: Sequence[str]) -> list[str]:
     out += [ANSWER_START + UNSAFE + "\n" + c for c in codes]
     out += [ANSWER_START + UNSAFE + "\n" + codes[0] + "," + c for c in codes]
     return out
+
+
+def answer_token_ids(tokenizer, codes: Sequence[str]) -> list[int]:
+    """Vocabulary ids of the tokens answers over these codes are made of, as the tokenizer
+    spells them (the model was trained on these spellings), plus "," and <|eot_id|>."""
+    ids = {tokenizer.special("<|eot_id|>")}
+    for s in answer_strings(list(codes)) + [ANSWER_START, ","]:
+        ids.update(tokenizer.encode(s))
+    return sorted(ids)
