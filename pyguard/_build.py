@@ -13,7 +13,7 @@ ffibuilder.cdef(re.sub(r"^#.*$", "", (CSRC / "pyguard.h").read_text(), flags=re.
 ffibuilder.set_source(
     "pyguard._kernels",
     '#include "pyguard.h"',
-    sources=sorted(str(p.relative_to(CSRC.parent)) for p in CSRC.glob("*.c")),
+    sources=sorted(str(p.relative_to(CSRC.parent)) for p in CSRC.glob("*.c") if not p.name.startswith("test_")),
     include_dirs=[str(CSRC)],
     # No -march: SIMD paths carry their own target attributes, so one build runs on any CPU
     # of the architecture. -ffp-contract=off keeps float results identical to numpy's.

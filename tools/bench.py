@@ -249,7 +249,7 @@ def run_llama_cpp(args) -> dict | str:
         subprocess.run([sys.executable, "-m", "venv", args.venv], check=True)
         # AVX2 build: -march=native would use AMX here, which this virtual machine faults on
         env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"}
-        r = subprocess.run([str(py), "-m", "pip", "install", "numpy", "cffi", "gguf", "llama-cpp-python"], env=env)
+        r = subprocess.run([str(py), "-m", "pip", "install", "numpy", "cffi", "tiktoken", "gguf", "llama-cpp-python"], env=env)
         if r.returncode:
             return "llama-cpp-python could not be installed"
     cmd = [str(py), __file__, "--llama-cpp", "--threads", str(args.threads), "--group", str(args.group), "--seed", str(args.seed)]
