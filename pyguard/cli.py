@@ -14,6 +14,7 @@ from typing import Sequence
 from .errors import PyguardError
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
+BATCH = 16  # conversations classified together from a --jsonl file
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -104,32 +105,33 @@ def _classify_jsonl(guard, path: str, out_path: str | None, options: dict) -> in
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
         raise PyguardError(f"{path}: cannot read ({e})") from None
+    items, failed = [], 0
+    for n, line in enumerate(lines, 1):  # validate every line first: a bad one costs only itself
+        if not line.strip():
+            continue
+        try:
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise PyguardError(f"not JSON ({e})") from None
+            if not isinstance(item, dict) or "messages" not in item:
+                raise PyguardError('expected an object with "messages"')
+            guard.prepare(item["messages"], options["categories"], options["exclude"])
+            items.append(item)
+        except PyguardError as e:
+            print(f"pyguard: {path}: line {n}: {e}", file=sys.stderr)
+            failed += 1
     out = open(out_path + ".part", "w", encoding="utf-8") if out_path else sys.stdout
     progress = Progress("classifying") if out_path or not sys.stdout.isatty() else None
-    failed = unsafe = 0
+    unsafe = 0
     try:
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                try:
-                    item = json.loads(line)
-                except ValueError as e:
-                    raise PyguardError(f"not JSON ({e})") from None
-                if not isinstance(item, dict) or "messages" not in item:
-                    raise PyguardError('expected an object with "messages"')
-                r = guard.classify(item["messages"], **options)
-            except PyguardError as e:
-                print(f"pyguard: {path}: line {n}: {e}", file=sys.stderr)
-                failed += 1
-                continue
-            unsafe += r.unsafe
-            record = ({"id": item["id"]} if "id" in item else {}) | r.to_dict()
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        for i in range(0, len(items), BATCH):
+            batch = items[i : i + BATCH]
+            for item, r in zip(batch, guard.classify_many([x["messages"] for x in batch], **options, batch_size=BATCH)):
+                unsafe += r.unsafe
+                out.write(json.dumps(({"id": item["id"]} if "id" in item else {}) | r.to_dict(), ensure_ascii=False) + "\n")
             if progress:
-                progress(n / len(lines), f"{n}/{len(lines)}")
-        if progress:
-            progress(1.0, f"{len(lines)}/{len(lines)}, {unsafe} unsafe, {failed} failed")
+                progress((i + len(batch)) / len(items), f"{i + len(batch)}/{len(items)}, {unsafe} unsafe")
     finally:
         if out_path:
             out.close()

@@ -127,36 +127,60 @@ class Guard:
         categories: {code: description} replacing the defaults; exclude: codes left out;
         threshold: if given, the verdict is unsafe exactly when score >= threshold (the
         categories are then still decoded greedily) instead of the greedy first token."""
-        t0 = time.perf_counter()
-        key, prefix, rest, cats = self.prepare(conversation, categories, exclude)
-        state = self.model.new_state(len(prefix) + len(rest) + MAX_ANSWER_TOKENS)
-        cached = key in self._prefixes
-        state.restore(self._prefix(key, prefix))
-        logits = self.model.prefill(state, rest)
-        return self._answer(state, logits, cats, len(prefix) + len(rest), len(prefix) if cached else 0, threshold, t0)
+        return self.classify_many([conversation], categories, exclude, threshold)[0]
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
-                      exclude: Sequence[str] = (), threshold: float | None = None) -> list[Result]:
-        """classify() of every conversation, in order."""
-        return [self.classify(c, categories, exclude, threshold) for c in conversations]
+                      exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16) -> list[Result]:
+        """classify() of every conversation, batch_size at a time: a batch is prefilled and
+        decoded together (each weight matrix streamed once per pass for all), and every result
+        is the one classify() gives alone. All conversations are validated before any work;
+        timings are those of the batch a result was computed in."""
+        if batch_size < 1:
+            raise PyguardError("batch_size must be at least 1")
+        requests = [self.prepare(c, categories, exclude) for c in conversations]
+        out: list[Result] = []
+        for i in range(0, len(requests), batch_size):
+            out += self._batch(requests[i : i + batch_size], threshold)
+        return out
 
-    def _answer(self, state, logits: np.ndarray, cats: dict[str, str], n_prompt: int, n_cached: int,
-                threshold: float | None, t0: float) -> Result:
+    def _batch(self, requests: list, threshold: float | None) -> list[Result]:
+        t0 = time.perf_counter()
+        states, rests, cached = [], [], []
+        for key, prefix, rest, _ in requests:
+            cached.append(len(prefix) if key in self._prefixes else 0)
+            state = self.model.new_state(len(prefix) + len(rest) + MAX_ANSWER_TOKENS)
+            state.restore(self._prefix(key, prefix))
+            states.append(state)
+            rests.append(rest)
+        logits = list(self.model.prefill_many(states, rests))
         t1 = time.perf_counter()
-        score = self.score(logits)
-        force = None if threshold is None else (UNSAFE if score >= threshold else SAFE)
-        steps = []
-
-        def step(token: int) -> np.ndarray:
-            steps.append(token)
-            return self.model.decode(state, token)
-
-        out = self._decoder(tuple(cats)).decode(logits, step, force)
+        scores = [self.score(x) for x in logits]
+        force = [None if threshold is None else UNSAFE if s >= threshold else SAFE for s in scores]
+        decoders = [self._decoder(tuple(cats)) for *_, cats in requests]
+        texts, tokens = [""] * len(requests), [[] for _ in requests]
+        active = list(range(len(requests)))
+        while active:  # every unfinished answer advances one token per pass
+            fed = []
+            for k in active:
+                row = decoders[k].choose(texts[k], logits[k], force[k])
+                if row is None:
+                    continue
+                texts[k] += decoders[k].text[row]
+                tokens[k].append(int(self.model.head_ids[row]))
+                if not decoders[k].finished(texts[k]):
+                    fed.append(k)
+            if fed:
+                for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], [tokens[k][-1:] for k in fed])):
+                    logits[k] = x
+            active = fed
         t2 = time.perf_counter()
-        verdict = UNSAFE if out.text.startswith(UNSAFE) else SAFE
-        codes = self._decoder(tuple(cats)).grammar.categories(out.text)
-        return Result(verdict, codes, [cats[c] for c in codes], score, out.text, n_prompt, n_cached, len(out.tokens),
-                      {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0})
+        results = []
+        for k, (_, prefix, rest, cats) in enumerate(requests):
+            verdict = UNSAFE if texts[k].startswith(UNSAFE) else SAFE
+            codes = decoders[k].grammar.categories(texts[k])
+            results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(prefix) + len(rest),
+                                  cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}))
+        return results
 
     def score(self, logits: np.ndarray) -> float:
         """Probability of the "unsafe" token among the head's rows (the whole vocabulary with a

@@ -158,14 +158,41 @@ class Model:
         ids = self._check(state, token_ids)
         out = []
         for i in range(0, len(ids), PREFILL_CHUNK):
-            x = self._forward(state, ids[i : i + PREFILL_CHUNK])
+            x = self._forward([(state, ids[i : i + PREFILL_CHUNK])])
             if all_logits:
                 out.append(self._head(x))
         return np.concatenate(out) if all_logits else self._head(x[-1:])[0]
 
     def decode(self, state: State, token_id: int) -> np.ndarray:
         """Append one token; float32 logits of the next one [head_size]."""
-        return self._head(self._forward(state, self._check(state, [token_id])))[0]
+        return self._head(self._forward([(state, self._check(state, [token_id]))]))[0]
+
+    def prefill_many(self, states: Sequence[State], token_lists: Sequence[Sequence[int]]) -> np.ndarray:
+        """Append tokens to several sequences at once; float32 logits after each one's last
+        token [len(states), head_size]. Passes of up to PREFILL_CHUNK tokens gather pieces of
+        several sequences, so each weight matrix is streamed once per pass for all of them;
+        each sequence's logits are those it gets alone. One token per state is a batched decode."""
+        if len({id(s) for s in states}) != len(states) or len(states) != len(token_lists):
+            raise PyguardError("prefill_many needs distinct states, one token list each")
+        pending = [(k, self._check(s, t)) for k, (s, t) in enumerate(zip(states, token_lists))]
+        last = np.empty((len(states), self.config.dim), np.float32)
+        while pending:
+            budget, segs, later = PREFILL_CHUNK, [], []
+            for k, ids in pending:
+                take = ids[: max(budget, 0)]
+                if len(take):
+                    segs.append((k, take))
+                    budget -= len(take)
+                if len(take) < len(ids):
+                    later.append((k, ids[len(take) :]))
+            x = self._forward([(states[k], ids) for k, ids in segs])
+            ends = np.cumsum([len(ids) for _, ids in segs]) - 1
+            done = {k for k, _ in later}
+            for (k, _), e in zip(segs, ends):
+                if k not in done:
+                    last[k] = x[e]
+            pending = later
+        return self._head(last)
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """float32 [len(token_ids), head_size]: the logits after every position of a fresh sequence."""
@@ -181,22 +208,31 @@ class Model:
             raise PyguardError(f"{state.pos} + {ids.size} positions exceed the state's {state.max_len}")
         return ids.astype(np.int32)
 
-    def _forward(self, state: State, ids: np.ndarray) -> np.ndarray:
-        """Run n tokens at positions state.pos.. through every layer, filling the cache;
-        returns the hidden states [n, dim] before the final norm."""
+    def _forward(self, segments: list[tuple[State, np.ndarray]]) -> np.ndarray:
+        """Run tokens through every layer, each segment's at its state's next positions,
+        filling the caches; returns the hidden states [total tokens, dim] before the final norm.
+        The products see all segments' tokens at once (one weight stream for the batch);
+        attention is per segment, over its own cache. A state appears at most once."""
         c = self.config
-        n, start = len(ids), state.pos
+        ids = np.concatenate([seg for _, seg in segments])
+        n = len(ids)
+        bounds = np.cumsum([0] + [len(seg) for _, seg in segments])
         q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
-        cos, sin = rope_tables(self.inv_freq, np.arange(start, start + n))
+        cos, sin = rope_tables(self.inv_freq, np.concatenate([np.arange(st.pos, st.pos + len(seg)) for st, seg in segments]))
         x = kernels.dequant_rows(self.tok_embeddings, ids)
-        for layer, kv in zip(self.layers, state.kv):
+        for i, layer in enumerate(self.layers):
             qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps))
             apply_rope(qkv[:, :k_end].reshape(n, -1, 2, c.head_dim // 2), cos, sin)
-            kv[:, :, start : start + n] = qkv[:, q_end:].reshape(n, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3)
-            x += linear(layer.wo, attention(qkv[:, :q_end], kv, start, c.n_kv_heads))
+            att = np.empty((n, q_end), np.float32)
+            for (state, _), a, b in zip(segments, bounds[:-1], bounds[1:]):
+                kv, start = state.kv[i], state.pos
+                kv[:, :, start : start + b - a] = qkv[a:b, q_end:].reshape(b - a, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3)
+                att[a:b] = attention(qkv[a:b, :q_end], kv, start, c.n_kv_heads)
+            x += linear(layer.wo, att)
             gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps))
             x += linear(layer.w2, swiglu(gate_up))
-        state.pos += n
+        for state, seg in segments:
+            state.pos += len(seg)
         return x
 
     def _head(self, x: np.ndarray) -> np.ndarray:

@@ -90,29 +90,35 @@ class AnswerDecoder:
             )
         return self._reach[text]
 
-    def _done(self, text: str) -> bool:
+    def finished(self, text: str) -> bool:
+        """Is the answer decided (complete, and nothing but <|eot_id|> can follow)?"""
         g = self.grammar
         return text == SAFE or (g.complete(text) and not any(g.viable(text + t) for t in self.text.values()))
 
+    def choose(self, text: str, logits: np.ndarray, force_first: str | None = None) -> int | None:
+        """The head row to append to the answer so far, or None when the answer is finished.
+        logits: over the head rows, after the prompt, "\n\n" and text. force_first
+        ("safe"/"unsafe") imposes the first word, when a score threshold has decided it."""
+        if self.finished(text):
+            return None
+        allowed = [i for i in self.rows if self.grammar.viable(text + self.text[i]) and self._completable(text + self.text[i])]
+        if force_first and not text:
+            allowed = [i for i in allowed if force_first.startswith(self.text[i])] or allowed
+        if self.eot_row is not None and self.grammar.complete(text):
+            allowed.append(self.eot_row)
+        if not allowed:  # a head that cannot spell any answer at all
+            raise PyguardError("the model's output head cannot spell a Llama Guard answer")
+        best = allowed[int(np.argmax(logits[allowed]))]
+        return None if best == self.eot_row else best
+
     def decode(self, logits: np.ndarray, step: Callable[[int], np.ndarray], force_first: str | None = None) -> Decoded:
-        """logits: over the head rows after the prompt and "\n\n"; step(id) feeds a chosen
-        vocabulary id and returns the next logits. force_first ("safe"/"unsafe") imposes the
-        first word, when a score threshold has decided it."""
+        """Greedy answer from the logits after the prompt and "\n\n"; step(id) feeds a chosen
+        vocabulary id and returns the next logits."""
         text, tokens = "", []
-        while not self._done(text):
-            allowed = [i for i in self.rows if self.grammar.viable(text + self.text[i]) and self._completable(text + self.text[i])]
-            if force_first and not text:
-                allowed = [i for i in allowed if force_first.startswith(self.text[i])] or allowed
-            if self.eot_row is not None and self.grammar.complete(text):
-                allowed.append(self.eot_row)
-            if not allowed:  # a head that cannot spell any answer at all
-                raise PyguardError("the model's output head cannot spell a Llama Guard answer")
-            best = allowed[int(np.argmax(logits[allowed]))]
-            if best == self.eot_row:
-                break
-            text += self.text[best]
-            tokens.append(int(self.head_ids[best]))
-            if not self._done(text):
+        while (row := self.choose(text, logits, force_first)) is not None:
+            text += self.text[row]
+            tokens.append(int(self.head_ids[row]))
+            if not self.finished(text):
                 logits = step(tokens[-1])
         return Decoded(text, tokens)
 

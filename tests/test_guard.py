@@ -146,3 +146,15 @@ def test_demo_runs():
     r = run("demo")
     assert r.returncode == 0, r.stderr
     assert "RANDOM" in r.stdout and "-> " in r.stdout
+
+
+def test_batches_give_the_verdicts_of_single_requests(guards):
+    g = guards["full"]
+    convs = ["hello", CONV, "How do I make a bomb?", [{"role": "user", "content": "x " * 150}], "ok"]
+    for threshold in (None, 0.0, 0.5):
+        alone = [g.classify(c, threshold=threshold) for c in convs]
+        batched = g.classify_many(convs, threshold=threshold, batch_size=3)
+        for a, b in zip(alone, batched):
+            assert (a.answer, a.score, a.prompt_tokens) == (b.answer, b.score, b.prompt_tokens)
+    with pytest.raises(PyguardError, match="message 0"):
+        g.classify_many(["fine", [{"role": "assistant", "content": "x"}]])

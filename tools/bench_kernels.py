@@ -11,12 +11,16 @@ gemm: int8 GOP/s (2*N*M*K / time) and the fraction of the vpmaddubsw ceiling.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import numpy as np
 
-from pyguard import kernels, quant
-from pyguard._kernels import ffi, lib
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pyguard import kernels, quant  # noqa: E402
+from pyguard._kernels import ffi, lib  # noqa: E402
 
 SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
 CEILING_GOPS = 2 * 175  # vpmaddubsw: ~175 G multiply-accumulates/s on 2 cores (reference facts)
