@@ -64,6 +64,9 @@ def categories_of(categories: Mapping[str, str] | None = None, exclude: Sequence
         categories = CATEGORIES[family]
     if not isinstance(categories, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in categories.items()):
         raise PyguardError("categories must map str codes to str descriptions")
+    bad = [k for k in categories if not k or any(ch.isspace() or ch == "," for ch in k)]
+    if bad:
+        raise PyguardError(f"category code {bad[0]!r} cannot appear in an answer (no commas, spaces or empty codes)")
     if isinstance(exclude, str):
         exclude = (exclude,)
     unknown = [c for c in exclude if c not in categories]

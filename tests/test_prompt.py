@@ -78,6 +78,8 @@ def test_bad_categories():
         format_prompt("x", exclude=["S99"])
     with pytest.raises(PyguardError, match="every category"):
         format_prompt("x", categories={"S1": "a"}, exclude=["S1"])
+    with pytest.raises(PyguardError, match="cannot appear in an answer"):
+        format_prompt("x", categories={"S1,S2": "a"})
     with pytest.raises(PyguardError, match="unknown model family"):
         format_prompt("x", family="llama-guard-9")
 
