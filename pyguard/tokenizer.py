@@ -19,7 +19,7 @@ import binascii
 import json
 import operator
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping
 
 import tiktoken
 
