@@ -1,9 +1,15 @@
 """The Llama 3 tokenizer: byte-level BPE on tiktoken, built from ranks and special tokens.
 
-Text passed to `encode` is always ordinary text: a message containing "<|eot_id|>" is encoded
-as the characters "<", "|", "eot", ... and never as the special token, so no one can forge the
-end of a conversation or the model's answer. Special tokens enter only through `special`,
-which the prompt builder uses.
+Text given to `encode` is always ordinary text: a message holding "<|eot_id|>" is encoded as
+the characters "<", "|", "eot", ... and never as the special token, so a message cannot forge
+the end of a turn or the model's answer. Special tokens enter a sequence only by id, through
+`special` / `encode_with_specials`, which the prompt builder uses.
+
+`encode` gives the very ids of Meta's reference (`llama_models.llama3.tokenizer.Tokenizer`
+with bos=False, eos=False), including its handling of very long inputs (cut every 400,000
+characters, and inside runs of more than 25,000 white-space or non-white-space characters) and
+of surrogates (tiktoken's: a high + low surrogate pair becomes the character it encodes, a
+lone surrogate becomes U+FFFD).
 """
 
 from __future__ import annotations
@@ -11,161 +17,292 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Iterator, Sequence
+import operator
+import re
+from typing import Any, Iterable, Iterator, Mapping
 
 import tiktoken
 
 from .errors import PyguardError
 
-PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-# Meta's reference encodes long inputs in pieces; the same pieces give the same tokens.
-MAX_ENCODE_CHARS = 400_000
-MAX_RUN_CHARS = 25_000
-# Names of the 256 special tokens after the ranks, as in Meta's reference tokenizer
-# (a checkpoint's tokenizer.json may rename the reserved ones; see Tokenizer.from_file).
-SPECIAL_NAMES = [
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# The split a Hugging Face ByteLevel pre-tokenizer applies when use_regex is true.
+GPT2_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+# Names of the 256 special tokens numbered after the ranks, as in Meta's reference tokenizer
+# (llama-models 0.3.0). Only the first few are stable across releases; a checkpoint's own
+# tokenizer.json names the others (see from_hf_tokenizer_json).
+LLAMA3_SPECIAL_NAMES = [
     "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
     "<|eot_id|>", "<|python_tag|>", "<|image|>",
 ] + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 12)]
 
+# Meta's reference encodes long inputs piece by piece (tiktoken used to panic on more than
+# ~400k characters, and its regex is quadratic on long runs). The cuts change the tokens at
+# the cut points, so they are reproduced exactly.
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+# A run (of white space or of anything else) longer than MAX_RUN_CHARS, matched whole from its
+# first character. Python's \s is exactly str.isspace, which the reference tests.
+_LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+
 
 class Tokenizer:
-    def __init__(self, ranks: dict[bytes, int], special_tokens: dict[str, int]):
-        """ranks: token bytes -> id (the BPE merge priority); special_tokens: name -> id."""
-        self.ranks, self.special_tokens = ranks, dict(special_tokens)
-        if set(special_tokens.values()) & set(ranks.values()):
-            raise PyguardError("tokenizer: special token ids collide with ordinary token ids")
+    """Byte-level BPE: `ranks` maps token bytes to id (lower id = merged first), `special_tokens`
+    maps names such as "<|eot_id|>" to ids, `pattern` is the pre-tokenizer's split regex."""
+
+    def __init__(self, ranks: Mapping[bytes, int], special_tokens: Mapping[str, int], pattern: str = LLAMA3_PATTERN):
+        try:  # ids may come as numpy integers (from a model file): keep plain ints
+            self.ranks: dict[bytes, int] = {b: operator.index(i) for b, i in ranks.items()}
+            self.special_tokens: dict[str, int] = {n: operator.index(i) for n, i in special_tokens.items()}
+        except (AttributeError, TypeError):
+            raise PyguardError("tokenizer: ranks and special tokens must be mappings to integer ids") from None
+        self.pattern = pattern
+        self._check()
         try:
-            self._enc = tiktoken.Encoding("pyguard", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens)
-        except Exception as e:  # tiktoken's own errors (ValueError, pyo3 panics) carry no common type
-            raise PyguardError(f"tokenizer: cannot build the BPE ({e})") from None
-        self._bytes = {i: b for b, i in ranks.items()}
-        self._bytes.update((i, n.encode()) for n, i in self.special_tokens.items())
+            self._enc = tiktoken.Encoding("pyguard", pat_str=pattern, mergeable_ranks=self.ranks,
+                                          special_tokens=self.special_tokens)
+        except BaseException as e:  # tiktoken raises ValueError or pyo3 panics, which share no type
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise PyguardError(f"tokenizer: tiktoken cannot build it ({e})") from None
+        self._bytes = {i: b for b, i in self.ranks.items()}
+        self._bytes.update((i, name.encode("utf-8")) for name, i in self.special_tokens.items())
+        self._special_ids = frozenset(self.special_tokens.values())
+
+    def _check(self) -> None:
+        """Refuse what would make tiktoken panic later or decode wrongly."""
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise PyguardError("tokenizer: the split pattern must be a non-empty str")
+        if not all(type(b) is bytes and b and i >= 0 for b, i in self.ranks.items()):
+            raise PyguardError("tokenizer: ranks must map non-empty bytes to ids >= 0")
+        if not all(isinstance(n, str) and n and i >= 0 for n, i in self.special_tokens.items()):
+            raise PyguardError("tokenizer: special tokens must map non-empty names to ids >= 0")
+        if len(set(self.ranks.values())) != len(self.ranks):
+            raise PyguardError("tokenizer: two tokens share a rank")
+        if len(set(self.special_tokens.values())) != len(self.special_tokens):
+            raise PyguardError("tokenizer: two special tokens share an id")
+        if set(self.special_tokens.values()) & set(self.ranks.values()):
+            raise PyguardError("tokenizer: a special token id is also an ordinary token's rank")
+        missing = [b for b in range(256) if bytes([b]) not in self.ranks]
+        if missing:  # BPE starts from single bytes: text holding such a byte could not be encoded
+            raise PyguardError(f"tokenizer: {len(missing)} single bytes have no token (first: 0x{missing[0]:02x})")
 
     @classmethod
-    def from_file(cls, path: str, special_tokens: dict[str, int] | None = None) -> "Tokenizer":
-        """A tiktoken `tokenizer.model` (lines of base64 token and rank); special tokens
-        default to Llama 3's 256, numbered after the ranks."""
-        ranks = {}
+    def from_file(cls, path: str, special_tokens: Mapping[str, int] | None = None) -> "Tokenizer":
+        """A tiktoken `tokenizer.model`: one "base64(token) rank" per line, ranks 0..n-1.
+        special_tokens defaults to Llama 3's 256, numbered n, n+1, ... as in Meta's reference."""
         try:
             with open(path, "rb") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    token, rank = line.split()
-                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                data = f.read()
         except OSError as e:
-            raise PyguardError(f"{path}: cannot read ({e.strerror})") from None
-        except (ValueError, binascii.Error):
-            raise PyguardError(f"{path}: line {n} is not 'base64-token rank'") from None
+            raise PyguardError(f"{path}: cannot read ({e.strerror or e})") from None
+        ranks: dict[bytes, int] = {}
+        seen: set[int] = set()
+        for n, line in enumerate(data.split(b"\n"), 1):
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                if len(fields) != 2 or not fields[1].isdigit():
+                    raise ValueError
+                token, rank = base64.b64decode(fields[0], validate=True), int(fields[1])
+                if not token:
+                    raise ValueError
+            except (ValueError, binascii.Error):
+                raise PyguardError(f"{path}: line {n} is not 'base64-token rank' (is this a tiktoken tokenizer.model?)") from None
+            if token in ranks or rank in seen:
+                raise PyguardError(f"{path}: line {n} repeats a token or a rank")
+            ranks[token] = rank
+            seen.add(rank)
+        if not ranks:
+            raise PyguardError(f"{path}: no tokens (is this a tiktoken tokenizer.model?)")
+        if max(seen) != len(ranks) - 1:  # ranks are unique, so this means 0..n-1
+            raise PyguardError(f"{path}: ranks are not 0..{len(ranks) - 1}")
         if special_tokens is None:
-            special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_NAMES)}
-        return cls(ranks, special_tokens)
+            special_tokens = {name: len(ranks) + i for i, name in enumerate(LLAMA3_SPECIAL_NAMES)}
+        try:
+            return cls(ranks, special_tokens)
+        except PyguardError as e:
+            raise PyguardError(f"{path}: {e}") from None
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids, ordinary and special (ids are 0..vocab_size-1, some possibly unused)."""
         return max(self._bytes) + 1
 
     def special(self, name: str) -> int:
-        """Id of a special token by name, e.g. "<|eot_id|>"."""
+        """Id of a special token by name, e.g. special("<|eot_id|>") == 128009."""
         try:
             return self.special_tokens[name]
-        except KeyError:
-            raise PyguardError(f"the tokenizer has no special token {name}") from None
+        except (KeyError, TypeError):
+            raise PyguardError(f"the tokenizer has no special token {name!r}") from None
+
+    def is_special(self, token_id: int) -> bool:
+        """Is this id a special token's (rather than some bytes of text)?"""
+        return token_id in self._special_ids
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of text, every character as text (special-token spellings included)."""
+        """Token ids of text, all of it ordinary text (special-token spellings included); no BOS."""
         if not isinstance(text, str):
             raise PyguardError(f"can only encode str, not {type(text).__name__}")
         out: list[int] = []
         for i in range(0, len(text), MAX_ENCODE_CHARS):
-            for piece in _runs(text[i : i + MAX_ENCODE_CHARS], MAX_RUN_CHARS):
+            for piece in _cut_long_runs(text[i : i + MAX_ENCODE_CHARS]):
+                # the reference's call: every special token disallowed as such, none refused
                 out += self._enc.encode(piece, allowed_special=set(), disallowed_special=())
         return out
 
-    def decode_bytes(self, ids: Sequence[int]) -> bytes:
+    def encode_with_specials(self, parts: Iterable[str | int]) -> list[int]:
+        """Ids of a sequence of parts: a str is encoded as text (each str on its own), an int
+        must be a special token id (from `special`) and is kept as is."""
+        out: list[int] = []
+        for part in parts:
+            if isinstance(part, str):
+                out += self.encode(part)
+            elif isinstance(part, int) and not isinstance(part, bool) and self.is_special(part):
+                out.append(int(part))
+            else:
+                raise PyguardError(f"encode_with_specials: {part!r} is neither text nor a special token id")
+        return out
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The bytes of token ids; a special token gives its name."""
         try:
-            return b"".join(self._bytes[int(i)] for i in ids)
+            return b"".join(self._bytes[operator.index(i)] for i in ids)
         except KeyError as e:
             raise PyguardError(f"token id {e.args[0]} is not in the vocabulary") from None
+        except TypeError:
+            raise PyguardError("token ids must be integers") from None
 
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of token ids; bytes that are not valid UTF-8 (a partial character) become U+FFFD."""
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids. Bytes that are not valid UTF-8 (such as part of a character, when
+        ids stop in its middle) become U+FFFD, as in tiktoken's decode."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
 
-def _runs(s: str, limit: int) -> Iterator[str]:
-    """Cut s so that no piece holds more than `limit` consecutive white-space or non-white-space
-    characters (Meta's reference does this to bound the regex's work)."""
-    start, run, space = 0, 0, s[:1].isspace()
-    for i, ch in enumerate(s):
-        if ch.isspace() != space:
-            space, run = not space, 1
-        else:
-            run += 1
-            if run > limit:
-                yield s[start:i]
-                start, run = i, 1
+def _cut_long_runs(s: str) -> Iterator[str]:
+    """s cut so that no piece holds more than MAX_RUN_CHARS consecutive white-space or
+    non-white-space characters: a run is cut every MAX_RUN_CHARS characters from its start,
+    exactly where the reference's character-by-character loop cuts it."""
+    start = 0
+    for m in _LONG_RUN.finditer(s):
+        for cut in range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS):
+            yield s[start:cut]
+            start = cut
     yield s[start:]
 
 
-def _gpt2_byte_map() -> dict[str, int]:
-    """The printable characters byte-level BPE files use for each byte (GPT-2's scheme)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
+def _byte_of_char() -> dict[str, int]:
+    """The character byte-level BPE files write for each byte (GPT-2's `bytes_to_unicode`):
+    printable Latin-1 bytes stand for themselves, the others map to U+0100 onwards in order."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out, extra = {}, 0
     for b in range(256):
         if b in keep:
-            chars[chr(b)] = b
+            out[chr(b)] = b
         else:
-            chars[chr(256 + extra)] = b
+            out[chr(0x100 + extra)] = b
             extra += 1
-    return chars
+    return out
 
 
-def _regexes(node) -> list[str]:
-    """Every split regex in a tokenizer.json pre-tokenizer tree."""
-    if isinstance(node, dict):
-        return [node["Regex"]] if isinstance(node.get("Regex"), str) else [r for v in node.values() for r in _regexes(v)]
-    return [r for v in node for r in _regexes(v)] if isinstance(node, list) else []
+def _split_pattern(pre: Any, refuse) -> str:
+    """The split regex of a byte-level pre-tokenizer: Split(regex, isolated) + ByteLevel without
+    regex (what converters of tiktoken files write), or ByteLevel with its built-in GPT-2 regex."""
+    def byte_level(p: Any, use_regex: bool) -> bool:
+        return (isinstance(p, dict) and p.get("type") == "ByteLevel" and not p.get("add_prefix_space", True)
+                and p.get("use_regex", True) == use_regex)
+
+    if byte_level(pre, True):
+        return GPT2_PATTERN
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers")
+        if isinstance(steps, list) and len(steps) == 2 and byte_level(steps[1], False):
+            split = steps[0]
+            if (isinstance(split, dict) and split.get("type") == "Split" and split.get("behavior") == "Isolated"
+                    and not split.get("invert") and isinstance(split.get("pattern"), dict)
+                    and isinstance(split["pattern"].get("Regex"), str)):
+                return split["pattern"]["Regex"]
+    raise refuse("its pre-tokenizer is not a regex split followed by ByteLevel (without prefix space)")
 
 
 def from_hf_tokenizer_json(path: str) -> Tokenizer:
-    """A Hugging Face `tokenizer.json` byte-level BPE with Llama 3's split pattern, as ranks.
+    """The Tokenizer of a Hugging Face `tokenizer.json` holding a byte-level BPE.
 
-    tiktoken merges the pair whose result has the lowest rank; a Hugging Face BPE merges by
-    the order of its merge list. The two agree only if merge results are ranked in merge
-    order, which is checked: other vocabularies are refused rather than tokenized differently.
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank,
+    and considers every pair whose concatenation is a token; a Hugging Face BPE merges only
+    the pairs in its merge list, in list order. The two agree when (1) the merges, in list
+    order, make tokens of non-decreasing rank and (2) every split of a token into two tokens
+    is a merge. Both are checked, as are the other parts of the file that change tokens
+    (normalizer, pre-tokenizer, added tokens): a file failing any check is refused with a
+    PyguardError rather than tokenized differently. (Files converted from tiktoken, such as
+    Llama 3's, pass: 280,147 merges, all the splits of its 128,000 tokens.)
     """
     def refuse(why: str) -> PyguardError:
         return PyguardError(f"{path}: tokenizer cannot be represented: {why}")
 
     try:
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
-        model = tj["model"]
-        vocab, merges = model["vocab"], model["merges"]
-        added = {t["content"]: int(t["id"]) for t in tj.get("added_tokens", [])}
+        with open(path, "rb") as f:
+            tj = json.loads(f.read().decode("utf-8"))
     except OSError as e:
-        raise PyguardError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, KeyError, TypeError):
-        raise PyguardError(f"{path}: not a Hugging Face tokenizer.json") from None
+        raise PyguardError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError):
+        raise PyguardError(f"{path}: not a JSON file") from None
+    model = tj.get("model") if isinstance(tj, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges"), list):
+        raise PyguardError(f"{path}: not a Hugging Face tokenizer.json (no model vocab and merges)")
     if model.get("type") != "BPE":
         raise refuse(f"model type {model.get('type')!r} is not BPE")
-    if PATTERN not in _regexes(tj.get("pre_tokenizer")):
-        raise refuse("its pre-tokenizer is not Llama 3's split pattern")
-    byte_of = _gpt2_byte_map()
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        raise refuse("its BPE uses dropout, byte fallback or subword affixes")
+    if tj.get("normalizer") is not None:
+        raise refuse("it normalizes text before tokenizing")
+    pattern = _split_pattern(tj.get("pre_tokenizer"), refuse)
+
+    vocab: dict[str, int] = model["vocab"]
+    if not all(isinstance(t, str) and type(i) is int for t, i in vocab.items()):
+        raise PyguardError(f"{path}: malformed vocabulary (expected token: id)")
+    added = tj.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("content"), str) and type(a.get("id")) is int for a in added):
+        raise PyguardError(f"{path}: malformed added_tokens")
+    specials: dict[str, int] = {}
+    for a in added:
+        if vocab.get(a["content"]) == a["id"] and not a.get("special"):
+            continue  # an ordinary token listed again
+        if not a.get("special"):  # Hugging Face would match it inside text: not BPE, and not ours
+            raise refuse(f"added token {a['content']!r} is not special")
+        specials[a["content"]] = a["id"]
+    bpe = {t: i for t, i in vocab.items() if t not in specials}
+
+    byte_of = _byte_of_char()
     try:
-        ranks = {bytes(byte_of[c] for c in tok): int(i) for tok, i in vocab.items() if tok not in added}
+        ranks = {bytes(byte_of[c] for c in t): i for t, i in bpe.items()}
     except KeyError:
-        raise refuse("a vocabulary entry is not byte-level") from None
-    if not all(bytes([b]) in ranks for b in range(256)):
-        raise refuse("not every byte has a token")
+        raise refuse("a vocabulary token is not written in byte-level characters") from None
+
+    pairs: set[tuple[str, str]] = set()
     last = -1
-    for m in merges:
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
-        r = vocab.get(a + b)
-        if r is None or r < last:  # pairs making the same token share its rank
-            raise refuse(f"merge {a!r} + {b!r} is out of rank order")
-        last = r
-    return Tokenizer(ranks, added)
+    for n, m in enumerate(model["merges"]):
+        parts = m.split(" ") if isinstance(m, str) else m
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) for p in parts):
+            raise PyguardError(f"{path}: merge {n} is malformed")
+        a, b = parts
+        rank = bpe.get(a + b)
+        if a not in bpe or b not in bpe or rank is None:
+            raise refuse(f"merge {n} ({a!r} + {b!r}) does not join two tokens into a token")
+        if rank < last:  # merges making the same token share its rank
+            raise refuse(f"merge {n} ({a!r} + {b!r}) is out of rank order: merge priority must follow token ranks")
+        last = rank
+        pairs.add((a, b))
+    for t in bpe:
+        for k in range(1, len(t)):
+            if t[:k] in bpe and t[k:] in bpe and (t[:k], t[k:]) not in pairs:
+                raise refuse(f"no merge of {t[:k]!r} + {t[k:]!r} into {t!r}, which tiktoken would make")
+    try:
+        return Tokenizer(ranks, specials, pattern)
+    except PyguardError as e:
+        raise PyguardError(f"{path}: {e}") from None
