@@ -60,7 +60,7 @@ class PgFile:
         data, offsets = self.tokenizer_ranks
         blob = data.tobytes()
         ranks = {blob[offsets[i] : offsets[i + 1]]: i for i in range(len(offsets) - 1)}
-        return Tokenizer(ranks, dict(self.meta["special_tokens"]))
+        return Tokenizer(ranks, dict(self.meta["special_tokens"]), self.meta.get("tokenizer_pattern"))
 
 
 def _arrays_of(name: str, t: QTensor | np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -156,6 +156,7 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
 def header_meta(config: ModelConfig, head_ids, family, tokenizer, extra=None) -> dict[str, Any]:
     meta = {"config": config.to_dict(), "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
     meta["special_tokens"] = None if tokenizer is None else dict(tokenizer.special_tokens)
+    meta["tokenizer_pattern"] = None if tokenizer is None else tokenizer.pattern
     meta.update(extra or {})
     return meta
 

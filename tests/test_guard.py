@@ -158,3 +158,17 @@ def test_batches_give_the_verdicts_of_single_requests(guards):
             assert (a.answer, a.score, a.prompt_tokens) == (b.answer, b.score, b.prompt_tokens)
     with pytest.raises(PyguardError, match="message 0"):
         g.classify_many(["fine", [{"role": "assistant", "content": "x"}]])
+
+
+def test_tokenizer_config_and_head_survive_the_file(files):
+    from pyguard import file
+    from pyguard.prompt import CATEGORIES_1B
+    from pyguard.tokenizer import Tokenizer
+    from pyguard.verdict import answer_token_ids
+
+    f = file.load(files["guard"])
+    ref = Tokenizer.from_file(reference_tokenizer_model())
+    tok = f.tokenizer()
+    assert tok.ranks == ref.ranks and tok.special_tokens == ref.special_tokens and tok.pattern == ref.pattern
+    assert f.config == DEMO and f.family == "llama-guard-3-1b"
+    assert f.head_ids == answer_token_ids(ref, list(CATEGORIES_1B)) and 21861 in f.head_ids and len(f.head_ids) == 21
