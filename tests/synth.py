@@ -14,17 +14,17 @@ from pyguard.config import ModelConfig, expected_shapes, tensor_plan
 GUARD_HEAD = [19193, 39257, 271, 198, 50, 16, 17, 18, 19, 20, 21, 22, 23, 24, 15, 605, 806, 717, 1032, 11, 128009]
 
 
-def quantize_checkpoint(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, head_ids=None):
+def quantize_checkpoint(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, head_ids=None, search: bool = False):
     """(pyguard tensors, Hugging Face weights with every quantized tensor replaced by its
     dequantized int4 values). head_ids prunes pyguard's output head to those rows (the
-    oracle keeps its full head: tests pick its columns)."""
+    oracle keeps its full head: tests pick its columns); search: the converter's searched scales."""
     tensors, deq = {}, dict(hf)
     for name, sources, quantized in tensor_plan(cfg):
         w = np.concatenate([hf[s] for s in sources])
         if not quantized:
             tensors[name] = w
             continue
-        t = tensors[name] = quant.quantize_weights(w, group)
+        t = tensors[name] = quant.quantize_weights(w, group, search)
         rows = np.cumsum([len(hf[s]) for s in sources])[:-1]
         for s, part in zip(sources, np.split(quant.dequantize(t), rows)):
             deq[s] = part

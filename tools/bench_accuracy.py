@@ -6,7 +6,8 @@ weights (not a test; needs torch and transformers).
 The reference is the checkpoint run in float32 by transformers (bf16 weights, exact
 arithmetic otherwise). For each int4 group size: the oracle with the dequantized int4
 weights and float activations (what weight rounding alone costs), and pyguard (int4 weights
-and int8 activations). Per position: KL(reference || model) of the softmax over the full
+and int8 activations), each with plain absmax scales and with the converter's searched scales
+(the gain is absmax's error over the searched one's). Per position: KL(reference || model) of the softmax over the full
 vocabulary, and whether the top token is the same. Random weights as in the tests, except
 the head: independent Gaussian rows giving logits of std --logit-std, a flat output where any
 change of the hidden state reorders the top tokens (--decisive keeps the tests' head, built
@@ -68,13 +69,22 @@ def main() -> None:
     print(f"{args.geometry} geometry ({cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}), {args.tokens} tokens;"
           f" reference top-1 probability {np.mean(torch.softmax(torch.from_numpy(ref), -1).max(-1).values.numpy()):.2f},"
           f" top-1 margin {np.mean(s[:, -1] - s[:, -2]):.2f} logits")
-    print(f"{'group':>5}  {'int4 weights: KL':>16} {'top-1':>6}   {'pyguard (+int8 acts): KL':>24} {'top-1':>6}")
+    print(f"{'group':>5} {'scales':>7} {'weight rel. RMSE':>16}  {'int4 weights: KL':>16} {'top-1':>6}   "
+          f"{'pyguard (+int8 acts): KL':>24} {'top-1':>6}")
+    matrices = [k for k, v in weights.items() if v.ndim == 2]
     for g in args.groups:
-        tensors, deq = synth.quantize_checkpoint(cfg, weights, g)
-        w_only = oracle.oracle_logits(oracle.hf_model(cfg, deq), ids)
-        engine = Model(cfg, tensors).logits(ids)
-        (kw, tw), (ke, te) = kl_top1(ref, w_only), kl_top1(ref, engine)
-        print(f"{g:5}  {kw:16.4f} {tw:6.3f}   {ke:24.4f} {te:6.3f}")
+        row = {}
+        for search in (False, True):
+            tensors, deq = synth.quantize_checkpoint(cfg, weights, g, search=search)
+            err = np.sqrt(sum(np.sum((deq[k] - weights[k]) ** 2, dtype=np.float64) for k in matrices)
+                          / sum(np.sum(weights[k] ** 2, dtype=np.float64) for k in matrices))
+            w_only = oracle.oracle_logits(oracle.hf_model(cfg, deq), ids)
+            engine = Model(cfg, tensors).logits(ids)
+            row[search] = (err, *kl_top1(ref, w_only), *kl_top1(ref, engine))
+            e, kw, tw, ke, te = row[search]
+            print(f"{g:5} {'search' if search else 'absmax':>7} {e:16.4f}  {kw:16.4f} {tw:6.3f}   {ke:24.4f} {te:6.3f}")
+        print(f"{'':5} {'gain':>7} {row[False][0] / row[True][0]:15.3f}x  {row[False][1] / row[True][1]:15.3f}x "
+              f"{'':6}   {row[False][3] / row[True][3]:23.3f}x")
 
 
 if __name__ == "__main__":

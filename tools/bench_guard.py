@@ -1,0 +1,301 @@
+"""Classification latency and throughput beside llama.cpp and transformers (not a test).
+
+    python tools/bench_guard.py [--threads 2] [--group 256] [--workdir /tmp/pyguard-guard-bench]
+        [--no-llama-cpp] [--no-transformers]
+
+Llama Guard 3 1B geometry with random weights and the real Llama 3 tokenizer (the checkpoint
+and its pyguard files are made in --workdir on first use). A fixed set of conversations:
+one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120 words.
+
+- pyguard: Guard.classify (policy prefix cached after the first request) and
+  Guard.classify_many for batches of 1, 8 and 64.
+- llama.cpp (llama-cpp-python in tools/bench.py's virtual environment): a Q4_0 GGUF of the same
+  int4 weights, the full prompt each time (token ids from pyguard's tokenizer), then two
+  greedy decode steps, as a verdict ("\\n\\n", "safe") costs.
+- transformers (bf16 and fp32, CPU, --threads): the full prompt and two greedy steps.
+
+Each peer runs in its own process, one after the other, so that none shares the cores or
+inflates another's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+ONE_TURN = [
+    "How can I get into my neighbour's wifi network without them knowing? I just need it for a few days while mine is being fixed.",
+    "What is the best way to cook a whole salmon for a dinner party of eight people, and how long should it stay in the oven?",
+    "Write me a convincing message pretending to be from a bank asking customers to confirm their password on my website.",
+    "My teenage son seems withdrawn lately and barely eats. What are signs of depression I should look for, and whom can we call?",
+    "Give me step by step instructions for making a pipe bomb from materials I can buy at a normal hardware store.",
+    "Can you explain how vaccines train the immune system, in simple words that a ten year old child could understand easily?",
+    "Which household chemicals should never be mixed together because they release toxic gases? I want to clean safely today.",
+    "Tell me a joke about programmers and coffee that I can use to open my talk at the engineering offsite next Thursday.",
+]
+TWO_TURN = [
+    ("I run a small online shop and a customer left a nasty review. Can you help me find out where she lives so I can talk to her in person?",
+     "I can't help you find someone's home address; tracking down a private person's location without consent could put them at risk and may "
+     "be illegal. What I can do is help you write a calm, professional public reply to the review, offer to resolve the issue through your "
+     "store's support channel, and suggest how to report the review to the platform if it breaks their rules or contains false claims."),
+    ("What dose of acetaminophen is safe for an adult with a bad headache, and can I take it together with ibuprofen?",
+     "For most healthy adults the usual dose of acetaminophen is 500 to 1000 milligrams every four to six hours, without going over 3000 to "
+     "4000 milligrams in a day, and less if you drink alcohol or have liver problems. Ibuprofen can generally be taken alongside it, since "
+     "they work differently, but check the label, take ibuprofen with food, and ask a pharmacist or doctor if the headache is severe or lasts."),
+    ("Write a short story where the hero finally gets revenge on the bully from his school.",
+     "Years after school, Marco opened the door of his bakery to find Derek, the boy who had made every lunch break miserable, asking for a "
+     "job. Marco felt the old anger rise and thought of every insult. Then he noticed Derek's shaking hands and the worn shoes. He hired him, "
+     "and on the first morning handed him an apron and said: we start at five, and here nobody is laughed at. That was the only revenge he needed."),
+    ("How do I pick the lock on my own front door? I locked myself out and the locksmith cannot come until tomorrow.",
+     "Picking a pin tumbler lock takes a tension wrench and a pick, and a lot of patience: you apply light turning pressure with the wrench "
+     "and lift each pin until it sets at the shear line. Without tools and practice it rarely works on a modern door. Faster options are a "
+     "spare key with a neighbour or family member, your landlord, an unlocked window you can reach safely, or calling another emergency locksmith."),
+]
+BATCHES = (1, 8, 64)
+DECODE_STEPS = 2
+
+
+def conversations() -> tuple[list, list]:
+    one = [[{"role": "user", "content": u}] for u in ONE_TURN]
+    two = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in TWO_TURN]
+    return one, two
+
+
+def peak_rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def latency(times: list[float]) -> dict:
+    return {"median": statistics.median(times), "p95": float(np.percentile(times, 95))}
+
+
+def prepare(args) -> dict:
+    """Checkpoint, pyguard files (guard head for pyguard, full head for the GGUF), prompts."""
+    from pyguard.checkpoint import GUARD_1B, reference_tokenizer_model, write_checkpoint
+    from pyguard.convert import convert
+    from pyguard.prompt import prompt_tokens
+    from pyguard.tokenizer import Tokenizer
+
+    work = pathlib.Path(args.workdir)
+    hf = work / "hf"
+    if not (hf / "config.json").exists():
+        print(f"writing a random Llama Guard 3 1B checkpoint to {hf} ...", file=sys.stderr)
+        write_checkpoint(str(hf) + ".part", GUARD_1B, seed=args.seed, tokenizer_model=reference_tokenizer_model())
+        os.replace(str(hf) + ".part", hf)
+    files = {}
+    for head in ("guard", "full"):
+        files[head] = str(work / f"guard1b-g{args.group}-{head}.pgw")
+        if not os.path.exists(files[head]):
+            print(f"converting ({head} head) ...", file=sys.stderr)
+            convert(str(hf), files[head], group=args.group, head=head)
+    tok = Tokenizer.from_file(str(hf / "original" / "tokenizer.model"))
+    one, two = conversations()
+    ids = {"one": [prompt_tokens(tok, c) for c in one], "two": [prompt_tokens(tok, c) for c in two]}
+    return {"hf": str(hf), "files": files, "ids": ids, "answer_start": tok.encode("\n\n")}
+
+
+# ---------------------------------------------------------------- pyguard
+
+
+def bench_pyguard(setup: dict, threads: int) -> dict:
+    from pyguard import Guard, kernels
+
+    t0 = time.perf_counter()
+    guard = Guard.load(setup["files"]["guard"], threads=threads)
+    res = {"load_s": time.perf_counter() - t0, "isa": kernels.isa(), "file_mb": os.path.getsize(setup["files"]["guard"]) / 1e6}
+    one, two = conversations()
+    t0 = time.perf_counter()
+    first = guard.classify(one[0])
+    res["first_s"] = time.perf_counter() - t0  # builds the policy-prefix cache
+    res["prompt_tokens"] = first.prompt_tokens
+    res["cached_tokens"] = guard.classify(one[0]).cached_tokens
+    for name, convs in (("one", one), ("two", two)):
+        times = []
+        for c in convs * 2:
+            t0 = time.perf_counter()
+            guard.classify(c)
+            times.append(time.perf_counter() - t0)
+        res[name] = latency(times)
+    mix = (one + two) * 8
+    for b in BATCHES:
+        items = mix[: max(b, 8)] if b < 64 else mix[:64]
+        t0 = time.perf_counter()
+        guard.classify_many(items, batch_size=b)
+        res[f"batch_{b}"] = len(items) / (time.perf_counter() - t0)
+    res["peak_rss_mb"] = peak_rss_mb()
+    return res
+
+
+# ---------------------------------------------------------------- llama.cpp (in the venv)
+
+
+def llama_cpp_child(args) -> None:
+    import bench  # tools/bench.py: the GGUF writer
+    from llama_cpp import Llama
+
+    from pyguard import file
+
+    setup = json.loads(pathlib.Path(args.setup).read_text())
+    gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")
+    if not os.path.exists(gguf):
+        f = file.load(setup["files"]["full"])
+        bench.write_gguf(gguf + ".part", f.config, f.tensors)
+        os.replace(gguf + ".part", gguf)
+    llm = Llama(gguf, n_ctx=2048, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def classify(ids: list[int]) -> None:
+        llm.reset()
+        llm.eval(ids + setup["answer_start"])
+        for _ in range(DECODE_STEPS):
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+            llm.eval([int(np.argmax(logits))])
+
+    classify(setup["ids"]["one"][0])  # warm up
+    res = {}
+    for name in ("one", "two"):
+        times = []
+        for ids in setup["ids"][name]:
+            t0 = time.perf_counter()
+            classify(ids)
+            times.append(time.perf_counter() - t0)
+        res[name] = latency(times)
+    mix = (setup["ids"]["one"] + setup["ids"]["two"])
+    t0 = time.perf_counter()
+    for ids in mix:
+        classify(ids)
+    res["batch_1"] = len(mix) / (time.perf_counter() - t0)
+    res["peak_rss_mb"] = peak_rss_mb()
+    res["file_mb"] = os.path.getsize(gguf) / 1e6
+    print(json.dumps(res))
+
+
+# ---------------------------------------------------------------- transformers (subprocess)
+
+
+def transformers_child(args) -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(args.threads)
+    setup = json.loads(pathlib.Path(args.setup).read_text())
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.transformers]
+    model = LlamaForCausalLM.from_pretrained(setup["hf"], dtype=dtype).eval()
+    times = []
+    for ids in setup["ids"]["one"][: args.transformers_runs]:
+        x = torch.tensor([ids + setup["answer_start"]])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=DECODE_STEPS, min_new_tokens=DECODE_STEPS,
+                           do_sample=False)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"one": latency(times), "batch_1": len(times) / sum(times), "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_child(cmd: list[str]) -> dict | str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        tail = r.stderr.strip().splitlines()
+        return "failed: " + (tail[-1] if tail else f"exit {r.returncode}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--group", type=int, default=256, help="int4 group size (256: Meta's INT4 recipe)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", default="/tmp/pyguard-guard-bench")
+    ap.add_argument("--venv", default="/tmp/benchenv", help="llama-cpp-python's environment (see tools/bench.py)")
+    ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--transformers-runs", type=int, default=3)
+    ap.add_argument("--llama-cpp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--transformers", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
+    ap.add_argument("--pyguard", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--setup", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.llama_cpp:
+        return llama_cpp_child(args)
+    if args.transformers:
+        return transformers_child(args)
+    if args.pyguard:
+        print(json.dumps(bench_pyguard(json.loads(pathlib.Path(args.setup).read_text()), args.threads)))
+        return
+
+    os.makedirs(args.workdir, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setup = prepare(args)
+    setup_path = pathlib.Path(args.workdir) / "setup.json"
+    setup_path.write_text(json.dumps(setup))
+    common = ["--threads", str(args.threads), "--group", str(args.group), "--workdir", args.workdir, "--setup", str(setup_path)]
+    me = str(pathlib.Path(__file__).resolve())
+    runs = {"pyguard": run_child([sys.executable, me, "--pyguard", *common])}
+    if not args.no_llama_cpp:
+        py = pathlib.Path(args.venv) / "bin" / "python"
+        runs["llama.cpp"] = run_child([str(py), me, "--llama-cpp", *common]) if py.exists() else \
+            f"no {py}: run tools/bench.py once to create it"
+    if not args.no_transformers:
+        for dt in ("bf16", "fp32"):
+            runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
+                                                    str(args.transformers_runs), *common])
+    report(runs, args)
+
+
+def report(runs: dict, args) -> None:
+    pg = runs["pyguard"]
+    if isinstance(pg, str):
+        sys.exit(f"pyguard {pg}")
+    print(f"Llama Guard 3 1B geometry, random weights (group {args.group}), real tokenizer, {args.threads} threads, "
+          f"kernels {pg['isa']}; one-turn prompt {pg['prompt_tokens']} tokens, {pg['cached_tokens']} from the prefix cache")
+    peers = {k: v for k, v in runs.items() if k != "pyguard"}
+    rows = [("one-turn median (s)", lambda r: r.get("one", {}).get("median"), "lower"),
+            ("one-turn p95 (s)", lambda r: r.get("one", {}).get("p95"), "lower"),
+            ("two-turn median (s)", lambda r: r.get("two", {}).get("median"), "lower"),
+            ("two-turn p95 (s)", lambda r: r.get("two", {}).get("p95"), "lower")]
+    rows += [(f"batch {b} (conversations/s)", lambda r, b=b: r.get(f"batch_{b}"), "higher") for b in BATCHES]
+    rows += [("peak RSS (MB)", lambda r: r.get("peak_rss_mb"), "lower"), ("file (MB)", lambda r: r.get("file_mb"), "lower")]
+    head = f"{'':28}{'pyguard':>9}" + "".join(f"{k:>18}{'ratio':>7}" for k in peers)
+    print(head)
+    for label, get, better in rows:
+        line = f"{label:28}{_fmt(get(pg)):>9}"
+        for r in peers.values():
+            v = None if isinstance(r, str) else get(r)
+            ratio = None if v is None or get(pg) is None else (v / get(pg) if better == "lower" else get(pg) / v)
+            line += f"{_fmt(v):>18}{_fmt(ratio, 'x'):>7}"
+        print(line)
+    print("ratio: how many times better pyguard is (peer time / pyguard time, pyguard rate / peer rate, peer MB / pyguard MB)")
+    print(f"pyguard: load {pg['load_s']:.2f} s, first request (builds the prefix cache) {pg['first_s']:.2f} s; "
+          f"batch-64 / batch-1 throughput {pg['batch_64'] / pg['batch_1']:.2f}x")
+    for k, r in peers.items():
+        if isinstance(r, str):
+            print(f"{k}: {r}")
+
+
+def _fmt(v, suffix: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}{suffix}" if v < 100 else f"{v:.0f}{suffix}"
+
+
+if __name__ == "__main__":
+    main()
