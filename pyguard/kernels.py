@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from . import blas
 from ._kernels import ffi, lib
 from .errors import PyguardError
 from .quant import QActs, QTensor
@@ -126,3 +127,4 @@ def dequant_rows(t: QTensor, rows: np.ndarray) -> np.ndarray:
 if os.environ.get("PYGUARD_ISA"):
     set_isa(os.environ["PYGUARD_ISA"])
 set_threads()
+blas.limit_to_one_thread()
