@@ -99,8 +99,8 @@ INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *
                 __m256i wlo, whi;
                 const uint8_t *p = w->qs + (int64_t)(m + r) * (K / 2) + block / 2;
                 /* one token: the weight stream is the bottleneck, and rows are too short for
-                 * the hardware prefetcher to ramp up; fetch four tiles ahead (16 KB at K = 2048) */
-                if (T == 1 && (c & 63) == 0) _mm_prefetch((const char *)(p + (int64_t)4 * R * (K / 2)), _MM_HINT_T0);
+                 * the hardware prefetcher to ramp up; fetch 16 KB ahead */
+                if (T == 1 && (c & 63) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
                 unpack64(p, &wlo, &whi);
                 UNROLL for (int t = 0; t < T; t++) {
                     const uint8_t *x = q + (int64_t)t * K + c;
