@@ -18,6 +18,7 @@ static struct {
     atomic_uint generation;   /* bumped once per job (and to stop workers) */
     atomic_int next, done;    /* task counter and finished-task count of the current job */
     int stop_above;           /* workers with index >= this exit (resize) */
+    unsigned born;            /* generation when the workers were created */
     void (*fn)(void *, int32_t);
     void *ctx;
     int32_t n;
@@ -33,7 +34,8 @@ static void run_tasks(void) {
 
 static void *worker(void *arg) {
     int index = (int)(intptr_t)arg;
-    unsigned seen = atomic_load(&pool.generation);
+    /* not the current generation: a stop published before this thread first runs must be seen */
+    unsigned seen = pool.born;
     for (;;) {
         unsigned gen;
         int spins = 0;
@@ -87,6 +89,7 @@ void pg_pool_resize(int n) {
     }
     atomic_store(&pool.next, NO_TASKS);
     pool.stop_above = n;
+    pool.born = atomic_load(&pool.generation);
     pool.size = 1;
     for (int i = 1; i < n; i++) {
         if (pthread_create(&pool.tid[i], NULL, worker, (void *)(intptr_t)i) != 0) break;

@@ -84,9 +84,17 @@ def _new_qtensor(t: QTensor):
     )
 
 
+def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        raise PyguardError(f"output must be a writable contiguous float32 array of shape {shape}")
+    return out
+
+
 def quantize_acts(x: np.ndarray) -> QActs:
     """Per-row uint8 quantization of float32 X [N, K] (quant.quantize_acts)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise PyguardError(f"activations must be a 2-D float array, not shape {x.shape}")
     n, k = x.shape
     a = QActs(np.empty((n, k), np.uint8), np.empty(n, np.float32), np.empty(n, np.int32))
     lib.pg_quantize_acts(_ptr("float *", x), n, k, _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp))
@@ -97,8 +105,11 @@ def gemm(t: QTensor, a: QActs, out: np.ndarray | None = None) -> np.ndarray:
     """Y[N, M] = X . W^T from quantized activations (quant.gemm)."""
     n = a.q.shape[0]
     m, k = t.shape
-    assert a.q.shape[1] == k
-    y = np.empty((n, m), np.float32) if out is None else out
+    if a.q.dtype != np.uint8 or a.q.ndim != 2 or a.q.shape[1] != k or not a.q.flags.c_contiguous:
+        raise PyguardError(f"activations must be contiguous uint8 [N, {k}], not {a.q.dtype} {a.q.shape}")
+    if a.scale.shape != (n,) or a.zp.shape != (n,) or a.scale.dtype != np.float32 or a.zp.dtype != np.int32:
+        raise PyguardError("activation scales and zero points must be float32 and int32 [N]")
+    y = np.empty((n, m), np.float32) if out is None else _check_out(out, (n, m))
     lib.pg_gemm(_qtensor(t), _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp), n, _ptr("float *", y))
     return y
 
@@ -107,8 +118,9 @@ def gemv(t: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     """y[M] = W . x for float32 x[K] (quant.gemv)."""
     m, k = t.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
-    assert x.shape == (k,)
-    y = np.empty(m, np.float32) if out is None else out
+    if x.shape != (k,):
+        raise PyguardError(f"gemv input must have shape ({k},), not {x.shape}")
+    y = np.empty(m, np.float32) if out is None else _check_out(out, (m,))
     lib.pg_gemv(_qtensor(t), _ptr("float *", x), _ptr("float *", y))
     return y
 

@@ -1,0 +1,185 @@
+"""Every C kernel on every ISA path this CPU has, against the numpy specification (quant.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyguard import PyguardError, kernels, quant
+
+ISAS = kernels.available_isas()
+EPS = np.finfo(np.float32).eps
+
+
+@pytest.fixture(autouse=True)
+def restore_isa():
+    before = kernels.isa()
+    yield
+    kernels.set_isa(before)
+    kernels.set_threads(None)
+
+
+each_isa = pytest.mark.parametrize("isa", ISAS)
+
+
+def test_this_machine_has_its_simd_path():
+    """CI must not silently fall back to scalar: x86-64 runners have AVX2, aarch64 NEON."""
+    import platform
+
+    expect = {"x86_64": "avx2", "aarch64": "neon"}.get(platform.machine())
+    if expect is None:
+        pytest.skip(f"no SIMD path for {platform.machine()}")
+    assert expect in ISAS and "scalar" in ISAS
+
+
+@st.composite
+def matrices(draw, exact: bool):
+    """A QTensor [M, K] with G | K, 64 | K, and matching activation rows X [N, K].
+
+    exact: power-of-two scales and activations whose quantization is exact in float32, so every
+    float operation of the kernels is exact and results must equal the reference bit for bit
+    (this checks the integer dot products and the layout, whatever the summation order)."""
+    group = draw(st.sampled_from(quant.GROUP_SIZES))
+    k = group * draw(st.integers(1, 6)) if group >= 64 else 64 * draw(st.integers(1, 6))
+    m = draw(st.sampled_from([1, 2, 3, 5, 7, 16, 17, 33, 70]))
+    n = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 13, 31, 64]))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    q = rng.integers(-8, 8, (m, k), dtype=np.int8)
+    if exact:
+        # d in {1/2, 1, 2}: every d * dot, sum and difference fits float32's 24 bits exactly
+        scales = (2.0 ** rng.integers(-1, 2, (m, k // group)) * rng.choice([-1, 1], (m, k // group))).astype(np.float16)
+        x = rng.integers(-128, 128, (n, k)).astype(np.float32) / 128
+        x[:, 0], x[:, 1] = -1, 127 / 128  # range exactly [-1, 127/128]: scale 1/128, zero point 128
+    else:
+        mag = draw(st.sampled_from([6e-8, 6e-5, 1e-2, 1.0, 300.0, 60000.0]))
+        scales = np.clip(rng.standard_normal((m, k // group)) * mag, -65000, 65000).astype(np.float16)
+        scales[rng.random(scales.shape) < 0.1] = 0
+        xmag = draw(st.sampled_from([1e-20, 1e-3, 1.0, 1e4, 1e20]))
+        x = (rng.standard_normal((n, k)) * xmag).astype(np.float32)
+        kind = draw(st.sampled_from(["mixed", "positive", "negative", "zero"]))
+        x = np.abs(x) if kind == "positive" else -np.abs(x) if kind == "negative" else x * 0 if kind == "zero" else x
+    return quant.pack_weights(q, scales), x
+
+
+def _bound(t: quant.QTensor, a: quant.QActs) -> np.ndarray:
+    """Float32 rounding bound of any order and grouping of the sums: the integer parts are
+    exact, and the float sum of the scaled partial dot products (at most K/G groups times 8
+    SIMD lanes, each partial no larger than its sum of |q_x q_w|), minus zp * rowsum, times s,
+    errs by at most (K/G + 8 + 4) eps times the magnitudes involved."""
+    qw = np.abs(quant.unpack_nibbles(t.qs).astype(np.float64))
+    m, k = qw.shape
+    mags = np.einsum("nk,mk->nmk", a.q.astype(np.float64), qw).reshape(len(a.q), m, -1, t.group).sum(axis=3)
+    terms = (mags * np.abs(t.scales.astype(np.float64))[None]).sum(axis=2)
+    terms += np.abs(a.zp[:, None] * t.rowsum.astype(np.float64)[None])
+    return (k // t.group + 12) * EPS * a.scale[:, None].astype(np.float64) * terms + 1e-38
+
+
+def _exact64(t: quant.QTensor, a: quant.QActs) -> np.ndarray:
+    acc = (quant.group_dots(t, a) * t.scales.astype(np.float64)[None]).sum(axis=2)
+    return a.scale[:, None].astype(np.float64) * (acc - a.zp[:, None] * t.rowsum.astype(np.float64)[None])
+
+
+@each_isa
+@settings(max_examples=60, deadline=None)
+@given(matrices(exact=False))
+def test_quantize_acts_exact(isa, tx):
+    kernels.set_isa(isa)
+    _, x = tx
+    got, ref = kernels.quantize_acts(x), quant.quantize_acts(x)
+    assert np.array_equal(got.q, ref.q) and np.array_equal(got.scale, ref.scale) and np.array_equal(got.zp, ref.zp)
+
+
+@each_isa
+@settings(max_examples=60, deadline=None)
+@given(matrices(exact=True))
+def test_gemm_and_gemv_exact(isa, tx):
+    kernels.set_isa(isa)
+    t, x = tx
+    a = quant.quantize_acts(x)
+    ref = quant.gemm(t, a)
+    assert np.array_equal(ref, _exact64(t, a).astype(np.float32))  # the inputs are exact: so is the reference
+    assert np.array_equal(kernels.gemm(t, a), ref)
+    assert np.array_equal(kernels.gemv(t, x[0]), quant.gemv(t, x[0]))
+
+
+@each_isa
+@settings(max_examples=80, deadline=None)
+@given(matrices(exact=False))
+def test_gemm_and_gemv_within_rounding(isa, tx):
+    kernels.set_isa(isa)
+    t, x = tx
+    a = quant.quantize_acts(x)
+    exact, bound = _exact64(t, a), _bound(t, a)
+    assert (np.abs(kernels.gemm(t, a) - exact) <= bound).all()
+    assert (np.abs(kernels.gemv(t, x[0]) - exact[0]) <= bound[0]).all()
+    assert (np.abs(quant.gemm(t, a) - exact) <= bound).all()  # the reference obeys the same bound
+
+
+@each_isa
+@settings(max_examples=40, deadline=None)
+@given(matrices(exact=False))
+def test_dequant_rows_exact(isa, tx):
+    kernels.set_isa(isa)
+    t, _ = tx
+    rows = np.arange(t.shape[0])[::-1].copy()
+    assert np.array_equal(kernels.dequant_rows(t, rows), quant.dequantize(t, rows))
+
+
+@each_isa
+@settings(max_examples=20, deadline=None)
+@given(matrices(exact=False))
+def test_bit_identical_for_any_thread_count(isa, tx):
+    kernels.set_isa(isa)
+    t, x = tx
+    a = kernels.quantize_acts(x)
+    outs = []
+    for n in (1, 2, 3):
+        kernels.set_threads(n)
+        outs.append((kernels.gemm(t, a), kernels.gemv(t, x[-1]), kernels.quantize_acts(x).q))
+    for o in outs[1:]:
+        assert all(np.array_equal(u, v) for u, v in zip(o, outs[0]))
+
+
+@each_isa
+def test_gemv_is_a_one_row_gemm(isa):
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(5)
+    t = quant.quantize_weights(rng.standard_normal((300, 512)).astype(np.float32), 64)
+    x = rng.standard_normal((7, 512)).astype(np.float32)
+    rows = kernels.gemm(t, kernels.quantize_acts(x))
+    for i in range(7):
+        assert np.array_equal(kernels.gemv(t, x[i]), rows[i])
+
+
+def _run(env: dict, code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_isa_and_threads_from_the_environment():
+    r = _run({"PYGUARD_ISA": "scalar", "PYGUARD_THREADS": "1"}, "from pyguard import kernels; print(kernels.isa(), kernels.threads())")
+    assert r.returncode == 0 and r.stdout.split() == ["scalar", "1"], r.stderr
+    r = _run({"PYGUARD_ISA": "sse9"}, "import pyguard.kernels")
+    assert r.returncode != 0 and "PyguardError" in r.stderr and "'sse9' is not available" in r.stderr
+    r = _run({"PYGUARD_THREADS": "zero"}, "import pyguard.kernels")
+    assert r.returncode != 0 and "PYGUARD_THREADS='zero'" in r.stderr
+
+
+def test_bad_arguments():
+    with pytest.raises(PyguardError):
+        kernels.set_isa("nope")
+    with pytest.raises(PyguardError):
+        kernels.set_threads(0)
+    t = quant.quantize_weights(np.ones((4, 64), np.float32), 32)
+    with pytest.raises(PyguardError, match="out of range"):
+        kernels.dequant_rows(t, np.array([4]))
+    with pytest.raises(PyguardError):
+        kernels.gemv(t, np.ones(128, np.float32))
+    with pytest.raises(PyguardError):
+        kernels.gemm(t, quant.quantize_acts(np.ones((2, 128), np.float32)))
