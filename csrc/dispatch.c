@@ -2,6 +2,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
+#if defined(__aarch64__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
 
 #define ROW_TILE 16 /* task boundaries fall on multiples of this, wider than any microkernel */
 
@@ -13,6 +19,10 @@ static int supported(const pg_kernels **out) {
 #if defined(__x86_64__)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out[n++] = &pg_kernels_avx2;
+#endif
+#if defined(__aarch64__) /* ASIMD is part of every ARMv8-A core; dotprod is optional */
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) out[n++] = &pg_kernels_neon_dotprod;
+    out[n++] = &pg_kernels_neon;
 #endif
     out[n++] = &pg_kernels_scalar;
     out[n] = NULL;

@@ -25,6 +25,9 @@ extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
 extern const pg_kernels pg_kernels_avx2;
 #endif
+#if defined(__aarch64__)
+extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod;
+#endif
 
 /* Run fn(ctx, i) for i in [0, n) on the pool's threads (the caller's included); returns when all are done. */
 void pg_pool_run(void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n);

@@ -1,0 +1,181 @@
+/* aarch64 NEON kernels: plain ASIMD (any ARMv8-A core) and a dotprod variant (vdotq_s32,
+ * ARMv8.2+), the latter compiled with its own target attribute so that the library itself is
+ * built for baseline armv8-a and runs everywhere.
+ *
+ * Both compute each group's integer dot product exactly, reduce it to one int32 and then do
+ * the float work in the scalar path's order (acc += d * (float)dot, group after group), so
+ * their results are bit-identical to kernels_scalar.c for any tiling and thread count. */
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#include <math.h>
+#include "kernels.h"
+
+#define DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
+#define UNROLL _Pragma("GCC unroll 8")
+
+/* x[K] -> q[K], any K: the scalar path's float32 operations, four lanes at a time. */
+static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
+    float32x4_t lo4 = vdupq_n_f32(0.0f), hi4 = vdupq_n_f32(0.0f);
+    int32_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+        float32x4_t v = vld1q_f32(x + k);
+        lo4 = vminq_f32(lo4, v);
+        hi4 = vmaxq_f32(hi4, v);
+    }
+    float lo = vminvq_f32(lo4), hi = vmaxvq_f32(hi4);
+    for (; k < K; k++) {
+        lo = x[k] < lo ? x[k] : lo;
+        hi = x[k] > hi ? x[k] : hi;
+    }
+    float s = (hi - lo) / 255.0f;
+    if (s == 0.0f) s = 1.0f;
+    float z = rintf(-lo / s);
+    z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
+    float inv = 1.0f / s;
+    const float32x4_t vinv = vdupq_n_f32(inv), vz = vdupq_n_f32(z), vmax = vdupq_n_f32(255.0f), vzero = vdupq_n_f32(0.0f);
+    for (k = 0; k + 8 <= K; k += 8) {
+        uint32x4_t u[2];
+        for (int p = 0; p < 2; p++) {
+            float32x4_t v = vaddq_f32(vrndnq_f32(vmulq_f32(vld1q_f32(x + k + 4 * p), vinv)), vz);
+            u[p] = vcvtq_u32_f32(vminq_f32(vmaxq_f32(v, vzero), vmax));
+        }
+        vst1_u8(q + k, vmovn_u16(vcombine_u16(vmovn_u32(u[0]), vmovn_u32(u[1]))));
+    }
+    for (; k < K; k++) {
+        float v = rintf(x[k] * inv) + z;
+        q[k] = (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
+    }
+    *scale = s;
+    *zp = (int32_t)z;
+}
+
+/* 32 weights of row `p` (packed row start) for columns c..c+31, c a multiple of 32: the low
+ * nibbles of the block's 32 bytes for its first half, the high nibbles for its second. */
+static inline void weights32(const uint8_t *p, int32_t c, int8x16_t w[2]) {
+    const uint8_t *b = p + (c & ~63) / 2;
+    uint8x16_t v0 = vld1q_u8(b), v1 = vld1q_u8(b + 16);
+    if (c & 32) {
+        v0 = vshrq_n_u8(v0, 4);
+        v1 = vshrq_n_u8(v1, 4);
+    } else {
+        v0 = vandq_u8(v0, vdupq_n_u8(0x0F));
+        v1 = vandq_u8(v1, vdupq_n_u8(0x0F));
+    }
+    w[0] = vsubq_s8(vreinterpretq_s8_u8(v0), vdupq_n_s8(8));
+    w[1] = vsubq_s8(vreinterpretq_s8_u8(v1), vdupq_n_s8(8));
+}
+
+/* Plain NEON: 16 products of |u8 x s4| <= 2040 per 32 columns and lane pair fit int16; each
+ * 32 columns are then added pairwise into int32. */
+static inline int32x4_t dot32_neon(int32x4_t acc, const uint8_t *x, const int8x16_t w[2]) {
+    int16x8_t a = vdupq_n_s16(0);
+    UNROLL for (int h = 0; h < 2; h++) {
+        uint8x16_t xv = vld1q_u8(x + 16 * h);
+        a = vmlaq_s16(a, vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(xv))), vmovl_s8(vget_low_s8(w[h])));
+        a = vmlaq_s16(a, vreinterpretq_s16_u16(vmovl_u8(vget_high_u8(xv))), vmovl_s8(vget_high_s8(w[h])));
+    }
+    return vpadalq_s16(acc, a);
+}
+
+/* dotprod: vdotq_s32 multiplies signed bytes, so activations enter as x - 128 (a flip of the
+ * top bit) and 128 * sum(w) is added back per group (sum(w) from the same instruction). */
+DOTPROD static inline int32x4_t dot32_dotprod(int32x4_t acc, const uint8_t *x, const int8x16_t w[2]) {
+    UNROLL for (int h = 0; h < 2; h++) {
+        int8x16_t xs = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(x + 16 * h), vdupq_n_u8(0x80)));
+        acc = vdotq_s32(acc, xs, w[h]);
+    }
+    return acc;
+}
+
+DOTPROD static inline int32x4_t wsum32_dotprod(int32x4_t acc, const int8x16_t w[2]) {
+    acc = vdotq_s32(acc, vdupq_n_s8(1), w[0]);
+    return vdotq_s32(acc, vdupq_n_s8(1), w[1]);
+}
+
+/* R rows x T tokens of Y (rows m.., activation rows q[t*K], outputs y[t*M + m + r]): per group,
+ * exact int32 dots, then acc += d * dot in group order, as the scalar path does. */
+#define TILE(NAME, ATTR, DOTPROD_PATH)                                                              \
+    ATTR static inline __attribute__((always_inline)) void NAME(                                   \
+        const pg_qtensor *w, int32_t m, const uint8_t *q, const float *scale, const int32_t *zp,   \
+        float *y, const int R, const int T) {                                                      \
+        const int32_t K = w->K, G = w->G, ngroups = K / G;                                         \
+        float acc[R][T];                                                                           \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++) acc[r][t] = 0.0f;    \
+        for (int32_t g = 0; g < ngroups; g++) {                                                    \
+            int32x4_t dots[R][T], wsum[R];                                                         \
+            UNROLL for (int r = 0; r < R; r++) {                                                   \
+                wsum[r] = vdupq_n_s32(0);                                                          \
+                UNROLL for (int t = 0; t < T; t++) dots[r][t] = vdupq_n_s32(0);                    \
+            }                                                                                      \
+            for (int32_t c = g * G; c < (g + 1) * G; c += 32) {                                    \
+                UNROLL for (int r = 0; r < R; r++) {                                               \
+                    int8x16_t wv[2];                                                               \
+                    weights32(w->qs + (int64_t)(m + r) * (K / 2), c, wv);                          \
+                    if (DOTPROD_PATH) wsum[r] = wsum32_dotprod(wsum[r], wv);                       \
+                    UNROLL for (int t = 0; t < T; t++) {                                           \
+                        const uint8_t *x = q + (int64_t)t * K + c;                                 \
+                        dots[r][t] = DOTPROD_PATH ? dot32_dotprod(dots[r][t], x, wv)               \
+                                                  : dot32_neon(dots[r][t], x, wv);                 \
+                    }                                                                              \
+                }                                                                                  \
+            }                                                                                      \
+            UNROLL for (int r = 0; r < R; r++) {                                                   \
+                const float d = pg_f16_to_f32(w->scales[(int64_t)(m + r) * ngroups + g]);          \
+                const int32_t fix = DOTPROD_PATH ? 128 * vaddvq_s32(wsum[r]) : 0;                  \
+                UNROLL for (int t = 0; t < T; t++) acc[r][t] += d * (float)(vaddvq_s32(dots[r][t]) + fix); \
+            }                                                                                      \
+        }                                                                                          \
+        UNROLL for (int r = 0; r < R; r++) UNROLL for (int t = 0; t < T; t++)                      \
+            y[(int64_t)t * w->M + m + r] = scale[t] * (acc[r][t] - (float)zp[t] * w->rowsum[m + r]); \
+    }
+
+/* Rows [m0, m1) of Y[N][M]: row pairs outermost so their weights stay in L1 while all N
+ * tokens pass (W read from memory once); gemv: four rows per step, four weight streams. */
+#define ROWS(SUFFIX, ATTR, TILEFN)                                                                 \
+    ATTR static void gemm_rows_##SUFFIX(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q, \
+                                        const float *scale, const int32_t *zp, int32_t N, float *y) { \
+        const int64_t K = w->K;                                                                    \
+        int32_t m = m0;                                                                            \
+        for (; m + 2 <= m1; m += 2) {                                                              \
+            int32_t n = 0;                                                                         \
+            for (; n + 4 <= N; n += 4) TILEFN(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 4); \
+            for (; n < N; n++) TILEFN(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 1);     \
+        }                                                                                          \
+        for (; m < m1; m++)                                                                        \
+            for (int32_t n = 0; n < N; n++) TILEFN(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 1); \
+    }                                                                                              \
+    ATTR static void gemv_rows_##SUFFIX(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q, \
+                                        float scale, int32_t zp, float *y) {                       \
+        int32_t m = m0;                                                                            \
+        for (; m + 4 <= m1; m += 4) TILEFN(w, m, q, &scale, &zp, y, 4, 1);                         \
+        for (; m < m1; m++) TILEFN(w, m, q, &scale, &zp, y, 1, 1);                                 \
+    }
+
+TILE(tile_neon, , 0)
+TILE(tile_dotprod, DOTPROD, 1)
+ROWS(neon, , tile_neon)
+ROWS(dotprod, DOTPROD, tile_dotprod)
+
+/* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
+static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
+    const int32_t K = w->K, G = w->G;
+    const uint8_t *p = w->qs + (int64_t)row * (K / 2);
+    const uint16_t *d = w->scales + (int64_t)row * (K / G);
+    for (int32_t c = 0; c < K; c += 32) {
+        int8x16_t wv[2];
+        weights32(p, c, wv);
+        const float32x4_t s = vdupq_n_f32(pg_f16_to_f32(d[c / G]));
+        for (int h = 0; h < 2; h++) {
+            int16x8_t lo = vmovl_s8(vget_low_s8(wv[h])), hi = vmovl_s8(vget_high_s8(wv[h]));
+            float *o = out + c + 16 * h;
+            vst1q_f32(o, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo))), s));
+            vst1q_f32(o + 4, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo))), s));
+            vst1q_f32(o + 8, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi))), s));
+            vst1q_f32(o + 12, vmulq_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))), s));
+        }
+    }
+}
+
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row};
+#endif
