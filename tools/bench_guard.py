@@ -64,6 +64,10 @@ TWO_TURN = [
      "spare key with a neighbour or family member, your landlord, an unlocked window you can reach safely, or calling another emergency locksmith."),
 ]
 BATCHES = (1, 8, 64)
+# Every engine here runs AVX2 code (pyguard's kernels, llama.cpp built without -march=native):
+# torch is held to the same instruction set, as on the AVX2-only machines the targets assume;
+# left alone it would use AVX-512 / AMX bf16 units where the CPU has them.
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 DECODE_STEPS = 2
 
 
@@ -207,8 +211,8 @@ def transformers_child(args) -> None:
     print(json.dumps({"one": latency(times), "batch_1": len(times) / sum(times), "peak_rss_mb": peak_rss_mb()}))
 
 
-def run_child(cmd: list[str]) -> dict | str:
-    r = subprocess.run(cmd, capture_output=True, text=True)
+def run_child(cmd: list[str], env: dict | None = None) -> dict | str:
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode:
         tail = r.stderr.strip().splitlines()
         return "failed: " + (tail[-1] if tail else f"exit {r.returncode}")
@@ -257,7 +261,7 @@ def main() -> None:
     if not args.no_transformers:
         for dt in ("bf16", "fp32"):
             runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
-                                                    str(args.transformers_runs), *common])
+                                                    str(args.transformers_runs), *common], AVX2_ONLY)
     report(runs, args)
 
 
