@@ -1,6 +1,7 @@
 /* Internal: the per-ISA kernel table and helpers shared by the implementations. */
 #ifndef PYGUARD_KERNELS_H
 #define PYGUARD_KERNELS_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #include "pyguard.h"
@@ -33,6 +34,22 @@ extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod;
 void pg_pool_run(void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n);
 int pg_pool_size(void);
 void pg_pool_resize(int n);
+
+/* The scale, zero point and reciprocal of a row whose values lie in [lo, hi] (lo <= 0 <= hi),
+ * in the float32 operations of quant.quantize_acts; every path uses this. */
+static inline void pg_quant_params(float lo, float hi, float *s, float *z, float *inv) {
+    *s = (hi - lo) / 255.0f;
+    if (*s == 0.0f) *s = 1.0f;
+    *z = rintf(-lo / *s);
+    *z = *z < 0.0f ? 0.0f : *z > 255.0f ? 255.0f : *z;
+    *inv = 1.0f / *s;
+}
+
+/* One activation code: clamp(rint(x * inv) + z, 0, 255). */
+static inline uint8_t pg_quant_one(float x, float inv, float z) {
+    float v = rintf(x * inv) + z;
+    return (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
+}
 
 /* IEEE half (bits) -> float, portable. */
 static inline float pg_f16_to_f32(uint16_t h) {

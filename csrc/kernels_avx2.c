@@ -42,11 +42,8 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
         lo = x[j] < lo ? x[j] : lo;
         hi = x[j] > hi ? x[j] : hi;
     }
-    float s = (hi - lo) / 255.0f;
-    if (s == 0.0f) s = 1.0f;
-    float z = rintf(-lo / s);
-    z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
-    float inv = 1.0f / s;
+    float s, z, inv;
+    pg_quant_params(lo, hi, &s, &z, &inv);
     const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z), vmax = _mm256_set1_ps(255.0f);
     for (k = 0; k + 32 <= K; k += 32) {
         __m256i i[4];
@@ -61,10 +58,7 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
         w = _mm256_permutevar8x32_epi32(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
         _mm256_storeu_si256((__m256i *)(q + k), w);
     }
-    for (; k < K; k++) {
-        float v = rintf(x[k] * inv) + z;
-        q[k] = (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
-    }
+    for (; k < K; k++) q[k] = pg_quant_one(x[k], inv, z);
     *scale = s;
     *zp = (int32_t)z;
 }

@@ -27,11 +27,8 @@ static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, in
         lo = x[k] < lo ? x[k] : lo;
         hi = x[k] > hi ? x[k] : hi;
     }
-    float s = (hi - lo) / 255.0f;
-    if (s == 0.0f) s = 1.0f;
-    float z = rintf(-lo / s);
-    z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
-    float inv = 1.0f / s;
+    float s, z, inv;
+    pg_quant_params(lo, hi, &s, &z, &inv);
     const float32x4_t vinv = vdupq_n_f32(inv), vz = vdupq_n_f32(z), vmax = vdupq_n_f32(255.0f), vzero = vdupq_n_f32(0.0f);
     for (k = 0; k + 8 <= K; k += 8) {
         uint32x4_t u[2];
@@ -41,10 +38,7 @@ static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, in
         }
         vst1_u8(q + k, vmovn_u16(vcombine_u16(vmovn_u32(u[0]), vmovn_u32(u[1]))));
     }
-    for (; k < K; k++) {
-        float v = rintf(x[k] * inv) + z;
-        q[k] = (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
-    }
+    for (; k < K; k++) q[k] = pg_quant_one(x[k], inv, z);
     *scale = s;
     *zp = (int32_t)z;
 }

@@ -9,15 +9,9 @@ static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, in
         lo = x[k] < lo ? x[k] : lo;
         hi = x[k] > hi ? x[k] : hi;
     }
-    float s = (hi - lo) / 255.0f;
-    if (s == 0.0f) s = 1.0f;
-    float z = rintf(-lo / s);
-    z = z < 0.0f ? 0.0f : z > 255.0f ? 255.0f : z;
-    float inv = 1.0f / s;
-    for (int32_t k = 0; k < K; k++) {
-        float v = rintf(x[k] * inv) + z;
-        q[k] = (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
-    }
+    float s, z, inv;
+    pg_quant_params(lo, hi, &s, &z, &inv);
+    for (int32_t k = 0; k < K; k++) q[k] = pg_quant_one(x[k], inv, z);
     *scale = s;
     *zp = (int32_t)z;
 }

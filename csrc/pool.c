@@ -22,7 +22,7 @@ static struct {
     void (*fn)(void *, int32_t);
     void *ctx;
     int32_t n;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
 
 static void run_tasks(void) {
     int32_t i;
