@@ -71,6 +71,13 @@ INLINE void unpack64(const uint8_t *p, __m256i *lo, __m256i *hi) {
     *hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), eight);
 }
 
+/* 32 packed bytes -> the 32 signed weights of one half of the block (hi: columns 32..63). */
+INLINE __m256i unpack32(const uint8_t *p, int hi) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    if (hi) v = _mm256_srli_epi16(v, 4);
+    return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
+}
+
 /* R rows x T tokens of Y. Rows m..m+R of W, activation rows q[t*K], outputs y[t*M + m + r].
  * Per output and group: int16 lanes over the group's 32-column chunks, widened to 8 int32
  * lanes, converted and multiplied by the group scale into 8 float lanes; lanes are summed at
@@ -95,7 +102,10 @@ INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *
                 /* one token: the weight stream is the bottleneck, and rows are too short for
                  * the hardware prefetcher to ramp up; fetch 16 KB ahead */
                 if (T == 1 && (c & 63) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
-                unpack64(p, &wlo, &whi);
+                if (G == 32) /* only the half of the block this group covers */
+                    wlo = whi = unpack32(p, c & 32);
+                else
+                    unpack64(p, &wlo, &whi);
                 UNROLL for (int t = 0; t < T; t++) {
                     const uint8_t *x = q + (int64_t)t * K + c;
                     if (G == 32) {

@@ -152,7 +152,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + layout
     extra = {"quant": {"group": group, "scales": "f16, searched (min squared error)", "activations": "uint8 asymmetric per token"},
              "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
-    writer = Writer(out_path, header_meta(cfg, head_ids, family, tok, extra), layout)
+    writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra), layout)
     total, done = sum(sizes.values()), 0
     pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
     try:

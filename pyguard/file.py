@@ -138,7 +138,8 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
          tokenizer=None, extra: dict | None = None) -> None:
     """Write in-memory tensors (names of config.tensor_plan) as a pyguard file; tokenizer: a
     Tokenizer or None."""
-    meta, arrays = header_meta(config, head_ids, family, tokenizer, extra), []
+    group = next(t.group for t in tensors.values() if isinstance(t, QTensor))
+    meta, arrays = header_meta(config, group, head_ids, family, tokenizer, extra), []
     if tokenizer is not None:
         arrays += tokenizer_arrays(tokenizer)
     for name, t in tensors.items():
@@ -153,8 +154,8 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
         raise
 
 
-def header_meta(config: ModelConfig, head_ids, family, tokenizer, extra=None) -> dict[str, Any]:
-    meta = {"config": config.to_dict(), "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
+def header_meta(config: ModelConfig, group: int, head_ids, family, tokenizer, extra=None) -> dict[str, Any]:
+    meta = {"config": config.to_dict(), "quant": {"group": group}, "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
     meta["special_tokens"] = None if tokenizer is None else dict(tokenizer.special_tokens)
     meta["tokenizer_pattern"] = None if tokenizer is None else tokenizer.pattern
     meta.update(extra or {})

@@ -243,3 +243,19 @@ def _write(path, data: bytes) -> str:
 
 def _arrays(t):
     return [t.qs, t.scales, t.rowsum] if isinstance(t, quant.QTensor) else [t]
+
+
+def test_save_and_load_in_memory_tensors(tmp_path):
+    cfg = dataclasses.replace(TINY, tie_embeddings=True)
+    tensors = {}
+    for name, sources, quantized in tensor_plan(cfg):
+        if name == "output":
+            continue
+        w = np.concatenate([checkpoint.random_tensor(cfg, s) for s in sources])
+        tensors[name] = quant.quantize_weights(w, 64) if quantized else w
+    path = str(tmp_path / "m.pgw")
+    file.save(path, cfg, tensors)
+    f = file.load(path)
+    assert f.config == cfg and f.meta["quant"]["group"] == 64 and f.tokenizer_ranks is None
+    assert np.array_equal(f.tensors["layers.1.w2"].qs, tensors["layers.1.w2"].qs)
+    np.testing.assert_array_equal(Model.load(path).logits([5, 6]), Model(cfg, tensors).logits([5, 6]))
