@@ -78,40 +78,42 @@ INLINE __m256i unpack32(const uint8_t *p, int hi) {
     return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
 }
 
-/* R rows x T tokens of Y. Rows m..m+R of W, activation rows q[t*K], outputs y[t*M + m + r].
+/* R rows x T tokens of Y (R, T <= 4). Rows m..m+R of W, activation rows q[t*K], outputs
+ * y[t*M + m + r]; G32: W has G == 32 (else G is a multiple of 64). R, T and G32 are constants
+ * at every call, so the accumulators (fixed-size arrays, fully unrolled loops) live in registers.
  * Per output and group: int16 lanes over the group's 32-column chunks, widened to 8 int32
  * lanes, converted and multiplied by the group scale into 8 float lanes; lanes are summed at
  * the end. That sequence is the same for every R and T, so tiling never changes a result. */
 INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *scale,
-                 const int32_t *zp, float *y, const int R, const int T) {
-    const int32_t K = w->K, G = w->G, ngroups = K / G;
+                 const int32_t *zp, float *y, const int R, const int T, const int G32) {
+    const int32_t K = w->K, G = G32 ? 32 : w->G, ngroups = K / G;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 facc[R][T];
-    UNROLL for (int r = 0; r < R; r++)
+    const uint8_t *rows[4];
+    __m256 facc[4][4];
+    UNROLL for (int r = 0; r < R; r++) {
+        rows[r] = w->qs + (int64_t)(m + r) * (K / 2);
         UNROLL for (int t = 0; t < T; t++) facc[r][t] = _mm256_setzero_ps();
+    }
     for (int32_t g = 0; g < ngroups; g++) {
-        __m256i acc[R][T];
+        __m256i acc[4][4];
         UNROLL for (int r = 0; r < R; r++)
             UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
         /* G >= 64: whole 64-column blocks. G == 32: one half (lo or hi nibbles) of a block. */
-        for (int32_t c = g * G; c < (g + 1) * G; c += G == 32 ? 32 : 64) {
-            const int32_t block = G == 32 ? c & ~63 : c;
+        for (int32_t c = g * G; c < (g + 1) * G; c += G32 ? 32 : 64) {
             UNROLL for (int r = 0; r < R; r++) {
-                __m256i wlo, whi;
-                const uint8_t *p = w->qs + (int64_t)(m + r) * (K / 2) + block / 2;
+                const uint8_t *p = rows[r] + (G32 ? c & ~63 : c) / 2;
                 /* one token: the weight stream is the bottleneck, and rows are too short for
                  * the hardware prefetcher to ramp up; fetch 16 KB ahead */
                 if (T == 1 && (c & 127) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
-                if (G == 32) /* only the half of the block this group covers */
-                    wlo = whi = unpack32(p, c & 32);
-                else
+                if (G32) { /* only the half of the block this group covers */
+                    __m256i wv = unpack32(p, c & 32);
+                    UNROLL for (int t = 0; t < T; t++)
+                        acc[r][t] = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(q + (int64_t)t * K + c)), wv);
+                } else {
+                    __m256i wlo, whi;
                     unpack64(p, &wlo, &whi);
-                UNROLL for (int t = 0; t < T; t++) {
-                    const uint8_t *x = q + (int64_t)t * K + c;
-                    if (G == 32) {
-                        __m256i wv = (c & 32) ? whi : wlo;
-                        acc[r][t] = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)x), wv);
-                    } else {
+                    UNROLL for (int t = 0; t < T; t++) {
+                        const uint8_t *x = q + (int64_t)t * K + c;
                         __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)x), wlo);
                         __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(x + 32)), whi);
                         acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_add_epi16(a, b));
@@ -132,30 +134,51 @@ INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *
             y[(int64_t)t * w->M + m + r] = scale[t] * (hsum(facc[r][t]) - (float)zp[t] * w->rowsum[m + r]);
 }
 
-/* Rows [m0, m1) of Y[N][M]. Row pairs outermost: their weights (K bytes) stay in L1 while all
- * N tokens pass, so W is read from memory once; 2x4 tiles fill the 16 ymm registers. */
-TARGET static void gemm_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
-                             const float *scale, const int32_t *zp, int32_t N, float *y) {
+/* Rows [m0, m1) of Y[N][M], by blocks of tokens whose activations (about 128 KB) stay in L2.
+ * Within a block, row pairs outermost: their weights (K bytes) stay in L1 while the block's
+ * tokens pass, so W is read from memory once per block; 2x4 tiles fill the 16 ymm registers. */
+INLINE void gemm_rows_g(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
+                        const float *scale, const int32_t *zp, int32_t N, float *y, const int G32) {
     const int64_t K = w->K;
-    int32_t m = m0;
-    for (; m + 2 <= m1; m += 2) {
-        int32_t n = 0;
-        for (; n + 4 <= N; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 4);
-        for (; n < N; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 1);
-    }
-    for (; m < m1; m++) {
-        int32_t n = 0;
-        for (; n + 4 <= N; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 4);
-        for (; n < N; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 1);
+    const int32_t block = K >= (128 << 10) / 4 ? 4 : ((128 << 10) / K) & ~3;
+    for (int32_t n0 = 0; n0 < N; n0 += block) {
+        const int32_t n1 = N - n0 < block ? N : n0 + block;
+        int32_t m = m0;
+        for (; m + 2 <= m1; m += 2) {
+            int32_t n = n0;
+            for (; n + 4 <= n1; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 4, G32);
+            for (; n < n1; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 2, 1, G32);
+        }
+        for (; m < m1; m++) {
+            int32_t n = n0;
+            for (; n + 4 <= n1; n += 4) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 4, G32);
+            for (; n < n1; n++) tile(w, m, q + n * K, scale + n, zp + n, y + n * w->M, 1, 1, G32);
+        }
     }
 }
 
+TARGET static void gemm_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
+                             const float *scale, const int32_t *zp, int32_t N, float *y) {
+    if (w->G == 32)
+        gemm_rows_g(w, m0, m1, q, scale, zp, N, y, 1);
+    else
+        gemm_rows_g(w, m0, m1, q, scale, zp, N, y, 0);
+}
+
 /* y[m0, m1) for one activation row: four rows at a time keep four weight streams in flight. */
+INLINE void gemv_rows_g(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
+                        float scale, int32_t zp, float *y, const int G32) {
+    int32_t m = m0;
+    for (; m + 4 <= m1; m += 4) tile(w, m, q, &scale, &zp, y, 4, 1, G32);
+    for (; m < m1; m++) tile(w, m, q, &scale, &zp, y, 1, 1, G32);
+}
+
 TARGET static void gemv_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
                              float scale, int32_t zp, float *y) {
-    int32_t m = m0;
-    for (; m + 4 <= m1; m += 4) tile(w, m, q, &scale, &zp, y, 4, 1);
-    for (; m < m1; m++) tile(w, m, q, &scale, &zp, y, 1, 1);
+    if (w->G == 32)
+        gemv_rows_g(w, m0, m1, q, scale, zp, y, 1);
+    else
+        gemv_rows_g(w, m0, m1, q, scale, zp, y, 0);
 }
 
 /* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */

@@ -11,8 +11,9 @@ Activations are quantized per token at the input of every linear layer (the INT4
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from .quant import QTensor
 
 PREFILL_CHUNK = 128  # tokens per pass: bounds prefill buffers (~40 MB for the 1B geometry at 4096 positions)
 SCORES_BYTES = 8 << 20  # attention scores computed at once (as many key/value heads as fit)
+SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
 
 
 @dataclass
@@ -158,10 +160,12 @@ class Model:
         ids = self._check(state, token_ids)
         out = []
         for i in range(0, len(ids), PREFILL_CHUNK):
-            x = self._forward([(state, ids[i : i + PREFILL_CHUNK])])
+            chunk = ids[i : i + PREFILL_CHUNK]
+            last = i + PREFILL_CHUNK >= len(ids)
+            x = self._forward([(state, chunk)], None if all_logits else [len(chunk) - 1] if last else [])
             if all_logits:
                 out.append(self._head(x))
-        return np.concatenate(out) if all_logits else self._head(x[-1:])[0]
+        return np.concatenate(out) if all_logits else self._head(x)[0]
 
     def decode(self, state: State, token_id: int) -> np.ndarray:
         """Append one token; float32 logits of the next one [head_size]."""
@@ -185,12 +189,12 @@ class Model:
                     budget -= len(take)
                 if len(take) < len(ids):
                     later.append((k, ids[len(take) :]))
-            x = self._forward([(states[k], ids) for k, ids in segs])
             ends = np.cumsum([len(ids) for _, ids in segs]) - 1
-            done = {k for k, _ in later}
-            for (k, _), e in zip(segs, ends):
-                if k not in done:
-                    last[k] = x[e]
+            unfinished = {k for k, _ in later}
+            finished = [(k, e) for (k, _), e in zip(segs, ends) if k not in unfinished]
+            x = self._forward([(states[k], ids) for k, ids in segs], [e for _, e in finished])
+            for j, (k, _) in enumerate(finished):
+                last[k] = x[j]
             pending = later
         return self._head(last)
 
@@ -208,11 +212,13 @@ class Model:
             raise PyguardError(f"{state.pos} + {ids.size} positions exceed the state's {state.max_len}")
         return ids.astype(np.int32)
 
-    def _forward(self, segments: list[tuple[State, np.ndarray]]) -> np.ndarray:
+    def _forward(self, segments: list[tuple[State, np.ndarray]], keep: Sequence[int] | None = None) -> np.ndarray:
         """Run tokens through every layer, each segment's at its state's next positions,
-        filling the caches; returns the hidden states [total tokens, dim] before the final norm.
-        The products see all segments' tokens at once (one weight stream for the batch);
-        attention is per segment, over its own cache. A state appears at most once."""
+        filling the caches; returns the hidden states before the final norm of the token rows
+        `keep` (None: all) [len(keep), dim]. The products see all segments' tokens at once (one
+        weight stream for the batch); attention is per segment, over its own cache. A state
+        appears at most once. Every layer must fill the cache for every token, but the last
+        one's output product and MLP (~5% of the work) run only for the kept rows."""
         c = self.config
         ids = np.concatenate([seg for _, seg in segments])
         n = len(ids)
@@ -228,6 +234,10 @@ class Model:
                 kv, start = state.kv[i], state.pos
                 kv[:, :, start : start + b - a] = qkv[a:b, q_end:].reshape(b - a, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3)
                 att[a:b] = attention(qkv[a:b, :q_end], kv, start, c.n_kv_heads)
+            if keep is not None and i == c.n_layers - 1:
+                x, att = x[keep], att[keep]
+                if not len(x):
+                    break
             x += linear(layer.wo, att)
             gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps))
             x += linear(layer.w2, swiglu(gate_up))
@@ -261,12 +271,17 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
     """silu(gate) * up for [n, 2 hidden] (gate columns first). silu(g) = g * sigmoid(g) is
     written t * (1 + tanh(t)) with t = g / 2, which cannot overflow the way exp(-g) can."""
-    hidden = gate_up.shape[1] // 2
-    t = gate_up[:, :hidden] * np.float32(0.5)
-    y = np.tanh(t)
-    y += 1
-    y *= t
-    y *= gate_up[:, hidden:]
+    n, hidden = gate_up.shape[0], gate_up.shape[1] // 2
+    y = np.empty((n, hidden), np.float32)
+
+    def rows(a: int, b: int) -> None:
+        t = gate_up[a:b, :hidden] * np.float32(0.5)
+        np.tanh(t, out=y[a:b])
+        y[a:b] += 1
+        y[a:b] *= t
+        y[a:b] *= gate_up[a:b, hidden:]
+
+    spread(rows, n, 20 * n * hidden)  # tanh costs some 20 float operations
     return y
 
 
@@ -315,13 +330,40 @@ def attention(q: np.ndarray, kv: np.ndarray, start: int, n_kv_heads: int) -> np.
     # future positions get -inf: query i (position start + i) sees keys 0..start + i
     mask = np.triu(np.full((n, length), -np.inf, np.float32), start + 1)[:, None] if n > 1 else None
     out = np.empty_like(qs)
-    step = max(1, SCORES_BYTES // (n * group * length * 4))
-    for h in range(0, n_kv_heads, step):
-        s = np.matmul(qs[h : h + step], keys[h : h + step].transpose(0, 2, 1))
-        if mask is not None:
-            s.reshape(-1, n, group, length)[:] += mask
-        s -= s.max(axis=2, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=2, keepdims=True)
-        np.matmul(s, values[h : h + step], out=out[h : h + step])
+    step = max(1, SCORES_BYTES // (n * group * length * 4 * kernels.threads()))
+
+    def heads(lo: int, hi: int) -> None:
+        for h in range(lo, hi, step):
+            e = min(h + step, hi)
+            s = np.matmul(qs[h:e], keys[h:e].transpose(0, 2, 1))
+            if mask is not None:
+                s.reshape(-1, n, group, length)[:] += mask
+            s -= s.max(axis=2, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=2, keepdims=True)
+            np.matmul(s, values[h:e], out=out[h:e])
+
+    spread(heads, n_kv_heads, 4 * n * group * length * n_kv_heads * head_dim)
     return out.reshape(n_kv_heads, n, group * head_dim).transpose(1, 0, 2).reshape(n, -1)
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def spread(fn: Callable[[int, int], None], n: int, work: int) -> None:
+    """Run fn(a, b) over contiguous parts of range(n), one per kernel thread (the caller takes
+    the first). numpy releases the GIL in matmul and ufuncs, so the parts run in parallel; each
+    item is computed alike whatever the split, so results do not depend on the thread count.
+    Below SPREAD_MIN operations the hand-off would cost more than it saves."""
+    global _executor
+    parts = min(kernels.threads(), n) if work >= SPREAD_MIN else 1
+    if parts <= 1:
+        fn(0, n)
+        return
+    if _executor is None or _executor._max_workers < parts - 1:
+        _executor = ThreadPoolExecutor(parts - 1, thread_name_prefix="pyguard")
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futures = [_executor.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()

@@ -126,6 +126,26 @@ def test_chunked_prefill_equals_one_pass(case, monkeypatch):
     assert case.model.prefill(case.model.new_state(SEQ), case.ids).shape == (case.model.head_size,)
 
 
+def test_same_logits_for_any_thread_count(case, monkeypatch):
+    """Kernels and the numpy work spread over threads (attention heads, SwiGLU rows) compute
+    every element alike however they are split: 1 and 3 threads give identical bits."""
+    from pyguard import kernels
+
+    monkeypatch.setattr(pgmodel, "SPREAD_MIN", 0)  # spread even the tiny geometry's work
+    before = kernels.threads()
+    try:
+        got = []
+        for n in (1, 3):
+            kernels.set_threads(n)
+            got.append(case.model.logits(case.ids))
+    finally:
+        kernels.set_threads(before)
+    assert np.array_equal(got[0], got[1])
+    # without all_logits the last layer's output product and MLP run for the last row only
+    last = case.model.prefill(case.model.new_state(SEQ), case.ids)
+    assert np.array_equal(last, got[0][-1])
+
+
 def test_snapshot_restore_is_exact(case):
     m, ids = case.model, case.ids
     state = m.new_state(SEQ)
