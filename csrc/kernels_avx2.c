@@ -134,13 +134,15 @@ INLINE void tile(const pg_qtensor *w, int32_t m, const uint8_t *q, const float *
             y[(int64_t)t * w->M + m + r] = scale[t] * (hsum(facc[r][t]) - (float)zp[t] * w->rowsum[m + r]);
 }
 
-/* Rows [m0, m1) of Y[N][M], by blocks of tokens whose activations (about 128 KB) stay in L2.
- * Within a block, row pairs outermost: their weights (K bytes) stay in L1 while the block's
- * tokens pass, so W is read from memory once per block; 2x4 tiles fill the 16 ymm registers. */
+/* Rows [m0, m1) of Y[N][M], by equal blocks of tokens whose activations (up to 128 KB) stay
+ * in L2. Within a block, row pairs outermost: their weights (K bytes) stay in L1 while the
+ * block's tokens pass, so W is read from memory once per block; 2x4 tiles fill the 16 ymm
+ * registers. */
 INLINE void gemm_rows_g(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
                         const float *scale, const int32_t *zp, int32_t N, float *y, const int G32) {
     const int64_t K = w->K;
-    const int32_t block = K >= (128 << 10) / 4 ? 4 : ((128 << 10) / K) & ~3;
+    const int32_t most = K >= (128 << 10) / 4 ? 4 : ((128 << 10) / K) & ~3, blocks = (N + most - 1) / most;
+    const int32_t block = ((N + blocks - 1) / blocks + 3) & ~3;
     for (int32_t n0 = 0; n0 < N; n0 += block) {
         const int32_t n1 = N - n0 < block ? N : n0 + block;
         int32_t m = m0;

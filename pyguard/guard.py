@@ -159,18 +159,17 @@ class Guard:
         decoders = [self._decoder(tuple(cats)) for *_, cats in requests]
         texts, tokens = [""] * len(requests), [[] for _ in requests]
         active = list(range(len(requests)))
-        while active:  # every unfinished answer advances one token per pass
-            fed = []
+        while active:  # every unfinished answer advances by a choice (and what it forces) per pass
+            fed, new = [], []
             for k in active:
-                row = decoders[k].choose(texts[k], logits[k], force[k])
-                if row is None:
-                    continue
-                texts[k] += decoders[k].text[row]
-                tokens[k].append(int(self.model.head_ids[row]))
-                if not decoders[k].finished(texts[k]):
+                rows = decoders[k].advance(texts[k], logits[k], force[k])
+                texts[k] += "".join(decoders[k].text[r] for r in rows)
+                tokens[k] += [int(self.model.head_ids[r]) for r in rows]
+                if rows and not decoders[k].finished(texts[k]):
                     fed.append(k)
+                    new.append(tokens[k][-len(rows):])
             if fed:
-                for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], [tokens[k][-1:] for k in fed])):
+                for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], new)):
                     logits[k] = x
             active = fed
         t2 = time.perf_counter()

@@ -327,8 +327,10 @@ def attention(q: np.ndarray, kv: np.ndarray, start: int, n_kv_heads: int) -> np.
     np.multiply(q.reshape(n, n_kv_heads, group, head_dim).transpose(1, 0, 2, 3), np.float32(head_dim**-0.5), out=qs)
     qs = qs.reshape(n_kv_heads, n * group, head_dim)
     keys, values = kv[0, :, :length], kv[1, :, :length]
+    if n == 1:  # decode: a few small products, where Python overhead is the cost to cut
+        return np.matmul(softmax(np.matmul(qs, keys.transpose(0, 2, 1))), values).reshape(1, -1)
     # future positions get -inf: query i (position start + i) sees keys 0..start + i
-    mask = np.triu(np.full((n, length), -np.inf, np.float32), start + 1)[:, None] if n > 1 else None
+    mask = np.triu(np.full((n, length), -np.inf, np.float32), start + 1)[:, None]
     out = np.empty_like(qs)
     step = max(1, SCORES_BYTES // (n * group * length * 4 * kernels.threads()))
 
@@ -336,15 +338,19 @@ def attention(q: np.ndarray, kv: np.ndarray, start: int, n_kv_heads: int) -> np.
         for h in range(lo, hi, step):
             e = min(h + step, hi)
             s = np.matmul(qs[h:e], keys[h:e].transpose(0, 2, 1))
-            if mask is not None:
-                s.reshape(-1, n, group, length)[:] += mask
-            s -= s.max(axis=2, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=2, keepdims=True)
-            np.matmul(s, values[h:e], out=out[h:e])
+            s.reshape(-1, n, group, length)[:] += mask
+            np.matmul(softmax(s), values[h:e], out=out[h:e])
 
     spread(heads, n_kv_heads, 4 * n * group * length * n_kv_heads * head_dim)
     return out.reshape(n_kv_heads, n, group * head_dim).transpose(1, 0, 2).reshape(n, -1)
+
+
+def softmax(s: np.ndarray) -> np.ndarray:
+    """In place over the last axis, shifted by the maximum so that exp cannot overflow."""
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
 
 
 _executor: ThreadPoolExecutor | None = None

@@ -95,12 +95,8 @@ class AnswerDecoder:
         g = self.grammar
         return text == SAFE or (g.complete(text) and not any(g.viable(text + t) for t in self.text.values()))
 
-    def choose(self, text: str, logits: np.ndarray, force_first: str | None = None) -> int | None:
-        """The head row to append to the answer so far, or None when the answer is finished.
-        logits: over the head rows, after the prompt, "\n\n" and text. force_first
-        ("safe"/"unsafe") imposes the first word, when a score threshold has decided it."""
-        if self.finished(text):
-            return None
+    def _allowed(self, text: str, force_first: str | None = None) -> list[int]:
+        """Head rows that keep text + row a prefix of an answer the head can complete."""
         allowed = [i for i in self.rows if self.grammar.viable(text + self.text[i]) and self._completable(text + self.text[i])]
         if force_first and not text:
             allowed = [i for i in allowed if force_first.startswith(self.text[i])] or allowed
@@ -108,18 +104,44 @@ class AnswerDecoder:
             allowed.append(self.eot_row)
         if not allowed:  # a head that cannot spell any answer at all
             raise PyguardError("the model's output head cannot spell a Llama Guard answer")
+        return allowed
+
+    def choose(self, text: str, logits: np.ndarray, force_first: str | None = None) -> int | None:
+        """The head row to append to the answer so far, or None when the answer is finished.
+        logits: over the head rows, after the prompt, "\n\n" and text. force_first
+        ("safe"/"unsafe") imposes the first word, when a score threshold has decided it."""
+        if self.finished(text):
+            return None
+        allowed = self._allowed(text, force_first)
         best = allowed[int(np.argmax(logits[allowed]))]
         return None if best == self.eot_row else best
 
-    def decode(self, logits: np.ndarray, step: Callable[[int], np.ndarray], force_first: str | None = None) -> Decoded:
-        """Greedy answer from the logits after the prompt and "\n\n"; step(id) feeds a chosen
-        vocabulary id and returns the next logits."""
-        text, tokens = "", []
-        while (row := self.choose(text, logits, force_first)) is not None:
+    def advance(self, text: str, logits: np.ndarray, force_first: str | None = None) -> list[int]:
+        """The rows to append next ([] when the answer is finished): the greedy choice, then
+        every row the grammar forces after it ("\n" after "unsafe"): greedy would pick the only
+        allowed row whatever the logits, so forced rows need no step of their own and are fed
+        to the model together with the choice."""
+        rows = []
+        row = self.choose(text, logits, force_first)
+        while row is not None:
+            rows.append(row)
             text += self.text[row]
-            tokens.append(int(self.head_ids[row]))
-            if not self.finished(text):
-                logits = step(tokens[-1])
+            if self.finished(text):
+                break
+            allowed = self._allowed(text)
+            row = allowed[0] if len(allowed) == 1 and allowed[0] != self.eot_row else None
+        return rows
+
+    def decode(self, logits: np.ndarray, step: Callable[[list[int]], np.ndarray], force_first: str | None = None) -> Decoded:
+        """Greedy answer from the logits after the prompt and "\n\n"; step(ids) feeds the
+        vocabulary ids appended (a choice and the rows it forces) and returns the next logits."""
+        text, tokens = "", []
+        while rows := self.advance(text, logits, force_first):
+            text += "".join(self.text[r] for r in rows)
+            tokens += [int(self.head_ids[r]) for r in rows]
+            if self.finished(text):
+                break
+            logits = step(tokens[-len(rows):])
         return Decoded(text, tokens)
 
 

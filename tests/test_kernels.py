@@ -158,6 +158,20 @@ def test_gemv_is_a_one_row_gemm(isa):
         assert np.array_equal(kernels.gemv(t, x[i]), rows[i])
 
 
+@each_isa
+@pytest.mark.parametrize("k, n", [(16384, 37), (32768, 9), (65536, 6)])
+def test_long_rows_in_token_blocks(isa, k, n):
+    """Long rows: the AVX2 GEMM takes tokens in blocks that keep their activations in L2
+    (8 tokens of 16384 columns, 4 of 32768 and more); blocks must cover every token once."""
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(k + n)
+    t = quant.quantize_weights(rng.standard_normal((19, k)).astype(np.float32), 256)
+    a = quant.quantize_acts(rng.standard_normal((n, k)).astype(np.float32))
+    assert (np.abs(kernels.gemm(t, a) - _exact64(t, a)) <= _bound(t, a)).all()
+    one = [kernels.gemm(t, quant.QActs(a.q[i : i + 1], a.scale[i : i + 1], a.zp[i : i + 1])) for i in range(n)]
+    assert np.array_equal(kernels.gemm(t, a), np.concatenate(one))  # as each token alone
+
+
 def _run(env: dict, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 

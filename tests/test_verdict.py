@@ -37,8 +37,8 @@ def test_decoding_always_parses(seed, scale):
     dec = AnswerDecoder(grammar, HEAD_IDS, HEAD_TEXT, EOT)
     fed = []
 
-    def step(token):
-        fed.append(token)
+    def step(ids):
+        fed.extend(ids)
         return rng.standard_normal(len(HEAD_TEXT)) * scale
 
     out = dec.decode(rng.standard_normal(len(HEAD_TEXT)) * scale, step)
@@ -57,15 +57,35 @@ def test_safe_stops_without_another_step():
 
 
 def test_unsafe_categories_follow_the_model_until_eot():
-    seq = iter(["\n", "S", "1", ",S", "10", None])
+    seq = iter(["S", "1", ",S", "10", None])  # no step chooses "\n": it is forced after "unsafe"
 
     def favour(text):
         logits = np.zeros(len(HEAD_TEXT))
         logits[HEAD_TEXT.index(text) if text else HEAD_TEXT.index(None)] = 9
         return logits
 
-    out = AnswerDecoder(Grammar(CODES), HEAD_IDS, HEAD_TEXT, EOT).decode(favour("unsafe"), lambda t: favour(next(seq)))
+    fed = []
+
+    def step(ids):
+        fed.append([HEAD_TEXT[int(np.flatnonzero(HEAD_IDS == t)[0])] for t in ids])
+        return favour(next(seq))
+
+    out = AnswerDecoder(Grammar(CODES), HEAD_IDS, HEAD_TEXT, EOT).decode(favour("unsafe"), step)
     assert out.text == "unsafe\nS1,S10"
+    # "unsafe" and the "\n" it forces go to the model in one step
+    assert fed == [["unsafe", "\n"], ["S"], ["1"], [",S"], ["10"]]
+
+
+def test_forced_rows_follow_a_choice():
+    dec = AnswerDecoder(Grammar(["S1", "S2"]), HEAD_IDS, HEAD_TEXT, EOT)
+    unsafe, nl = HEAD_TEXT.index("unsafe"), HEAD_TEXT.index("\n")
+    logits = np.zeros(len(HEAD_TEXT))
+    logits[unsafe] = 5
+    assert dec.advance("", logits) == [unsafe, nl]
+    logits[HEAD_TEXT.index(",")] = 9  # then "S" and "2" are the only way on: S1 is taken
+    assert dec.advance("unsafe\nS1", logits) == [HEAD_TEXT.index(t) for t in (",", "S", "2")]
+    assert dec.finished("unsafe\nS1,S2")
+    assert dec.advance("safe", logits) == []
 
 
 def test_threshold_forces_the_first_word():
