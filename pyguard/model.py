@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .errors import PyguardError
 from .quant import QTensor
 
-PREFILL_CHUNK = 128  # tokens per pass: bounds prefill buffers (~40 MB for the 1B geometry at 4096 positions)
+PREFILL_CHUNK = 64  # tokens per pass: bounds prefill buffers (~20 MB for the 1B geometry at 4096 positions)
 SCORES_BYTES = 8 << 20  # attention scores computed at once (as many key/value heads as fit)
 SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
 
