@@ -8,7 +8,8 @@ and its pyguard files are made in --workdir on first use). A fixed set of conver
 one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120 words.
 
 - pyguard: Guard.classify (policy prefix cached after the first request) and
-  Guard.classify_many for batches of 1, 8 and 64.
+  Guard.classify_many for batches of 1, 8 and 64 (the sizes take turns for BATCH_ROUNDS
+  rounds; each keeps its best).
 - llama.cpp (llama-cpp-python in tools/bench.py's virtual environment): a Q4_0 GGUF of the same
   int4 weights, the full prompt each time (token ids from pyguard's tokenizer), then two
   greedy decode steps, as a verdict ("\\n\\n", "safe") costs.
@@ -64,6 +65,7 @@ TWO_TURN = [
      "spare key with a neighbour or family member, your landlord, an unlocked window you can reach safely, or calling another emergency locksmith."),
 ]
 BATCHES = (1, 8, 64)
+BATCH_ROUNDS = 2
 # Every engine here runs AVX2 code (pyguard's kernels, llama.cpp built without -march=native):
 # torch is held to the same instruction set, as on the AVX2-only machines the targets assume;
 # left alone it would use AVX-512 / AMX bf16 units where the CPU has them.
@@ -136,10 +138,11 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
             times.append(time.perf_counter() - t0)
         res[name] = latency(times)
     work = ((one + two) * 6)[:64]  # the same 64 conversations for every batch size
-    for b in BATCHES:
-        t0 = time.perf_counter()
-        guard.classify_many(work, batch_size=b)
-        res[f"batch_{b}"] = len(work) / (time.perf_counter() - t0)
+    for _ in range(BATCH_ROUNDS):  # sizes take turns, best of each: a slow spell hits all alike
+        for b in BATCHES:
+            t0 = time.perf_counter()
+            guard.classify_many(work, batch_size=b)
+            res[f"batch_{b}"] = max(res.get(f"batch_{b}", 0.0), len(work) / (time.perf_counter() - t0))
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 
