@@ -269,19 +269,22 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 def swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up for [n, 2 hidden] (gate columns first). silu(g) = g * sigmoid(g) is
-    written t * (1 + tanh(t)) with t = g / 2, which cannot overflow the way exp(-g) can."""
+    """silu(gate) * up for [n, 2 hidden] (gate columns first), silu(g) = g / (1 + exp(-g)).
+    exp(-g) overflows to inf for g < -88, giving -0, silu's limit there. (numpy's float32 exp
+    is vectorized and its tanh is not: this runs 1.5-1.8 times as fast as a tanh form.)"""
     n, hidden = gate_up.shape[0], gate_up.shape[1] // 2
     y = np.empty((n, hidden), np.float32)
 
     def rows(a: int, b: int) -> None:
-        t = gate_up[a:b, :hidden] * np.float32(0.5)
-        np.tanh(t, out=y[a:b])
-        y[a:b] += 1
-        y[a:b] *= t
-        y[a:b] *= gate_up[a:b, hidden:]
+        g, e = gate_up[a:b, :hidden], y[a:b]
+        np.negative(g, out=e)
+        with np.errstate(over="ignore"):
+            np.exp(e, out=e)
+        e += 1
+        np.divide(g, e, out=e)
+        e *= gate_up[a:b, hidden:]
 
-    spread(rows, n, 20 * n * hidden)  # tanh costs some 20 float operations
+    spread(rows, n, 10 * n * hidden)  # exp costs some 10 float operations
     return y
 
 
