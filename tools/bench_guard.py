@@ -8,15 +8,16 @@ and its pyguard files are made in --workdir on first use). A fixed set of conver
 one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120 words.
 
 - pyguard: Guard.classify (policy prefix cached after the first request) and
-  Guard.classify_many for batches of 1, 8 and 64 (the sizes take turns for BATCH_ROUNDS
-  rounds; each keeps its best).
+  Guard.classify_many for batches of 1, 8 and 64.
 - llama.cpp (llama-cpp-python in tools/bench.py's virtual environment): a Q4_0 GGUF of the same
   int4 weights, the full prompt each time (token ids from pyguard's tokenizer), then two
   greedy decode steps, as a verdict ("\\n\\n", "safe") costs.
 - transformers (bf16 and fp32, CPU, --threads): the full prompt and two greedy steps.
 
 Each peer runs in its own process, one after the other, so that none shares the cores or
-inflates another's peak RSS.
+inflates another's peak RSS. pyguard and llama.cpp take turns for --rounds rounds and each
+figure is the best of its rounds (the virtual machines here have slow spells of minutes;
+taking turns exposes both to them alike); transformers, at minutes a run, runs once.
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ TWO_TURN = [
      "spare key with a neighbour or family member, your landlord, an unlocked window you can reach safely, or calling another emergency locksmith."),
 ]
 BATCHES = (1, 8, 64)
-BATCH_ROUNDS = 2
 # Every engine here runs AVX2 code (pyguard's kernels, llama.cpp built without -march=native):
 # torch is held to the same instruction set, as on the AVX2-only machines the targets assume;
 # left alone it would use AVX-512 / AMX bf16 units where the CPU has them.
@@ -138,11 +138,10 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
             times.append(time.perf_counter() - t0)
         res[name] = latency(times)
     work = ((one + two) * 6)[:64]  # the same 64 conversations for every batch size
-    for _ in range(BATCH_ROUNDS):  # sizes take turns, best of each: a slow spell hits all alike
-        for b in BATCHES:
-            t0 = time.perf_counter()
-            guard.classify_many(work, batch_size=b)
-            res[f"batch_{b}"] = max(res.get(f"batch_{b}", 0.0), len(work) / (time.perf_counter() - t0))
+    for b in BATCHES:
+        t0 = time.perf_counter()
+        guard.classify_many(work, batch_size=b)
+        res[f"batch_{b}"] = len(work) / (time.perf_counter() - t0)
     res["peak_rss_mb"] = peak_rss_mb()
     return res
 
@@ -234,6 +233,7 @@ def main() -> None:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--transformers-runs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="turns pyguard and llama.cpp take; figures are the best of them")
     ap.add_argument("--llama-cpp", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--transformers", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
     ap.add_argument("--pyguard", action="store_true", help=argparse.SUPPRESS)
@@ -255,16 +255,37 @@ def main() -> None:
     setup_path.write_text(json.dumps(setup))
     common = ["--threads", str(args.threads), "--group", str(args.group), "--workdir", args.workdir, "--setup", str(setup_path)]
     me = str(pathlib.Path(__file__).resolve())
-    runs = {"pyguard": run_child([sys.executable, me, "--pyguard", *common])}
+    py = pathlib.Path(args.venv) / "bin" / "python"
+    turns = {"pyguard": [sys.executable, me, "--pyguard", *common]}
     if not args.no_llama_cpp:
-        py = pathlib.Path(args.venv) / "bin" / "python"
-        runs["llama.cpp"] = run_child([str(py), me, "--llama-cpp", *common]) if py.exists() else \
+        turns["llama.cpp"] = [str(py), me, "--llama-cpp", *common] if py.exists() else \
             f"no {py}: run tools/bench.py once to create it"
+    results = {name: [] for name in turns}
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds} ...", file=sys.stderr)
+        for name, cmd in turns.items():
+            results[name].append(run_child(cmd) if isinstance(cmd, list) else cmd)
+    runs = {name: best_of(rs) for name, rs in results.items()}
     if not args.no_transformers:
         for dt in ("bf16", "fp32"):
             runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
                                                     str(args.transformers_runs), *common], AVX2_ONLY)
     report(runs, args)
+
+
+def best_of(runs: list) -> dict | str:
+    """Each figure's best over the rounds that succeeded (latencies: the round with the lowest
+    median; rates: the highest); the rest from the first of them. A failure if all failed."""
+    ok = [r for r in runs if isinstance(r, dict)]
+    if not ok:
+        return runs[0]
+    best = dict(ok[0])
+    for key in best:
+        if key in ("one", "two"):
+            best[key] = min((r[key] for r in ok), key=lambda v: v["median"])
+        elif key.startswith("batch_"):
+            best[key] = max(r[key] for r in ok)
+    return best
 
 
 def report(runs: dict, args) -> None:
