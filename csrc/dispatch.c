@@ -1,4 +1,5 @@
 /* Public entry points: pick the kernel table for this CPU and split work over the pool. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include "kernels.h"
@@ -11,7 +12,8 @@
 
 #define ROW_TILE 16 /* task boundaries fall on multiples of this, wider than any microkernel */
 
-static const pg_kernels *active = &pg_kernels_scalar; /* the dispatch table */
+/* The dispatch table; atomic because set_isa may run while another thread's job starts. */
+static _Atomic(const pg_kernels *) active = &pg_kernels_scalar;
 
 /* Kernel tables this CPU can run, best first, NULL-terminated. */
 static int supported(const pg_kernels **out) {
@@ -32,33 +34,32 @@ static int supported(const pg_kernels **out) {
 __attribute__((constructor)) static void pick_best(void) {
     const pg_kernels *k[8];
     supported(k);
-    active = k[0];
+    atomic_store(&active, k[0]);
 }
 
-const char *pg_isa(void) { return active->name; }
+const char *pg_isa(void) { return atomic_load(&active)->name; }
 
 int pg_set_isa(const char *name) {
     const pg_kernels *k[8];
     for (int i = 0, n = supported(k); i < n; i++) {
         if (strcmp(k[i]->name, name) == 0) {
-            active = k[i];
+            atomic_store(&active, k[i]);
             return 0;
         }
     }
     return -1;
 }
 
-int pg_threads(void) { return pg_pool_size(); }
-void pg_set_threads(int n) { pg_pool_resize(n); }
-
+/* One job's arguments; `k` is the table read once when the job starts. */
 typedef struct {
+    const pg_kernels *k;
     const pg_qtensor *w;
     const float *x;
     const int32_t *rows;
     const uint8_t *q;
     const float *scale;
     const int32_t *zp;
-    int32_t N, rows_per_task;
+    int32_t N, K, rows_per_task;
     float *y;
     uint8_t *qout;
     float *sout;
@@ -67,19 +68,18 @@ typedef struct {
 
 static void quantize_task(void *ctx, int32_t n) {
     job *j = ctx;
-    int64_t K = j->w->K;
-    active->quantize_row(j->x + n * K, (int32_t)K, j->qout + n * K, j->sout + n, j->zout + n);
+    int64_t K = j->K;
+    j->k->quantize_row(j->x + n * K, j->K, j->qout + n * K, j->sout + n, j->zout + n);
 }
 
-void pg_quantize_acts(const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
-    pg_qtensor shape = {.K = K};
-    job j = {.w = &shape, .x = x, .qout = q, .sout = scale, .zout = zp};
-    pg_pool_run(quantize_task, &j, N);
+void pg_quantize_acts(pg_pool *pool, const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
+    job j = {.k = atomic_load(&active), .x = x, .K = K, .qout = q, .sout = scale, .zout = zp};
+    pg_pool_run(pool, quantize_task, &j, N);
 }
 
 /* Tasks of whole ROW_TILEs, about four per thread so that uneven progress evens out. */
-static int32_t rows_per_task(int32_t M) {
-    int32_t tiles = (M + ROW_TILE - 1) / ROW_TILE, per = tiles / (4 * pg_pool_size());
+static int32_t rows_per_task(pg_pool *pool, int32_t M) {
+    int32_t tiles = (M + ROW_TILE - 1) / ROW_TILE, per = tiles / (4 * pg_pool_threads(pool));
     return (per > 0 ? per : 1) * ROW_TILE;
 }
 
@@ -88,41 +88,78 @@ static void gemm_task(void *ctx, int32_t t) {
     int32_t m0 = t * j->rows_per_task, m1 = m0 + j->rows_per_task;
     if (m1 > j->w->M) m1 = j->w->M;
     if (j->N == 1)
-        active->gemv_rows(j->w, m0, m1, j->q, j->scale[0], j->zp[0], j->y);
+        j->k->gemv_rows(j->w, m0, m1, j->q, j->scale[0], j->zp[0], j->y);
     else
-        active->gemm_rows(j->w, m0, m1, j->q, j->scale, j->zp, j->N, j->y);
+        j->k->gemm_rows(j->w, m0, m1, j->q, j->scale, j->zp, j->N, j->y);
 }
 
-static void run_rows(job *j) {
-    j->rows_per_task = rows_per_task(j->w->M);
-    pg_pool_run(gemm_task, j, (j->w->M + j->rows_per_task - 1) / j->rows_per_task);
+static void run_rows(pg_pool *pool, job *j) {
+    j->rows_per_task = rows_per_task(pool, j->w->M);
+    pg_pool_run(pool, gemm_task, j, (j->w->M + j->rows_per_task - 1) / j->rows_per_task);
 }
 
-void pg_gemm(const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
+void pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
              int32_t N, float *y) {
-    job j = {.w = w, .q = q, .scale = scale, .zp = zp, .N = N, .y = y};
-    run_rows(&j);
+    job j = {.k = atomic_load(&active), .w = w, .q = q, .scale = scale, .zp = zp, .N = N, .y = y};
+    run_rows(pool, &j);
 }
 
-void pg_gemv(const pg_qtensor *w, const float *x, float *y) {
+int pg_gemv(pg_pool *pool, const pg_qtensor *w, const float *x, float *y) {
+    job j = {.k = atomic_load(&active), .w = w, .N = 1, .y = y};
     uint8_t *q = malloc((size_t)w->K);
     float scale;
     int32_t zp;
-    if (!q) abort();
-    active->quantize_row(x, w->K, q, &scale, &zp);
-    job j = {.w = w, .q = q, .scale = &scale, .zp = &zp, .N = 1, .y = y};
-    run_rows(&j);
+    if (!q) return -1;
+    j.k->quantize_row(x, w->K, q, &scale, &zp);
+    j.q = q, j.scale = &scale, j.zp = &zp;
+    run_rows(pool, &j);
     free(q);
+    return 0;
 }
 
 static void dequant_task(void *ctx, int32_t i) {
     job *j = ctx;
-    active->dequant_row(j->w, j->rows[i], j->y + (int64_t)i * j->w->K);
+    j->k->dequant_row(j->w, j->rows[i], j->y + (int64_t)i * j->w->K);
 }
 
-void pg_dequant_rows(const pg_qtensor *w, const int32_t *rows, int32_t n, float *out) {
-    job j = {.w = w, .rows = rows, .y = out};
-    pg_pool_run(dequant_task, &j, n);
+void pg_dequant_rows(pg_pool *pool, const pg_qtensor *w, const int32_t *rows, int32_t n, float *out) {
+    job j = {.k = atomic_load(&active), .w = w, .rows = rows, .y = out};
+    pg_pool_run(pool, dequant_task, &j, n);
+}
+
+typedef struct {
+    const pg_kernels *k;
+    const float *q, *kc, *vc;
+    int64_t kv_stride;
+    int32_t start, n_heads, n_kv, hd;
+    float scale;
+    float *out;
+    atomic_int failed;
+} attention_job;
+
+/* Task t: query token t / n_kv, cache head t % n_kv, and the query heads that read it. */
+static void attention_task(void *ctx, int32_t t) {
+    attention_job *j = ctx;
+    const int32_t i = t / j->n_kv, h = t % j->n_kv, group = j->n_heads / j->n_kv, len = j->start + i + 1;
+    const int64_t row = (int64_t)i * j->n_heads * j->hd + (int64_t)h * group * j->hd;
+    float *scratch = malloc(sizeof(float) * ((size_t)len + 8 + (size_t)group * j->hd));
+    if (!scratch) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    float *qs = scratch + len + 8;
+    for (int64_t d = 0; d < (int64_t)group * j->hd; d++) qs[d] = j->q[row + d] * j->scale;
+    j->k->attend(qs, j->kc + h * j->kv_stride, j->vc + h * j->kv_stride, len, group, j->hd, scratch, j->out + row);
+    free(scratch);
+}
+
+int pg_attention(pg_pool *pool, const float *q, const float *k, const float *v, int64_t kv_stride, int32_t n,
+                 int32_t start, int32_t n_heads, int32_t n_kv, int32_t hd, float scale, float *out) {
+    attention_job j = {.k = atomic_load(&active), .q = q, .kc = k, .vc = v, .kv_stride = kv_stride, .start = start,
+                       .n_heads = n_heads, .n_kv = n_kv, .hd = hd, .scale = scale, .out = out};
+    atomic_init(&j.failed, 0);
+    pg_pool_run(pool, attention_task, &j, n * n_kv);
+    return atomic_load(&j.failed) ? -1 : 0;
 }
 
 typedef struct {
@@ -142,11 +179,11 @@ static void read_task(void *ctx, int32_t t) {
     j->sums[t] = s[0] + s[1] + s[2] + s[3];
 }
 
-uint64_t pg_stream_read(const uint8_t *buf, int64_t n) {
+uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n) {
     read_job j = {.words = (const uint64_t *)buf, .n = n / 8};
-    int32_t tasks = 4 * pg_pool_size() > 256 ? 256 : 4 * pg_pool_size();
+    int32_t tasks = 4 * pg_pool_threads(pool) > 256 ? 256 : 4 * pg_pool_threads(pool);
     j.per_task = (j.n + tasks - 1) / tasks;
-    pg_pool_run(read_task, &j, tasks);
+    pg_pool_run(pool, read_task, &j, tasks);
     uint64_t s = 0;
     for (int32_t t = 0; t < tasks; t++) s += j.sums[t];
     return s;

@@ -20,7 +20,15 @@ typedef struct {
                       float scale, int32_t zp, float *y);
     /* out[K] = row `row` of W dequantized */
     void (*dequant_row)(const pg_qtensor *w, int32_t row, float *out);
+    /* One query token against keys/values [len][hd] for `group` query heads q[group][hd]
+     * (already scaled): out[group][hd]. scores: scratch of len + 8 floats. hd % 8 == 0.
+     * The order of every sum is fixed (model.attention_reference), so all paths agree bit for bit. */
+    void (*attend)(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
+                   float *scores, float *out);
 } pg_kernels;
+
+void pg_attend_scalar(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
+                      float *scores, float *out);
 
 extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
@@ -30,10 +38,11 @@ extern const pg_kernels pg_kernels_avx2;
 extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod;
 #endif
 
-/* Run fn(ctx, i) for i in [0, n) on the pool's threads (the caller's included); returns when all are done. */
-void pg_pool_run(void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n);
-int pg_pool_size(void);
-void pg_pool_resize(int n);
+#define PG_MAX_THREADS 256
+
+/* Run fn(ctx, i) for i in [0, n) on the pool's threads (the caller's included); returns when
+ * all are done. A NULL pool runs everything on the caller. */
+void pg_pool_run(pg_pool *pool, void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n);
 
 /* The scale, zero point and reciprocal of a row whose values lie in [lo, hi] (lo <= 0 <= hi),
  * in the float32 operations of quant.quantize_acts; every path uses this. */
@@ -41,14 +50,59 @@ static inline void pg_quant_params(float lo, float hi, float *s, float *z, float
     *s = (hi - lo) / 255.0f;
     if (*s == 0.0f) *s = 1.0f;
     *z = rintf(-lo / *s);
-    *z = *z < 0.0f ? 0.0f : *z > 255.0f ? 255.0f : *z;
+    *z = *z >= 0.0f ? (*z <= 255.0f ? *z : 255.0f) : 0.0f;
     *inv = 1.0f / *s;
 }
 
-/* One activation code: clamp(rint(x * inv) + z, 0, 255). */
+/* One activation code: clamp(rint(x * inv) + z, 0, 255) (a NaN would give 0: never cast). */
 static inline uint8_t pg_quant_one(float x, float inv, float z) {
     float v = rintf(x * inv) + z;
-    return (uint8_t)(v < 0.0f ? 0.0f : v > 255.0f ? 255.0f : v);
+    return (uint8_t)(v >= 0.0f ? (v <= 255.0f ? v : 255.0f) : 0.0f);
+}
+
+/* A row holding NaN or +-inf quantizes to q = 0, zp = 0, scale = NaN: every product it enters
+ * is NaN, which the engine reports, rather than a confident answer computed from garbage.
+ * Returns 1 if the row was such a row (lo, hi: its min and max with 0; nan: a NaN was seen). */
+static inline int pg_nonfinite_row(float lo, float hi, int nan, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
+    if (!nan && isfinite(lo) && isfinite(hi)) return 0;
+    memset(q, 0, (size_t)K);
+    *scale = NAN;
+    *zp = 0;
+    return 1;
+}
+
+/* exp(x) for x <= 0 in plain float32 multiplies and adds (Cephes' expf polynomial), so that
+ * the SIMD versions, written with the same operations, give the same bits (no FMA: built with
+ * -ffp-contract=off). x is clamped to >= -87, where exp is ~1.6e-38: attention weights that
+ * small are zero for every purpose. */
+#define PG_EXP_MIN -87.0f
+#define PG_LOG2E 1.44269504088896341f
+#define PG_LN2_HI 0.693359375f
+#define PG_LN2_LO -2.12194440e-4f
+#define PG_EXP_P0 1.9875691500e-4f
+#define PG_EXP_P1 1.3981999507e-3f
+#define PG_EXP_P2 8.3334519073e-3f
+#define PG_EXP_P3 4.1665795894e-2f
+#define PG_EXP_P4 1.6666665459e-1f
+#define PG_EXP_P5 5.0000001201e-1f
+static inline float pg_exp_neg(float x) {
+    x = x > PG_EXP_MIN ? x : PG_EXP_MIN;
+    float n = rintf(x * PG_LOG2E);
+    float r = x - n * PG_LN2_HI;
+    r = r - n * PG_LN2_LO;
+    float p = PG_EXP_P0;
+    p = p * r + PG_EXP_P1;
+    p = p * r + PG_EXP_P2;
+    p = p * r + PG_EXP_P3;
+    p = p * r + PG_EXP_P4;
+    p = p * r + PG_EXP_P5;
+    float y = p * (r * r);
+    y = y + r;
+    y = y + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, 4);
+    return y * two_n;
 }
 
 /* IEEE half (bits) -> float, portable. */

@@ -24,13 +24,15 @@ INLINE float hsum(__m256 v) {
 
 /* x[K] -> q[K], any K: same float32 operations as the scalar path, 8 lanes at a time. */
 TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
-    __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+    __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps(), nan8 = _mm256_setzero_ps();
     int32_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 v = _mm256_loadu_ps(x + k);
-        lo8 = _mm256_min_ps(v, lo8); /* returns lo8 on ties, like the scalar compare */
+        lo8 = _mm256_min_ps(v, lo8); /* returns lo8 on ties (and NaN), like the scalar compare */
         hi8 = _mm256_max_ps(v, hi8);
+        nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     }
+    int nan = _mm256_movemask_ps(nan8) != 0;
     float lanes_lo[8], lanes_hi[8], lo = 0.0f, hi = 0.0f;
     _mm256_storeu_ps(lanes_lo, lo8);
     _mm256_storeu_ps(lanes_hi, hi8);
@@ -41,7 +43,9 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
     for (int32_t j = k; j < K; j++) {
         lo = x[j] < lo ? x[j] : lo;
         hi = x[j] > hi ? x[j] : hi;
+        nan |= x[j] != x[j];
     }
+    if (pg_nonfinite_row(lo, hi, nan, K, q, scale, zp)) return;
     float s, z, inv;
     pg_quant_params(lo, hi, &s, &z, &inv);
     const __m256 vinv = _mm256_set1_ps(inv), vz = _mm256_set1_ps(z), vmax = _mm256_set1_ps(255.0f);
@@ -210,5 +214,77 @@ TARGET static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     }
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows, gemv_rows, dequant_row};
+/* exp(x), x <= 0, 8 lanes: pg_exp_neg's operations in the same order (same bits). */
+INLINE __m256 exp_neg8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(PG_EXP_MIN)); /* a NaN lane becomes -87, as in pg_exp_neg */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(PG_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(PG_LN2_HI)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(PG_LN2_LO)));
+    __m256 p = _mm256_set1_ps(PG_EXP_P0);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(PG_EXP_P1));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(PG_EXP_P2));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(PG_EXP_P3));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(PG_EXP_P4));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(PG_EXP_P5));
+    __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r), _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* KEYS dot products of one query head qh[hd] with consecutive keys k[KEYS][hd] (KEYS <= 4):
+ * per key, lanes accumulate products in order of the 8-column chunk, then hsum (the scalar
+ * dot8's order). Several keys at once give the core independent sums to overlap. */
+INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const int KEYS) {
+    __m256 acc[4];
+    UNROLL for (int t = 0; t < KEYS; t++) acc[t] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k + (int64_t)t * hd));
+    for (int32_t i = 8; i < hd; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(qh + i);
+        UNROLL for (int t = 0; t < KEYS; t++)
+            acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(qv, _mm256_loadu_ps(k + (int64_t)t * hd + i)));
+    }
+    UNROLL for (int t = 0; t < KEYS; t++) out[t] = hsum(acc[t]);
+}
+
+/* model.attention_reference for one query token and `group` heads, as pg_attend_scalar. */
+TARGET static void attend(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
+                          float *scores, float *out) {
+    for (int32_t g = 0; g < group; g++) {
+        const float *qh = q + (int64_t)g * hd;
+        float *o = out + (int64_t)g * hd;
+        int32_t j = 0;
+        for (; j + 4 <= len; j += 4) dots(qh, k + (int64_t)j * hd, hd, scores + j, 4);
+        for (; j < len; j++) dots(qh, k + (int64_t)j * hd, hd, scores + j, 1);
+        /* max and finiteness; the max is exact in any order */
+        float m = scores[0];
+        int bad = 0;
+        for (j = 0; j < len; j++) {
+            bad |= !isfinite(scores[j]);
+            m = scores[j] > m ? scores[j] : m;
+        }
+        /* weights and their sum: lane l takes positions 8i + l (pad with zeros) */
+        __m256 sum = _mm256_setzero_ps();
+        const __m256 mv = _mm256_set1_ps(m);
+        for (j = 0; j + 8 <= len; j += 8) {
+            __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
+            _mm256_storeu_ps(scores + j, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if (j < len) {
+            float tail[8] = {0};
+            for (int32_t t = j; t < len; t++) tail[t - j] = pg_exp_neg(scores[t] - m);
+            memcpy(scores + j, tail, sizeof(float) * (size_t)(len - j));
+            sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
+        }
+        const float total = bad ? NAN : hsum(sum);
+        /* weighted values, in order of position */
+        for (int32_t d = 0; d < hd; d += 8) {
+            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(scores[0]), _mm256_loadu_ps(v + d));
+            for (j = 1; j < len; j++)
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(v + (int64_t)j * hd + d)));
+            _mm256_storeu_ps(o + d, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+        }
+    }
+}
+
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows, gemv_rows, dequant_row, attend};
 #endif

@@ -22,11 +22,14 @@ static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, in
         lo4 = vminq_f32(lo4, v);
         hi4 = vmaxq_f32(hi4, v);
     }
-    float lo = vminvq_f32(lo4), hi = vmaxvq_f32(hi4);
+    float lo = vminvq_f32(lo4), hi = vmaxvq_f32(hi4); /* NaN if a lane saw one (FMIN/FMAX propagate it) */
+    int nan = 0;
     for (; k < K; k++) {
         lo = x[k] < lo ? x[k] : lo;
         hi = x[k] > hi ? x[k] : hi;
+        nan |= x[k] != x[k];
     }
+    if (pg_nonfinite_row(lo, hi, nan, K, q, scale, zp)) return;
     float s, z, inv;
     pg_quant_params(lo, hi, &s, &z, &inv);
     const float32x4_t vinv = vdupq_n_f32(inv), vz = vdupq_n_f32(z), vmax = vdupq_n_f32(255.0f), vzero = vdupq_n_f32(0.0f);
@@ -170,6 +173,6 @@ static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     }
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row};
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_attend_scalar};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_attend_scalar};
 #endif

@@ -1,14 +1,18 @@
-/* Portable scalar kernels: the C statement of pyguard/quant.py, and the fallback path. */
+/* Portable scalar kernels: the C statement of pyguard/quant.py and model.attention_reference,
+ * and the fallback path. */
 #include <math.h>
 #include "kernels.h"
 
 /* x[K] float32 -> q[K] uint8 with per-row scale and zero point; any K >= 1. */
 static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, int32_t *zp) {
     float lo = 0.0f, hi = 0.0f;
+    int nan = 0;
     for (int32_t k = 0; k < K; k++) {
         lo = x[k] < lo ? x[k] : lo;
         hi = x[k] > hi ? x[k] : hi;
+        nan |= x[k] != x[k];
     }
+    if (pg_nonfinite_row(lo, hi, nan, K, q, scale, zp)) return;
     float s, z, inv;
     pg_quant_params(lo, hi, &s, &z, &inv);
     for (int32_t k = 0; k < K; k++) q[k] = pg_quant_one(x[k], inv, z);
@@ -16,25 +20,21 @@ static void quantize_row(const float *x, int32_t K, uint8_t *q, float *scale, in
     *zp = (int32_t)z;
 }
 
-/* Row `row` of W unpacked to int8 wq[K] (values -8..7). */
-static void unpack_row(const pg_qtensor *w, int32_t row, int8_t *wq) {
-    const uint8_t *qs = w->qs + (int64_t)row * (w->K / 2);
-    for (int32_t b = 0; b < w->K / 64; b++) {
-        for (int32_t i = 0; i < 32; i++) {
-            wq[64 * b + i] = (int8_t)((qs[32 * b + i] & 0x0F) - 8);
-            wq[64 * b + 32 + i] = (int8_t)((qs[32 * b + i] >> 4) - 8);
-        }
-    }
+/* Weight k of a packed row (values -8..7): byte (k / 64) * 32 + k % 32, low nibble for the
+ * first 32 columns of the 64-column block, high nibble for the second. */
+static inline int32_t weight(const uint8_t *row, int32_t k) {
+    uint8_t b = row[(k / 64) * 32 + k % 32];
+    return (int32_t)((k % 64 < 32 ? b & 0x0F : b >> 4)) - 8;
 }
 
 /* One output: s * (sum_g d_g * dot_g - zp * rowsum), groups summed in order. */
-static float dot_row(const pg_qtensor *w, int32_t row, const int8_t *wq, const uint8_t *q,
-                     float scale, int32_t zp) {
+static float dot_row(const pg_qtensor *w, int32_t row, const uint8_t *q, float scale, int32_t zp) {
+    const uint8_t *qs = w->qs + (int64_t)row * (w->K / 2);
     const uint16_t *d = w->scales + (int64_t)row * (w->K / w->G);
     float acc = 0.0f;
     for (int32_t g = 0; g < w->K / w->G; g++) {
         int32_t isum = 0;
-        for (int32_t k = g * w->G; k < (g + 1) * w->G; k++) isum += (int32_t)q[k] * wq[k];
+        for (int32_t k = g * w->G; k < (g + 1) * w->G; k++) isum += (int32_t)q[k] * weight(qs, k);
         acc += pg_f16_to_f32(d[g]) * (float)isum;
     }
     return scale * (acc - (float)zp * w->rowsum[row]);
@@ -42,12 +42,9 @@ static float dot_row(const pg_qtensor *w, int32_t row, const int8_t *wq, const u
 
 static void gemm_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
                       const float *scale, const int32_t *zp, int32_t N, float *y) {
-    int8_t wq[w->K];
-    for (int32_t m = m0; m < m1; m++) {
-        unpack_row(w, m, wq);
+    for (int32_t m = m0; m < m1; m++)
         for (int32_t n = 0; n < N; n++)
-            y[(int64_t)n * w->M + m] = dot_row(w, m, wq, q + (int64_t)n * w->K, scale[n], zp[n]);
-    }
+            y[(int64_t)n * w->M + m] = dot_row(w, m, q + (int64_t)n * w->K, scale[n], zp[n]);
 }
 
 static void gemv_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q, float scale,
@@ -56,10 +53,57 @@ static void gemv_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t
 }
 
 static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
-    int8_t wq[w->K];
+    const uint8_t *qs = w->qs + (int64_t)row * (w->K / 2);
     const uint16_t *d = w->scales + (int64_t)row * (w->K / w->G);
-    unpack_row(w, row, wq);
-    for (int32_t k = 0; k < w->K; k++) out[k] = pg_f16_to_f32(d[k / w->G]) * (float)wq[k];
+    for (int32_t k = 0; k < w->K; k++) out[k] = pg_f16_to_f32(d[k / w->G]) * (float)weight(qs, k);
 }
 
-const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row};
+/* Sum of 8 lanes in the fixed tree ((0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1): the
+ * order of the AVX2 path's horizontal sum. */
+static float tree8(const float *a) {
+    float b[4];
+    for (int l = 0; l < 4; l++) b[l] = a[l] + a[l + 4];
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+/* x . y over hd (a multiple of 8): lane l sums x[8i + l] * y[8i + l] in order of i, then tree8. */
+static float dot8(const float *x, const float *y, int32_t hd) {
+    float acc[8];
+    for (int l = 0; l < 8; l++) acc[l] = x[l] * y[l];
+    for (int32_t i = 8; i < hd; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] = acc[l] + x[i + l] * y[i + l];
+    return tree8(acc);
+}
+
+/* Softmax weights of scores[len] in place; returns their sum (lane l sums positions 8i + l in
+ * order of i, then tree8), or NaN if a score is not finite. */
+static float softmax_weights(float *scores, int32_t len) {
+    float m = scores[0], acc[8] = {0};
+    int bad = 0;
+    for (int32_t j = 0; j < len; j++) {
+        bad |= !isfinite(scores[j]);
+        m = scores[j] > m ? scores[j] : m;
+    }
+    if (bad) return NAN;
+    for (int32_t j = 0; j < len; j++) {
+        scores[j] = pg_exp_neg(scores[j] - m);
+        acc[j % 8] = acc[j % 8] + scores[j];
+    }
+    return tree8(acc);
+}
+
+void pg_attend_scalar(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
+                      float *scores, float *out) {
+    for (int32_t g = 0; g < group; g++) {
+        const float *qh = q + (int64_t)g * hd;
+        float *o = out + (int64_t)g * hd;
+        for (int32_t j = 0; j < len; j++) scores[j] = dot8(qh, k + (int64_t)j * hd, hd);
+        float total = softmax_weights(scores, len);
+        for (int32_t d = 0; d < hd; d++) o[d] = scores[0] * v[d];
+        for (int32_t j = 1; j < len; j++)
+            for (int32_t d = 0; d < hd; d++) o[d] = o[d] + scores[j] * v[(int64_t)j * hd + d];
+        for (int32_t d = 0; d < hd; d++) o[d] = o[d] / total;
+    }
+}
+
+const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_attend_scalar};

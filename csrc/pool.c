@@ -1,98 +1,129 @@
-/* Persistent worker pool: the caller and pool_size-1 workers take task indices from a shared
- * counter. Workers spin briefly before sleeping, since decode issues thousands of small jobs
- * per second and a condition-variable wake-up per job would cost more than the job. */
+/* Worker pools: the caller and size-1 workers take task indices of one job from a shared
+ * counter. Each model owns a pool; a pool runs one job at a time (callers from several
+ * threads queue on `serial`), so pools never share state and thread counts are per pool.
+ *
+ * Correct by construction: a job is published by bumping `generation`; every worker runs each
+ * generation exactly once and then decrements `pending`; the caller returns only when
+ * `pending` is 0. So no worker can still be inside a job (or take a task of it) once its caller
+ * has returned, and the next job cannot start before all workers left the previous one.
+ *
+ * Workers spin briefly before sleeping: decode issues thousands of small jobs per second and a
+ * condition-variable wake-up per job would cost more than the job.
+ *
+ * fork(): only the forking thread exists in the child. A pool created before a fork is stale
+ * there: it runs every job on the caller alone and is freed without joining. */
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include "kernels.h"
 
-#define MAX_THREADS 256
 #define SPIN_ROUNDS 200000
-#define NO_TASKS (INT32_MAX / 2) /* `next` between jobs: late workers find nothing to take */
+#define YIELD_EVERY 4096 /* the caller yields while it waits, in case the machine is oversubscribed */
 
-static struct {
-    pthread_mutex_t lock;
+struct pg_pool {
+    pthread_mutex_t serial; /* held by the caller for the whole of a job */
+    pthread_mutex_t lock;   /* with `wake`: workers sleeping between jobs */
     pthread_cond_t wake;
-    pthread_t tid[MAX_THREADS];
-    int size;                 /* threads including the caller */
-    atomic_uint generation;   /* bumped once per job (and to stop workers) */
-    atomic_int next, done;    /* task counter and finished-task count of the current job */
-    int stop_above;           /* workers with index >= this exit (resize) */
-    unsigned born;            /* generation when the workers were created */
+    atomic_uint generation; /* bumped once per job, and once to stop */
+    atomic_int next;        /* next task index of the current job */
+    atomic_int pending;     /* workers that have not finished the current job */
     void (*fn)(void *, int32_t);
     void *ctx;
     int32_t n;
-} pool = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+    int stop;
+    int size;               /* threads including the caller */
+    unsigned forks;         /* fork count when created: another value means we are a child */
+    pthread_t tid[PG_MAX_THREADS];
+};
 
-static void run_tasks(void) {
+static atomic_uint fork_count; /* bumped in every child process */
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static void on_fork_child(void) { atomic_fetch_add(&fork_count, 1); }
+static void register_atfork(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+static int stale(const pg_pool *p) { return p->forks != atomic_load_explicit(&fork_count, memory_order_relaxed); }
+
+static void run_tasks(pg_pool *p) {
     int32_t i;
-    while ((i = atomic_fetch_add(&pool.next, 1)) < pool.n) {
-        pool.fn(pool.ctx, i);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_release);
-    }
+    while ((i = atomic_fetch_add(&p->next, 1)) < p->n) p->fn(p->ctx, i);
 }
 
 static void *worker(void *arg) {
-    int index = (int)(intptr_t)arg;
-    /* not the current generation: a stop published before this thread first runs must be seen */
-    unsigned seen = pool.born;
+    pg_pool *p = arg;
+    unsigned seen = 0; /* generation at creation: workers start before any job */
     for (;;) {
         unsigned gen;
         int spins = 0;
-        while ((gen = atomic_load_explicit(&pool.generation, memory_order_acquire)) == seen &&
-               ++spins < SPIN_ROUNDS) {
+        while ((gen = atomic_load_explicit(&p->generation, memory_order_acquire)) == seen && ++spins < SPIN_ROUNDS) {
         }
         if (gen == seen) {
-            pthread_mutex_lock(&pool.lock);
-            while ((gen = atomic_load(&pool.generation)) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
-            pthread_mutex_unlock(&pool.lock);
+            pthread_mutex_lock(&p->lock);
+            while ((gen = atomic_load(&p->generation)) == seen) pthread_cond_wait(&p->wake, &p->lock);
+            pthread_mutex_unlock(&p->lock);
         }
         seen = gen;
-        if (index >= pool.stop_above) return NULL;
-        run_tasks();
+        if (p->stop) return NULL;
+        run_tasks(p);
+        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_release);
     }
 }
 
-static void publish(void) {
-    pthread_mutex_lock(&pool.lock);
-    atomic_fetch_add_explicit(&pool.generation, 1, memory_order_release);
-    pthread_cond_broadcast(&pool.wake);
-    pthread_mutex_unlock(&pool.lock);
+static void publish(pg_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    atomic_fetch_add_explicit(&p->generation, 1, memory_order_release);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
 }
 
-void pg_pool_run(void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n) {
-    if (pool.size <= 1 || n <= 1) {
+pg_pool *pg_pool_new(int threads) {
+    pthread_once(&atfork_once, register_atfork);
+    if (threads < 1 || threads > PG_MAX_THREADS) return NULL;
+    pg_pool *p = calloc(1, sizeof *p);
+    if (!p) return NULL;
+    pthread_mutex_init(&p->serial, NULL);
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    p->forks = atomic_load(&fork_count);
+    p->size = 1;
+    for (int i = 1; i < threads; i++) { /* fewer threads if the system refuses more */
+        if (pthread_create(&p->tid[i], NULL, worker, p) != 0) break;
+        p->size = i + 1;
+    }
+    return p;
+}
+
+void pg_pool_free(pg_pool *p) {
+    if (!p) return;
+    if (!stale(p)) { /* in a forked child the workers do not exist: nothing to stop or join */
+        pthread_mutex_lock(&p->serial);
+        p->stop = 1;
+        publish(p);
+        for (int i = 1; i < p->size; i++) pthread_join(p->tid[i], NULL);
+        pthread_mutex_unlock(&p->serial);
+        pthread_mutex_destroy(&p->serial);
+        pthread_mutex_destroy(&p->lock);
+        pthread_cond_destroy(&p->wake);
+    }
+    free(p);
+}
+
+int pg_pool_threads(const pg_pool *p) { return p && !stale(p) ? p->size : 1; }
+
+void pg_pool_run(pg_pool *p, void (*fn)(void *ctx, int32_t i), void *ctx, int32_t n) {
+    if (pg_pool_threads(p) <= 1 || n <= 1) {
         for (int32_t i = 0; i < n; i++) fn(ctx, i);
         return;
     }
-    pool.fn = fn;
-    pool.ctx = ctx;
-    pool.n = n;
-    atomic_store(&pool.done, 0);
-    atomic_store(&pool.next, 0); /* seq_cst: publishes fn, ctx and n to any worker taking a task */
-    publish();
-    run_tasks();
-    while (atomic_load_explicit(&pool.done, memory_order_acquire) < n) {
-    }
-    atomic_store(&pool.next, NO_TASKS);
-}
-
-int pg_pool_size(void) { return pool.size ? pool.size : 1; }
-
-void pg_pool_resize(int n) {
-    if (n < 1) n = 1;
-    if (n > MAX_THREADS) n = MAX_THREADS;
-    if (pool.size > 1) { /* stop all workers, then start afresh */
-        pool.stop_above = 0;
-        publish();
-        for (int i = 1; i < pool.size; i++) pthread_join(pool.tid[i], NULL);
-    }
-    atomic_store(&pool.next, NO_TASKS);
-    pool.stop_above = n;
-    pool.born = atomic_load(&pool.generation);
-    pool.size = 1;
-    for (int i = 1; i < n; i++) {
-        if (pthread_create(&pool.tid[i], NULL, worker, (void *)(intptr_t)i) != 0) break;
-        pool.size = i + 1;
-    }
+    pthread_mutex_lock(&p->serial);
+    p->fn = fn;
+    p->ctx = ctx;
+    p->n = n;
+    atomic_store(&p->next, 0);
+    atomic_store(&p->pending, p->size - 1);
+    publish(p);
+    run_tasks(p);
+    for (unsigned spins = 1; atomic_load_explicit(&p->pending, memory_order_acquire) > 0; spins++)
+        if (spins % YIELD_EVERY == 0) sched_yield();
+    pthread_mutex_unlock(&p->serial);
 }

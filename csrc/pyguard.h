@@ -14,26 +14,46 @@ typedef struct {
     int32_t M, K, G;
 } pg_qtensor;
 
-/* Kernel path: "scalar", "avx2", "neon", "neon-dotprod". Chosen at load from the CPU and
- * PYGUARD_ISA; pg_set_isa returns 0, or -1 if the path is unknown or the CPU lacks it. */
+/* Kernel path: "scalar", "avx2", "neon", "neon-dotprod". Chosen at load from the CPU (and
+ * PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the path is unknown or the
+ * CPU lacks it. The path is process-wide; each job reads it once when it starts. */
 const char *pg_isa(void);
 int pg_set_isa(const char *name);
-/* Worker threads (>= 1) used by every kernel; default PYGUARD_THREADS or the core count. */
-int pg_threads(void);
-void pg_set_threads(int n);
+
+/* A pool of worker threads (the caller counts as one). Every kernel runs on the pool it is
+ * given (NULL: the caller alone); a pool runs one job at a time, callers queue. Pools are
+ * independent, so models with their own pools run in parallel. threads: 1..256; returns NULL
+ * if out of range or out of memory. After fork() a pool made before it runs on the caller
+ * alone in the child (its workers do not exist there) and may still be freed. */
+typedef struct pg_pool pg_pool;
+pg_pool *pg_pool_new(int threads);
+void pg_pool_free(pg_pool *pool);
+int pg_pool_threads(const pg_pool *pool);
+
+/* Every pointer below is to C-contiguous data of the stated shape, validated by the caller
+ * (pyguard/kernels.py): the kernels do no bounds checks. */
 
 /* X[N][K] float32 -> q[N][K] uint8, scale[N], zp[N]: per-row asymmetric (quant.quantize_acts). */
-void pg_quantize_acts(const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp);
+void pg_quantize_acts(pg_pool *pool, const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp);
 /* Y[N][M] = W . X^T from quantized activations q[N][K] (quant.gemm). */
-void pg_gemm(const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
+void pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
              int32_t N, float *y);
-/* y[M] = W . x for float32 x[K], quantized internally like a one-row pg_gemm (quant.gemv). */
-void pg_gemv(const pg_qtensor *w, const float *x, float *y);
-/* out[n][K] = dequantized rows rows[0..n) of W (embedding lookup; quant.dequantize). */
-void pg_dequant_rows(const pg_qtensor *w, const int32_t *rows, int32_t n, float *out);
+/* y[M] = W . x for float32 x[K], quantized internally like a one-row pg_gemm (quant.gemv).
+ * Returns 0, or -1 if out of memory. */
+int pg_gemv(pg_pool *pool, const pg_qtensor *w, const float *x, float *y);
+/* out[n][K] = dequantized rows rows[0..n) of W, each in 0..M-1 (embedding lookup; quant.dequantize). */
+void pg_dequant_rows(pg_pool *pool, const pg_qtensor *w, const int32_t *rows, int32_t n, float *out);
+/* Causal grouped-query attention (model.attention_reference): queries q[n][n_heads][hd] at
+ * positions start..start+n-1, each multiplied by `scale`, against the cache k, v: [n_kv][.][hd]
+ * with kv_stride floats between heads, positions 0..start+n-1 filled. Query head h reads cache
+ * head h / (n_heads / n_kv). out[n][n_heads][hd]. hd % 8 == 0, n_heads % n_kv == 0. Every
+ * query's result depends only on its own inputs: not on n, start's chunking or the threads.
+ * Returns 0, or -1 if out of memory. */
+int pg_attention(pg_pool *pool, const float *q, const float *k, const float *v, int64_t kv_stride, int32_t n,
+                 int32_t start, int32_t n_heads, int32_t n_kv, int32_t hd, float scale, float *out);
 
 /* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
-uint64_t pg_stream_read(const uint8_t *buf, int64_t n);
+uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);
 
 #endif

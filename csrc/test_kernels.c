@@ -1,7 +1,8 @@
 /* Standalone test of every kernel path this CPU runs against the scalar path, without Python:
  * cross-compiled for aarch64 and run under qemu by tests/test_neon.py, built with
- * -fsanitize=address,undefined by tests/test_sanitize.py. Usage: test_kernels [seed [cases]].
- * Prints the path chosen at load, one line per path tested; exits 1 at the first mismatch. */
+ * -fsanitize=address,undefined and -fsanitize=thread by tests/test_sanitize.py.
+ * Usage: test_kernels [seed [cases [stress_rounds]]]. Prints the path chosen at load, one line
+ * per path tested, then the pool stress test; exits 1 at the first mismatch. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -92,15 +93,17 @@ typedef struct {
     int32_t *zp;
 } results;
 
+static pg_pool *pool; /* the pool every kernel of run() uses: NULL (caller alone) or 3 threads */
+
 static results run(const test_case *c) {
     results r = {xmalloc((size_t)c->N * c->K), xmalloc(sizeof(float) * c->N), xmalloc(sizeof(float) * c->N * c->M),
                  xmalloc(sizeof(float) * c->M), xmalloc(sizeof(float) * c->M * c->K), xmalloc(sizeof(int32_t) * c->N)};
     int32_t *rows = xmalloc(sizeof(int32_t) * c->M);
     for (int32_t m = 0; m < c->M; m++) rows[m] = c->M - 1 - m;
-    pg_quantize_acts(c->x, c->N, c->K, r.q, r.scale, r.zp);
-    pg_gemm(&c->w, r.q, r.scale, r.zp, c->N, r.y);
-    pg_gemv(&c->w, c->x + (int64_t)(c->N - 1) * c->K, r.yv);
-    pg_dequant_rows(&c->w, rows, c->M, r.deq);
+    pg_quantize_acts(pool, c->x, c->N, c->K, r.q, r.scale, r.zp);
+    pg_gemm(pool, &c->w, r.q, r.scale, r.zp, c->N, r.y);
+    if (pg_gemv(pool, &c->w, c->x + (int64_t)(c->N - 1) * c->K, r.yv) != 0) abort();
+    pg_dequant_rows(pool, &c->w, rows, c->M, r.deq);
     free(rows);
     return r;
 }
@@ -141,34 +144,121 @@ static int compare(const char *path, int case_no, const test_case *c, const resu
     return 0;
 }
 
+/* Attention of random queries against a random cache, every path against scalar, bit for bit
+ * (the sums' order is fixed), including a non-finite key: its heads must come out NaN. */
+static int attention_case(const char *path, int case_no) {
+    const int32_t hd = 8 * rnd_int(1, 8), n_kv = rnd_int(1, 3), group = rnd_int(1, 4), n_heads = n_kv * group;
+    const int32_t start = rnd_int(0, 40), n = rnd_int(1, 9), len = start + n, stride = (len + 3) * hd;
+    float *q = xmalloc(sizeof(float) * n * n_heads * hd), *k = xmalloc(sizeof(float) * n_kv * stride),
+          *v = xmalloc(sizeof(float) * n_kv * stride), *ref = xmalloc(sizeof(float) * n * n_heads * hd),
+          *got = xmalloc(sizeof(float) * n * n_heads * hd);
+    for (int32_t i = 0; i < n * n_heads * hd; i++) q[i] = rnd_unit() * 4.0f;
+    for (int32_t i = 0; i < n_kv * stride; i++) k[i] = rnd_unit(), v[i] = rnd_unit();
+    int poison = case_no % 4 == 0;
+    if (poison) k[rnd_int(0, len - 1) * hd] = (case_no / 4) % 2 ? NAN : INFINITY; /* head 0 */
+    const float scale = 1.0f / sqrtf((float)hd);
+    int bad = 0;
+    pg_set_isa("scalar");
+    bad |= pg_attention(NULL, q, k, v, stride, n, start, n_heads, n_kv, hd, scale, ref);
+    pg_set_isa(path);
+    bad |= pg_attention(pool, q, k, v, stride, n, start, n_heads, n_kv, hd, scale, got);
+    if (bad) return fail(path, case_no, "attention out of memory");
+    if (memcmp(ref, got, sizeof(float) * n * n_heads * hd)) return fail(path, case_no, "attention not bit-identical to scalar");
+    if (poison && !isnan(got[(n - 1) * n_heads * hd])) return fail(path, case_no, "non-finite key gave a finite attention");
+    free(q), free(k), free(v), free(ref), free(got);
+    return 0;
+}
+
+/* The worst case of the int16 group sums: activations 255, weights -8, group 256, per path. */
+static int worst_case_sum(const char *path) {
+    const int32_t M = 2, K = 512, G = 256;
+    uint8_t *qs = xmalloc((size_t)M * K / 2), *q = xmalloc(K);
+    uint16_t scales[4] = {0x3C00, 0x3C00, 0x3C00, 0x3C00}; /* 1.0 */
+    float rowsum[2] = {-8.0f * K, -8.0f * K}, x[512], y[2];
+    int32_t zp = 0;
+    float s = 1.0f;
+    memset(qs, 0x00, (size_t)M * K / 2); /* nibbles 0: weight -8 */
+    memset(q, 255, K);
+    for (int32_t i = 0; i < K; i++) x[i] = 1.0f;
+    pg_set_isa(path);
+    pg_qtensor w = {qs, scales, rowsum, M, K, G};
+    pg_gemm(pool, &w, q, &s, &zp, 1, y);
+    int bad = y[0] != -8.0f * 255 * K || y[1] != y[0];
+    if (pg_gemv(pool, &w, x, y) != 0) abort();
+    bad |= y[0] != -8.0f * K; /* x = 1 quantizes to 255 with scale 1/255 */
+    free(qs), free(q);
+    return bad ? fail(path, 0, "worst-case int16 group sum overflowed") : 0;
+}
+
+/* Back-to-back jobs of very different task counts on a 2-thread pool (a 2-task gemv, a
+ * many-task gemm with M large enough that task boundaries move with the thread count, an
+ * attention): every result must equal the first run's. The old pool let a worker carry a
+ * task number into the next job; ThreadSanitizer also watches this. */
+static int stress(int rounds) {
+    pg_set_isa(PATHS[0]);
+    pg_pool *p2 = pg_pool_new(2);
+    if (!p2) return fail("pool", 0, "cannot create a pool");
+    const int32_t K = 256, small_m = 32, big_m = 1000;
+    uint8_t *qs = xmalloc((size_t)big_m * K / 2);
+    uint16_t *sc = xmalloc(sizeof(uint16_t) * big_m * K / 32);
+    float *rs = xmalloc(sizeof(float) * big_m), *x = xmalloc(sizeof(float) * 4 * K), *y = xmalloc(sizeof(float) * 4 * big_m),
+          *ys = xmalloc(sizeof(float) * small_m), *y0 = xmalloc(sizeof(float) * 4 * big_m), *ys0 = xmalloc(sizeof(float) * small_m);
+    uint8_t *q = xmalloc(4 * K);
+    float scale[4];
+    int32_t zp[4];
+    for (int32_t i = 0; i < big_m * K / 2; i++) qs[i] = (uint8_t)rnd();
+    for (int32_t i = 0; i < big_m * K / 32; i++) sc[i] = (uint16_t)(0x2C00 | (rnd() & 0x3FF));
+    for (int32_t i = 0; i < big_m; i++) rs[i] = rnd_unit();
+    for (int32_t i = 0; i < 4 * K; i++) x[i] = rnd_unit();
+    pg_qtensor big = {qs, sc, rs, big_m, K, 32}, small = {qs, sc, rs, small_m, K, 32};
+    int bad = 0;
+    for (int r = 0; r < rounds && !bad; r++) {
+        float *out = r ? y : y0, *outs = r ? ys : ys0;
+        if (pg_gemv(p2, &small, x, outs) != 0) abort();
+        pg_quantize_acts(p2, x, 4, K, q, scale, zp);
+        pg_gemm(p2, &big, q, scale, zp, 4, out);
+        if (r) bad = memcmp(y, y0, sizeof(float) * 4 * big_m) || memcmp(ys, ys0, sizeof(float) * small_m);
+    }
+    pg_pool_free(p2);
+    free(qs), free(sc), free(rs), free(x), free(y), free(ys), free(y0), free(ys0), free(q);
+    if (bad) return fail("pool", 0, "results changed between identical jobs");
+    printf("ok pool: %d rounds of back-to-back jobs\n", rounds);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     rng_state = argc > 1 ? strtoull(argv[1], NULL, 10) * 2654435761ULL + 1 : 88172645463325252ULL;
-    int cases = argc > 2 ? atoi(argv[2]) : 200;
+    int cases = argc > 2 ? atoi(argv[2]) : 200, rounds = argc > 3 ? atoi(argv[3]) : 2000;
     printf("best: %s\n", pg_isa());
+    pg_pool *pool3 = pg_pool_new(3);
+    if (!pool3) return fail("pool", 0, "cannot create a pool");
     int tested = 0;
     for (size_t p = 0; p < sizeof PATHS / sizeof *PATHS; p++) {
         if (pg_set_isa(PATHS[p]) != 0) continue;
         for (int i = 0; i < cases; i++) {
             test_case c = make_case(i % 3 == 0);
             pg_set_isa("scalar");
-            pg_set_threads(1);
+            pool = NULL;
             results ref = run(&c);
             pg_set_isa(PATHS[p]);
             int bad = 0;
             for (int threads = 1; threads <= 3 && !bad; threads += 2) {
-                pg_set_threads(threads);
+                pool = threads == 1 ? NULL : pool3;
                 results got = run(&c);
                 bad = compare(PATHS[p], i, &c, &ref, &got);
                 free_results(&got);
             }
             free_results(&ref);
             free_case(&c);
-            if (bad) return 1;
+            pool = pool3;
+            if (bad || attention_case(PATHS[p], i)) return 1;
         }
+        pool = pool3;
+        if (worst_case_sum(PATHS[p]) || worst_case_sum("scalar")) return 1;
         printf("ok %s: %d cases (%s scalar)\n", PATHS[p], cases, exact_path(PATHS[p]) ? "bit-identical to" : "within rounding of");
         tested++;
     }
-    pg_set_threads(1);
+    pg_pool_free(pool3);
     printf("%d SIMD paths tested\n", tested);
-    return 0;
+    return stress(rounds);
 }

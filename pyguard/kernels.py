@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from . import blas
 from ._kernels import ffi, lib
 from .errors import PyguardError
-from .quant import QActs, QTensor
+from .quant import GROUP_SIZES, QActs, QTensor
 
 ISAS = ("scalar", "avx2", "neon", "neon-dotprod")
+MAX_THREADS = 256  # PG_MAX_THREADS in csrc/kernels.h
 
 
 def isa() -> str:
-    """The active kernel path."""
+    """The active kernel path (process-wide)."""
     return ffi.string(lib.pg_isa()).decode()
 
 
@@ -28,32 +30,98 @@ def available_isas() -> list[str]:
 
 
 def set_isa(name: str) -> None:
-    """Force a kernel path (PYGUARD_ISA does this at import)."""
-    if lib.pg_set_isa(name.encode()) != 0:
+    """Force a kernel path for the whole process (PYGUARD_ISA does this at import)."""
+    if not isinstance(name, str) or lib.pg_set_isa(name.encode()) != 0:
         raise PyguardError(f"kernel path {name!r} is not available here (available: {', '.join(available_isas())})")
 
 
+def check_threads(n: object, what: str = "thread count") -> int:
+    if type(n) is not int or not 1 <= n <= MAX_THREADS:
+        raise PyguardError(f"{what} must be an integer from 1 to {MAX_THREADS}, not {n!r}")
+    return n
+
+
+def env_threads() -> int:
+    """PYGUARD_THREADS, or the cores this process may use."""
+    value = os.environ.get("PYGUARD_THREADS")
+    if value is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return min(cores, MAX_THREADS)
+    if not value.strip().isdigit():
+        raise PyguardError(f"PYGUARD_THREADS={value!r}: expected an integer from 1 to {MAX_THREADS}")
+    return check_threads(int(value), f"PYGUARD_THREADS={value!r}")
+
+
+def check_environment() -> None:
+    """Raise the error of a bad PYGUARD_ISA or PYGUARD_THREADS. Import never raises (so that
+    `pyguard --help` works whatever the environment); the first pool made does."""
+    if _env_isa_error:
+        raise PyguardError(_env_isa_error)
+    env_threads()
+
+
+class Pool:
+    """The threads one model computes with: a C worker pool for the kernels and a Python
+    executor for the numpy work spread over threads (model.spread). Pools are independent:
+    models with their own pools run in parallel. A pool runs one kernel at a time (callers
+    queue). After os.fork() the child makes its own pool and executor on first use."""
+
+    def __init__(self, threads: int | None = None):
+        """threads: None means PYGUARD_THREADS or the number of cores."""
+        check_environment()
+        self.threads = env_threads() if threads is None else check_threads(threads)
+        self._pid = -1
+        self._c = self._executor = None
+
+    def _current(self) -> None:
+        if self._pid != os.getpid():  # first use, or a forked child: the parent's threads are not here
+            c = lib.pg_pool_new(self.threads)
+            if c == ffi.NULL:
+                raise PyguardError(f"cannot start {self.threads} kernel threads")
+            self._c, self._executor, self._pid = ffi.gc(c, lib.pg_pool_free), None, os.getpid()
+
+    @property
+    def c(self):
+        """The C pool (pg_pool *) of this process."""
+        self._current()
+        return self._c
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """threads - 1 Python workers (the caller is the other one)."""
+        self._current()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max(self.threads - 1, 1), thread_name_prefix="pyguard")
+        return self._executor
+
+
+_default: Pool | None = None
+
+
+def default_pool() -> Pool:
+    """The pool of kernel calls that name none (tests, benchmarks)."""
+    global _default
+    if _default is None:
+        _default = Pool()
+    return _default
+
+
 def threads() -> int:
-    return lib.pg_threads()
+    """Threads of the default pool."""
+    return default_pool().threads
 
 
 def set_threads(n: int | None = None) -> None:
-    """Worker threads for every kernel; None means PYGUARD_THREADS or the number of cores."""
-    if n is None:
-        n = _env_threads()
-    if not isinstance(n, int) or n < 1:
-        raise PyguardError(f"thread count must be a positive integer, not {n!r}")
-    if n != lib.pg_threads():
-        lib.pg_set_threads(n)
+    """Threads of the default pool; None means PYGUARD_THREADS or the number of cores.
+    (Models have their own pools: Model(..., threads=n).)"""
+    global _default
+    pool = Pool(n)
+    if _default is None or pool.threads != _default.threads:
+        _default = pool
 
 
-def _env_threads() -> int:
-    value = os.environ.get("PYGUARD_THREADS")
-    if value is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not value.isdigit() or int(value) < 1:
-        raise PyguardError(f"PYGUARD_THREADS={value!r}: expected a positive integer")
-    return int(value)
+def _pool(pool: Pool | None):
+    return (pool or default_pool()).c
 
 
 def _ptr(ctype: str, a: np.ndarray):
@@ -70,7 +138,14 @@ def _qtensor(t: QTensor):
 
 
 def _new_qtensor(t: QTensor):
-    m, k = t.shape
+    """Checked here, once, because the C kernels trust every byte they are pointed at."""
+    qs, sc, rs, g = t.qs, t.scales, t.rowsum, t.group
+    ok = (isinstance(qs, np.ndarray) and isinstance(sc, np.ndarray) and isinstance(rs, np.ndarray)
+          and qs.dtype == np.uint8 and sc.dtype == np.float16 and rs.dtype == np.float32 and qs.ndim == 2
+          and type(g) is int and g in GROUP_SIZES and all(a.flags.c_contiguous for a in (qs, sc, rs)))
+    m, k = (qs.shape[0], qs.shape[1] * 2) if ok else (0, 0)
+    if not ok or not 1 <= m < 1 << 31 or not 64 <= k < 1 << 31 or k % 64 or k % g or sc.shape != (m, k // g) or rs.shape != (m,):
+        raise PyguardError("malformed int4 tensor (dtype, shape, group or layout)")
     return ffi.new(
         "pg_qtensor *",
         {
@@ -90,18 +165,18 @@ def _check_out(out: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
-def quantize_acts(x: np.ndarray) -> QActs:
+def quantize_acts(x: np.ndarray, pool: Pool | None = None) -> QActs:
     """Per-row uint8 quantization of float32 X [N, K] (quant.quantize_acts)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] < 1:
         raise PyguardError(f"activations must be a 2-D float array, not shape {x.shape}")
     n, k = x.shape
     a = QActs(np.empty((n, k), np.uint8), np.empty(n, np.float32), np.empty(n, np.int32))
-    lib.pg_quantize_acts(_ptr("float *", x), n, k, _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp))
+    lib.pg_quantize_acts(_pool(pool), _ptr("float *", x), n, k, _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp))
     return a
 
 
-def gemm(t: QTensor, a: QActs, out: np.ndarray | None = None) -> np.ndarray:
+def gemm(t: QTensor, a: QActs, out: np.ndarray | None = None, pool: Pool | None = None) -> np.ndarray:
     """Y[N, M] = X . W^T from quantized activations (quant.gemm)."""
     n = a.q.shape[0]
     m, k = t.shape
@@ -110,33 +185,64 @@ def gemm(t: QTensor, a: QActs, out: np.ndarray | None = None) -> np.ndarray:
     if a.scale.shape != (n,) or a.zp.shape != (n,) or a.scale.dtype != np.float32 or a.zp.dtype != np.int32:
         raise PyguardError("activation scales and zero points must be float32 and int32 [N]")
     y = np.empty((n, m), np.float32) if out is None else _check_out(out, (n, m))
-    lib.pg_gemm(_qtensor(t), _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp), n, _ptr("float *", y))
+    lib.pg_gemm(_pool(pool), _qtensor(t), _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp), n, _ptr("float *", y))
     return y
 
 
-def gemv(t: QTensor, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def gemv(t: QTensor, x: np.ndarray, out: np.ndarray | None = None, pool: Pool | None = None) -> np.ndarray:
     """y[M] = W . x for float32 x[K] (quant.gemv)."""
     m, k = t.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.shape != (k,):
         raise PyguardError(f"gemv input must have shape ({k},), not {x.shape}")
     y = np.empty(m, np.float32) if out is None else _check_out(out, (m,))
-    lib.pg_gemv(_qtensor(t), _ptr("float *", x), _ptr("float *", y))
+    if lib.pg_gemv(_pool(pool), _qtensor(t), _ptr("float *", x), _ptr("float *", y)) != 0:
+        raise MemoryError("gemv activations")
     return y
 
 
-def dequant_rows(t: QTensor, rows: np.ndarray) -> np.ndarray:
+def dequant_rows(t: QTensor, rows: np.ndarray, pool: Pool | None = None) -> np.ndarray:
     """float32 [len(rows), K]: rows of W dequantized, e.g. embedding lookup (quant.dequantize)."""
     m, k = t.shape
     rows = np.ascontiguousarray(rows, dtype=np.int32)
     if rows.size and (rows.min() < 0 or rows.max() >= m):
         raise PyguardError(f"row index out of range 0..{m - 1}")
     out = np.empty((rows.size, k), np.float32)
-    lib.pg_dequant_rows(_qtensor(t), _ptr("int32_t *", rows), rows.size, _ptr("float *", out))
+    lib.pg_dequant_rows(_pool(pool), _qtensor(t), _ptr("int32_t *", rows), rows.size, _ptr("float *", out))
     return out
 
 
-if os.environ.get("PYGUARD_ISA"):
-    set_isa(os.environ["PYGUARD_ISA"])
-set_threads()
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: float,
+              pool: Pool | None = None) -> np.ndarray:
+    """Causal grouped-query attention (model.attention_reference): q [n, n_heads * hd] at
+    positions start.., keys and values [n_kv, >= start + n, hd] float32; [n, n_heads * hd]."""
+    n, width = q.shape
+    n_kv, length, hd = keys.shape
+    if (hd % 8 or width % hd or (width // hd) % n_kv or length < start + n or start < 0 or n < 1
+            or values.shape != keys.shape or keys.strides != values.strides or n * n_kv >= 1 << 31):
+        raise PyguardError(f"attention shapes do not fit: q {q.shape}, cache {keys.shape}, start {start}")
+    for a in (keys, values):
+        if a.dtype != np.float32 or not a[0].flags.c_contiguous or a.strides[0] % 4:
+            raise PyguardError("the key/value cache must be float32 rows")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    out = np.empty_like(q)
+    if lib.pg_attention(_pool(pool), _ptr("float *", q), ffi.cast("float *", keys.ctypes.data), ffi.cast("float *", values.ctypes.data),
+                        keys.strides[0] // 4, n, start, width // hd, n_kv, hd, scale, _ptr("float *", out)) != 0:
+        raise MemoryError("attention scores")
+    return out
+
+
+def _apply_env_isa() -> str | None:
+    """Apply PYGUARD_ISA; the error, if any, is raised by the first pool made."""
+    name = os.environ.get("PYGUARD_ISA")
+    if not name:
+        return None
+    try:
+        set_isa(name)
+    except PyguardError as e:
+        return f"PYGUARD_ISA={name!r}: {e}"
+    return None
+
+
+_env_isa_error = _apply_env_isa()
 blas.limit_to_one_thread()

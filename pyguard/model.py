@@ -11,7 +11,6 @@ Activations are quantized per token at the input of every linear layer (the INT4
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -23,7 +22,6 @@ from .errors import PyguardError
 from .quant import QTensor
 
 PREFILL_CHUNK = 64  # tokens per pass: bounds prefill buffers (~20 MB for the 1B geometry at 4096 positions)
-SCORES_BYTES = 8 << 20  # attention scores computed at once (as many key/value heads as fit)
 SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
 
 
@@ -81,14 +79,19 @@ class State:
 class Model:
     """A Llama decoder on int4 weights.
 
-    Not reentrant: one call at a time (buffers and the kernel thread pool are shared).
+    Thread-safe: the weights are read-only and every call works on the states it is given, so
+    one model may serve several threads (their kernels take turns on the model's thread pool;
+    models with their own pools run in parallel). A state must not be used by two calls at once.
     """
 
-    def __init__(self, config: ModelConfig, tensors: Mapping[str, QTensor | np.ndarray], head_ids: Sequence[int] | None = None):
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, QTensor | np.ndarray], head_ids: Sequence[int] | None = None,
+                 threads: int | None = None):
         """config: the geometry; tensors: the names of config.tensor_plan, matrices as QTensor,
         norm weights as float arrays (`output` may be left out when embeddings are tied);
-        head_ids: vocabulary id of each row of a pruned `output` (None: the full vocabulary)."""
+        head_ids: vocabulary id of each row of a pruned `output` (None: the full vocabulary);
+        threads: this model's kernel threads (None: PYGUARD_THREADS or all cores)."""
         config.validate()
+        self.pool = kernels.Pool(threads)
         c = self.config = config
         q_rows, kv_rows = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
 
@@ -123,6 +126,8 @@ class Model:
         self.norm = norm("norm")
         tied = c.tie_embeddings and "output" not in tensors
         self.output = self.tok_embeddings if tied else matrix("output", None)
+        for t in [self.tok_embeddings, self.output] + [w for l in self.layers for w in (l.wqkv, l.wo, l.w13, l.w2)]:
+            kernels._qtensor(t)  # validates layout and dtypes before any kernel sees them
         rows, k = self.output.shape
         if k != c.dim:
             raise PyguardError(f"tensor 'output' has {k} columns, expected {c.dim}")
@@ -140,9 +145,8 @@ class Model:
         """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
         from .file import load as load_file
 
-        kernels.set_threads(threads)
         f = load_file(path)
-        return cls(f.config, f.tensors, f.head_ids)
+        return cls(f.config, f.tensors, f.head_ids, threads)
 
     @property
     def head_size(self) -> int:
@@ -225,35 +229,38 @@ class Model:
         bounds = np.cumsum([0] + [len(seg) for _, seg in segments])
         q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
         cos, sin = rope_tables(self.inv_freq, np.concatenate([np.arange(st.pos, st.pos + len(seg)) for st, seg in segments]))
-        x = kernels.dequant_rows(self.tok_embeddings, ids)
+        pool, scale = self.pool, np.float32(c.head_dim**-0.5)
+        x = kernels.dequant_rows(self.tok_embeddings, ids, pool)
         for i, layer in enumerate(self.layers):
-            qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps))
+            qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps), pool)
             apply_rope(qkv[:, :k_end].reshape(n, -1, 2, c.head_dim // 2), cos, sin)
             att = np.empty((n, q_end), np.float32)
             for (state, _), a, b in zip(segments, bounds[:-1], bounds[1:]):
                 kv, start = state.kv[i], state.pos
                 kv[:, :, start : start + b - a] = qkv[a:b, q_end:].reshape(b - a, 2, c.n_kv_heads, c.head_dim).transpose(1, 2, 0, 3)
-                att[a:b] = attention(qkv[a:b, :q_end], kv, start, c.n_kv_heads)
+                if kv.dtype != np.float32:  # a float16 cache: the kernel reads float32
+                    kv = kv[:, :, : start + b - a].astype(np.float32)
+                att[a:b] = kernels.attention(qkv[a:b, :q_end], kv[0], kv[1], start, scale, pool)
             if keep is not None and i == c.n_layers - 1:
                 x, att = x[keep], att[keep]
                 if not len(x):
                     break
-            x += linear(layer.wo, att)
-            gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps))
-            x += linear(layer.w2, swiglu(gate_up))
+            x += linear(layer.wo, att, pool)
+            gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps), pool)
+            x += linear(layer.w2, swiglu(gate_up, pool), pool)
         for state, seg in segments:
             state.pos += len(seg)
         return x
 
     def _head(self, x: np.ndarray) -> np.ndarray:
-        return linear(self.output, rms_norm(x, self.norm, self.config.norm_eps))
+        return linear(self.output, rms_norm(x, self.norm, self.config.norm_eps), self.pool)
 
 
-def linear(w: QTensor, x: np.ndarray) -> np.ndarray:
+def linear(w: QTensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
     """x [n, K] . W^T with x quantized per row; one row goes through the GEMV (same arithmetic)."""
     if len(x) == 1:
-        return kernels.gemv(w, x[0])[None]
-    return kernels.gemm(w, kernels.quantize_acts(x))
+        return kernels.gemv(w, x[0], pool=pool)[None]
+    return kernels.gemm(w, kernels.quantize_acts(x, pool), pool=pool)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -268,7 +275,7 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return y
 
 
-def swiglu(gate_up: np.ndarray) -> np.ndarray:
+def swiglu(gate_up: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
     """silu(gate) * up for [n, 2 hidden] (gate columns first), silu(g) = g / (1 + exp(-g)).
     exp(-g) overflows to inf for g < -88, giving -0, silu's limit there. (numpy's float32 exp
     is vectorized and its tanh is not: this runs 1.5-1.8 times as fast as a tanh form.)"""
@@ -284,7 +291,7 @@ def swiglu(gate_up: np.ndarray) -> np.ndarray:
         np.divide(g, e, out=e)
         e *= gate_up[a:b, hidden:]
 
-    spread(rows, n, 10 * n * hidden)  # exp costs some 10 float operations
+    spread(rows, n, 10 * n * hidden, pool)  # exp costs some 10 float operations
     return y
 
 
@@ -317,62 +324,73 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
     np.add(x * cos, x[:, :, ::-1] * sin, out=x)
 
 
-def attention(q: np.ndarray, kv: np.ndarray, start: int, n_kv_heads: int) -> np.ndarray:
-    """Causal grouped-query attention of n queries at positions start.. [n, n_heads head_dim]
-    over the cache kv [2, n_kv_heads, >= start + n, head_dim]; query head h uses key/value head
-    h // (n_heads / n_kv_heads), as Hugging Face's repeat_kv."""
-    n = len(q)
-    head_dim = kv.shape[3]
-    group = q.shape[1] // (n_kv_heads * head_dim)
-    length = start + n
-    # [kv head, (query, group member), head_dim], scaled by 1/sqrt(head_dim) on the way
-    qs = np.empty((n_kv_heads, n, group, head_dim), np.float32)
-    np.multiply(q.reshape(n, n_kv_heads, group, head_dim).transpose(1, 0, 2, 3), np.float32(head_dim**-0.5), out=qs)
-    qs = qs.reshape(n_kv_heads, n * group, head_dim)
-    keys, values = kv[0, :, :length], kv[1, :, :length]
-    if n == 1:  # decode: a few small products, where Python overhead is the cost to cut
-        return np.matmul(softmax(np.matmul(qs, keys.transpose(0, 2, 1))), values).reshape(1, -1)
-    # future positions get -inf: query i (position start + i) sees keys 0..start + i
-    mask = np.triu(np.full((n, length), -np.inf, np.float32), start + 1)[:, None]
-    out = np.empty_like(qs)
-    step = max(1, SCORES_BYTES // (n * group * length * 4 * kernels.threads()))
-
-    def heads(lo: int, hi: int) -> None:
-        for h in range(lo, hi, step):
-            e = min(h + step, hi)
-            s = np.matmul(qs[h:e], keys[h:e].transpose(0, 2, 1))
-            s.reshape(-1, n, group, length)[:] += mask
-            np.matmul(softmax(s), values[h:e], out=out[h:e])
-
-    spread(heads, n_kv_heads, 4 * n * group * length * n_kv_heads * head_dim)
-    return out.reshape(n_kv_heads, n, group * head_dim).transpose(1, 0, 2).reshape(n, -1)
+def tree8(a: np.ndarray) -> np.ndarray:
+    """Sum over the last axis of 8 lanes: (0+4, 1+5, 2+6, 3+7), then (0+2, 1+3), then 0+1."""
+    b = a[..., :4] + a[..., 4:]
+    return (b[..., 0] + b[..., 2]) + (b[..., 1] + b[..., 3])
 
 
-def softmax(s: np.ndarray) -> np.ndarray:
-    """In place over the last axis, shifted by the maximum so that exp cannot overflow."""
-    s -= s.max(axis=-1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
-    return s
+EXP_MIN, LOG2E, LN2_HI, LN2_LO = np.float32(-87), np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+EXP_POLY = [np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)]
 
 
-_executor: ThreadPoolExecutor | None = None
+def exp_neg(x: np.ndarray) -> np.ndarray:
+    """exp(x) for float32 x <= 0 in plain float32 multiplies and adds (Cephes' expf), the
+    operations of the C kernels' pg_exp_neg; x is clamped to >= -87 (NaN counts as -87)."""
+    x = np.where(x > EXP_MIN, x, EXP_MIN).astype(np.float32)
+    n = np.rint(x * LOG2E)
+    r = x - n * LN2_HI
+    r = r - n * LN2_LO
+    p = np.full_like(x, EXP_POLY[0])
+    for c in EXP_POLY[1:]:
+        p = p * r + c
+    y = p * (r * r) + r + np.float32(1)
+    return y * ((n.astype(np.int32) + 127) << 23).view(np.float32)
 
 
-def spread(fn: Callable[[int, int], None], n: int, work: int) -> None:
-    """Run fn(a, b) over contiguous parts of range(n), one per kernel thread (the caller takes
-    the first). numpy releases the GIL in matmul and ufuncs, so the parts run in parallel; each
-    item is computed alike whatever the split, so results do not depend on the thread count.
-    Below SPREAD_MIN operations the hand-off would cost more than it saves."""
-    global _executor
-    parts = min(kernels.threads(), n) if work >= SPREAD_MIN else 1
+def attention_reference(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, scale: np.float32) -> np.ndarray:
+    """The specification of the attention kernel (kernels.attention), in its exact order of
+    operations: every sum has a fixed order, so a query's result depends on nothing but its own
+    inputs (not on how many queries share the call, nor on the cache beyond its position).
+
+    q [n, n_heads * hd] at positions start..start + n - 1, scaled by `scale`; keys, values
+    [n_kv, >= start + n, hd]; query head h reads cache head h // (n_heads / n_kv) (Hugging Face's
+    repeat_kv). Dot products: lane l sums columns 8i + l in order of i, then tree8. Softmax:
+    exp_neg(s - max); the sum's lane l takes positions 8i + l in order, then tree8; a non-finite
+    score makes the head's output NaN. Output: weights times values summed in order of
+    position, divided by the sum."""
+    n, hd = len(q), keys.shape[2]
+    heads = q.shape[1] // hd
+    group = heads // keys.shape[0]
+    out = np.empty((n, heads, hd), np.float32)
+    for i in range(n):
+        length = start + i + 1
+        for h in range(heads):
+            k, v = keys[h // group, :length], values[h // group, :length]
+            qh = q[i, h * hd : (h + 1) * hd] * scale
+            s = tree8(np.cumsum((qh * k).reshape(length, hd // 8, 8), axis=1, dtype=np.float32)[:, -1])
+            e = exp_neg(s - s.max())
+            lanes = np.zeros(-(-length // 8) * 8, np.float32)
+            lanes[:length] = e
+            total = tree8(np.cumsum(lanes.reshape(-1, 8), axis=0, dtype=np.float32)[-1])
+            if not np.isfinite(s).all():
+                total = np.float32(np.nan)
+            out[i, h] = np.cumsum(e[:, None] * v, axis=0, dtype=np.float32)[-1] / total
+    return out.reshape(n, heads * hd)
+
+
+def spread(fn: Callable[[int, int], None], n: int, work: int, pool: kernels.Pool | None = None) -> None:
+    """Run fn(a, b) over contiguous parts of range(n), one per thread of the pool (the caller
+    takes the first). numpy releases the GIL in ufuncs, so the parts run in parallel; each item
+    is computed alike whatever the split, so results do not depend on the thread count. Below
+    SPREAD_MIN operations the hand-off would cost more than it saves."""
+    pool = pool or kernels.default_pool()
+    parts = min(pool.threads, n) if work >= SPREAD_MIN else 1
     if parts <= 1:
         fn(0, n)
         return
-    if _executor is None or _executor._max_workers < parts - 1:
-        _executor = ThreadPoolExecutor(parts - 1, thread_name_prefix="pyguard")
     bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_executor.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
+    futures = [pool.executor.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
     fn(bounds[0], bounds[1])
     for f in futures:
         f.result()

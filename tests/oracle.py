@@ -119,7 +119,7 @@ def linear_inputs(replay: dict | None = None, rtol: float = 1e-3):
     ref = {k: np.concatenate(v) for k, v in (replay or {}).items()}
     used: dict[int, int] = {}
 
-    def linear(w, x):
+    def linear(w, x, pool=None):
         if replay is not None:
             start = used.get(id(w), 0)
             rows = ref[id(w)][start : start + len(x)]
@@ -127,7 +127,7 @@ def linear_inputs(replay: dict | None = None, rtol: float = 1e-3):
             _agree(x, rows, rtol, f"matrix {w.shape}")
             x = rows
         record.setdefault(id(w), []).append(x.copy())
-        return original(w, x)
+        return original(w, x, pool)
 
     pgmodel.linear = linear
     try:

@@ -176,18 +176,35 @@ def _run(env: dict, code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"PYGUARD_ISA": "sse9"}, "PYGUARD_ISA='sse9': kernel path 'sse9' is not available"),
+    ({"PYGUARD_ISA": "neon" if "avx2" in ISAS else "avx2"}, "is not available here"),
+    ({"PYGUARD_THREADS": "zero"}, "PYGUARD_THREADS='zero'"),
+    ({"PYGUARD_THREADS": "0"}, "PYGUARD_THREADS='0'"),
+    ({"PYGUARD_THREADS": "-1"}, "PYGUARD_THREADS='-1'"),
+    ({"PYGUARD_THREADS": ""}, "PYGUARD_THREADS=''"),
+    ({"PYGUARD_THREADS": "99999999999999999999"}, "from 1 to 256"),
+])
+def test_bad_environment_fails_at_first_use_not_at_import(env, message):
+    """`import pyguard` must work (so `pyguard --help` does); the first pool raises PyguardError."""
+    code = ("import pyguard\nfrom pyguard import kernels\ntry:\n    kernels.Pool()\nexcept pyguard.PyguardError as e:\n"
+            "    print('error:', e)")
+    r = _run(env, code)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("error:") and message in r.stdout, r.stdout
+
+
 def test_isa_and_threads_from_the_environment():
     r = _run({"PYGUARD_ISA": "scalar", "PYGUARD_THREADS": "1"}, "from pyguard import kernels; print(kernels.isa(), kernels.threads())")
     assert r.returncode == 0 and r.stdout.split() == ["scalar", "1"], r.stderr
-    r = _run({"PYGUARD_ISA": "sse9"}, "import pyguard.kernels")
-    assert r.returncode != 0 and "PyguardError" in r.stderr and "'sse9' is not available" in r.stderr
-    r = _run({"PYGUARD_THREADS": "zero"}, "import pyguard.kernels")
-    assert r.returncode != 0 and "PYGUARD_THREADS='zero'" in r.stderr
 
 
 def test_bad_arguments():
     with pytest.raises(PyguardError):
         kernels.set_isa("nope")
+    for n in (0, -1, 257, 1.5, True, "2"):
+        with pytest.raises(PyguardError, match="from 1 to 256"):
+            kernels.Pool(n)
     with pytest.raises(PyguardError):
         kernels.set_threads(0)
     t = quant.quantize_weights(np.ones((4, 64), np.float32), 32)
