@@ -165,12 +165,16 @@ def dequantize(t: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
 
 
 def quantize_acts(x: np.ndarray) -> QActs:
-    """Per-row asymmetric uint8 quantization of float32 X [N, K] (finite values).
+    """Per-row asymmetric uint8 quantization of float32 X [N, K].
 
     In float32, exactly as the C kernels: lo = min(x, 0), hi = max(x, 0), s = (hi - lo) / 255
     (1 if zero), zp = clamp(rint(-lo / s), 0, 255), q = clamp(rint(x * (1 / s)) + zp, 0, 255).
+    A row holding NaN or +-inf gets q = 0, zp = 0 and s = NaN: every product it enters is NaN,
+    which the engine reports as an error instead of a verdict.
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    x = np.where(bad[:, None], np.float32(0), x)
     lo = np.minimum(x.min(axis=1), np.float32(0))
     hi = np.maximum(x.max(axis=1), np.float32(0))
     s = (hi - lo) / np.float32(255)
@@ -178,6 +182,7 @@ def quantize_acts(x: np.ndarray) -> QActs:
     zp = np.clip(np.rint(-lo / s), 0, 255)
     inv = np.float32(1) / s
     q = np.clip(np.rint(x * inv[:, None]) + zp[:, None], 0, 255)
+    s[bad], zp[bad] = np.nan, 0
     return QActs(q.astype(np.uint8), s.astype(np.float32), zp.astype(np.int32))
 
 

@@ -134,17 +134,77 @@ def test_dequant_rows_exact(isa, tx):
 
 @each_isa
 @settings(max_examples=20, deadline=None)
-@given(matrices(exact=False))
-def test_bit_identical_for_any_thread_count(isa, tx):
+@given(matrices(exact=False), st.sampled_from([1, 300, 1000]))
+def test_bit_identical_for_any_thread_count(isa, tx, tall):
+    """tall: extra rows, so that task boundaries move with the thread count (M <= 70 makes
+    the same 16-row tasks for any count)."""
     kernels.set_isa(isa)
     t, x = tx
-    a = kernels.quantize_acts(x)
+    if tall > 1:
+        t = quant.QTensor(np.repeat(t.qs, tall, 0)[:tall * 7 // 5], np.repeat(t.scales, tall, 0)[:tall * 7 // 5],
+                          np.repeat(t.rowsum, tall, 0)[:tall * 7 // 5], t.group)
     outs = []
     for n in (1, 2, 3):
-        kernels.set_threads(n)
-        outs.append((kernels.gemm(t, a), kernels.gemv(t, x[-1]), kernels.quantize_acts(x).q))
+        pool = kernels.Pool(n)
+        a = kernels.quantize_acts(x, pool)
+        outs.append((kernels.gemm(t, a, pool=pool), kernels.gemv(t, x[-1], pool=pool), a.q))
     for o in outs[1:]:
         assert all(np.array_equal(u, v) for u, v in zip(o, outs[0]))
+
+
+@each_isa
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.sampled_from([8, 16, 64, 128]), st.integers(0, 70), st.integers(1, 12),
+       st.sampled_from([1e-3, 1.0, 30.0]), st.integers(0, 2**32 - 1))
+def test_attention_is_its_reference_bit_for_bit(isa, n_kv, group, hd, start, n, mag, seed):
+    """Every path follows model.attention_reference's order of operations exactly, and each
+    query's result is the one it gets alone at its position (any n, start, threads)."""
+    from pyguard.model import attention_reference
+
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal((n, n_kv * group * hd)) * mag).astype(np.float32)
+    keys, values = (rng.standard_normal((2, n_kv, start + n + 5, hd)) * mag).astype(np.float32)
+    scale = np.float32(hd**-0.5)
+    ref = attention_reference(q, keys, values, start, scale)
+    assert np.isfinite(ref).all()
+    for threads in (1, 3):
+        assert np.array_equal(kernels.attention(q, keys, values, start, scale, kernels.Pool(threads)), ref)
+    last = kernels.attention(q[-1:], keys, values, start + n - 1, scale)
+    assert np.array_equal(last, ref[-1:])
+
+
+@each_isa
+def test_non_finite_inputs_give_nan_never_a_number(isa):
+    """A row with NaN or inf quantizes to scale NaN (so its products are NaN: the engine
+    reports it); other rows are untouched. A non-finite key makes its heads NaN."""
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(3)
+    t = quant.quantize_weights(rng.standard_normal((40, 256)).astype(np.float32), 32)
+    x = rng.standard_normal((5, 256)).astype(np.float32)
+    x[1, 7], x[2, 200], x[3, 255] = np.nan, np.inf, -np.inf
+    a, ref = kernels.quantize_acts(x), quant.quantize_acts(x)
+    assert np.array_equal(a.q, ref.q) and np.array_equal(a.zp, ref.zp)
+    assert np.array_equal(a.scale, ref.scale, equal_nan=True) and np.isnan(a.scale[1:4]).all()
+    y = kernels.gemm(t, a)
+    assert np.isnan(y[1:4]).all() and np.isfinite(y[[0, 4]]).all()
+    assert np.isnan(kernels.gemv(t, x[1])).all()
+    keys, values = rng.standard_normal((2, 2, 9, 64)).astype(np.float32)
+    keys[0, 3, 5] = np.inf
+    out = kernels.attention(rng.standard_normal((2, 4 * 64)).astype(np.float32), keys, values, 7, np.float32(0.125))
+    assert np.isnan(out[:, :128]).all() and np.isfinite(out[:, 128:]).all()  # heads 0, 1 read cache head 0
+
+
+@each_isa
+@pytest.mark.parametrize("group", quant.GROUP_SIZES)
+def test_worst_case_int16_group_sum(isa, group):
+    """Activations 255 against weights -8 over a whole group: the AVX2 path's int16 lanes hold
+    the group's sum (at G=256, 16 * 2040 = 32640 < 32767) without saturating."""
+    kernels.set_isa(isa)
+    k = 512
+    t = quant.pack_weights(np.full((3, k), -8, np.int8), np.ones((3, k // group), np.float16))
+    a = quant.QActs(np.full((2, k), 255, np.uint8), np.ones(2, np.float32), np.zeros(2, np.int32))
+    assert np.array_equal(kernels.gemm(t, a), np.full((2, 3), -8.0 * 255 * k, np.float32))
 
 
 @each_isa

@@ -69,13 +69,13 @@ def bench_pyguard(path: str, threads: int, with_memory: bool) -> dict:
     reset_peak_rss()
     t0 = time.perf_counter()
     f = file.load(path)  # what Model.load does
-    full = Model(f.config, f.tensors)
+    full = Model(f.config, f.tensors, threads=threads)
     load = time.perf_counter() - t0
     cfg, tensors = f.config, f.tensors
     weights_mb = os.path.getsize(path) / 2**20
     head = synth.GUARD_HEAD
     out = tensors["output"]
-    guard = Model(cfg, {**tensors, "output": quant.QTensor(out.qs[head], out.scales[head], out.rowsum[head], out.group)}, head)
+    guard = Model(cfg, {**tensors, "output": quant.QTensor(out.qs[head], out.scales[head], out.rowsum[head], out.group)}, head, threads)
     res = {"load_s": load, "isa": kernels.isa(), "weights_mb": weights_mb}
     guard.prefill(guard.new_state(64), prompt(64, cfg.vocab_size))  # warm up
     for n in PROMPTS:
