@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import PyguardError
+
+
+# Hard bounds, far above any Llama (Llama 3 405B: 126 layers, dim 16384, vocabulary 128256),
+# so that a hostile file or config fails before anything is allocated or computed.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 20  # dim, head dims, hidden size
+MAX_VOCAB = 1 << 22
+MAX_SEQ_LEN = 1 << 20
+SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -28,62 +38,141 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        return cls(**d)
-
-    @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Parse a LlamaForCausalLM config.json (older rope_theta/rope_scaling or newer rope_parameters)."""
-        arch = hf.get("architectures") or []
-        if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
-            raise PyguardError(f"config.json describes {arch or hf.get('model_type')!r}, not a Llama decoder (LlamaForCausalLM)")
+    def from_dict(cls, d: Any) -> "ModelConfig":
+        """The inverse of to_dict, validated: unknown or missing fields and wrong types raise PyguardError."""
+        if not isinstance(d, dict):
+            raise PyguardError(f"config: not an object but {type(d).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in names]
+        if unknown:
+            raise PyguardError(f"config: unknown field {unknown[0]!r}")
         try:
-            dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-            rope = dict(hf.get("rope_parameters") or {})
-            theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-            scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-            cfg = cls(
-                dim=dim,
-                n_layers=int(hf["num_hidden_layers"]),
-                n_heads=heads,
-                n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or dim // heads),
-                hidden_dim=int(hf["intermediate_size"]),
-                vocab_size=int(hf["vocab_size"]),
-                norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-                rope_theta=theta,
-                rope_scaling=_llama3_scaling(scaling),
-                max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-                tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise PyguardError(f"config.json: missing or invalid field {e}") from None
+            cfg = cls(**d)
+        except TypeError:  # a required field is missing
+            raise PyguardError(f"config: missing field (needs {', '.join(names[:7])})") from None
         cfg.validate()
         return cfg
 
+    @classmethod
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        """Parse a LlamaForCausalLM config.json (older rope_theta/rope_scaling or newer rope_parameters)."""
+        if not isinstance(hf, dict):
+            raise PyguardError("config.json: not a JSON object")
+        arch, model_type = hf.get("architectures") or [], hf.get("model_type")
+        if not isinstance(arch, list) or not all(isinstance(a, str) for a in arch):
+            raise PyguardError(f"config.json: architectures must be a list of names, not {arch!r:.80}")
+        if model_type != "llama" and "LlamaForCausalLM" not in arch:
+            raise PyguardError(f"config.json describes {arch or model_type!r:.80}, not a Llama decoder (LlamaForCausalLM)")
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling")
+        if not isinstance(rope, dict):
+            raise PyguardError("config.json: rope_parameters must be an object")
+        if "hidden_size" not in hf or "num_attention_heads" not in hf:
+            raise PyguardError("config.json: missing field hidden_size or num_attention_heads")
+        dim, heads = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim")
+        if head_dim is None:  # implied: the heads split the model dimension
+            if type(dim) is not int or type(heads) is not int or heads < 1:
+                raise PyguardError(f"config.json: hidden_size and num_attention_heads must be positive integers, not {dim!r:.40}, {heads!r:.40}")
+            if dim % heads:
+                raise PyguardError(f"config.json: hidden_size {dim} is not divisible by num_attention_heads {heads}")
+            head_dim = dim // heads
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
+        try:
+            scaling = _llama3_scaling(scaling)
+        except PyguardError as e:
+            raise PyguardError(f"config.json: {e}") from None
+        missing = [k for k in ("num_hidden_layers", "intermediate_size", "vocab_size") if k not in hf]
+        if missing:
+            raise PyguardError(f"config.json: missing field {missing[0]}")
+        cfg = cls(
+            dim=dim,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=_get(hf, "num_key_value_heads", heads),
+            head_dim=head_dim,
+            hidden_dim=hf["intermediate_size"],
+            vocab_size=hf["vocab_size"],
+            norm_eps=_get(hf, "rms_norm_eps", 1e-5),
+            rope_theta=_get(rope, "rope_theta", _get(hf, "rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            max_seq_len=_get(hf, "max_position_embeddings", 8192),
+            tie_embeddings=_get(hf, "tie_word_embeddings", False),
+        )
+        cfg._validate("config.json", HF_NAMES)
+        return cfg
+
     def validate(self) -> None:
-        if min(self.dim, self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim, self.hidden_dim, self.vocab_size) < 1:
-            raise PyguardError(f"config: sizes must be positive: {self}")
+        """Types, bounds and consistency of every field: one PyguardError naming the field."""
+        self._validate("config", {})
+
+    def _validate(self, where: str, names: dict[str, str]) -> None:
+        def check_int(name: str, lo: int, hi: int) -> None:
+            v = getattr(self, name)
+            if type(v) is not int or not lo <= v <= hi:  # type(): bool is an int subclass, and no floats
+                raise PyguardError(f"{where}: {names.get(name, name)} must be an integer in {lo}..{hi}, not {v!r:.40}")
+
+        def check_float(name: str, v: Any) -> None:  # finite and positive; an int will do, a bool will not
+            if type(v) not in (int, float) or not 0 < v < math.inf:
+                raise PyguardError(f"{where}: {names.get(name, name)} must be a finite positive number, not {v!r:.40}")
+
+        for name in ("dim", "n_heads", "head_dim", "hidden_dim"):
+            check_int(name, 1, MAX_DIM)
+        check_int("n_layers", 1, MAX_LAYERS)
+        check_int("n_kv_heads", 1, self.n_heads)
+        check_int("vocab_size", 1, MAX_VOCAB)
+        check_int("max_seq_len", 1, MAX_SEQ_LEN)
+        check_float("norm_eps", self.norm_eps)
+        check_float("rope_theta", self.rope_theta)
+        if type(self.tie_embeddings) is not bool:
+            raise PyguardError(f"{where}: {names.get('tie_embeddings', 'tie_embeddings')} must be true or false, not {self.tie_embeddings!r:.40}")
+        if self.n_heads * self.head_dim > MAX_DIM:
+            raise PyguardError(f"{where}: {self.n_heads} heads of {self.head_dim} exceed {MAX_DIM} dimensions")
         if self.n_heads % self.n_kv_heads:
-            raise PyguardError(f"config: {self.n_heads} heads is not a multiple of {self.n_kv_heads} key/value heads")
+            raise PyguardError(f"{where}: {self.n_heads} heads is not a multiple of {self.n_kv_heads} key/value heads")
         if self.head_dim % 2:
-            raise PyguardError(f"config: head dimension {self.head_dim} must be even for rotary embeddings")
+            raise PyguardError(f"{where}: head dimension {self.head_dim} must be even for rotary embeddings")
+        s = self.rope_scaling
+        if s is None:
+            return
+        if not isinstance(s, dict) or sorted(s) != sorted(SCALING_KEYS):
+            raise PyguardError(f"{where}: rope_scaling must hold exactly {', '.join(SCALING_KEYS)}")
+        for k in SCALING_KEYS[:3]:
+            check_float(f"rope_scaling.{k}", s[k])
+        old_len = s["original_max_position_embeddings"]
+        if type(old_len) is not int or not 1 <= old_len <= MAX_SEQ_LEN:
+            raise PyguardError(f"{where}: rope_scaling.original_max_position_embeddings must be an integer in 1..{MAX_SEQ_LEN}")
+        if s["low_freq_factor"] >= s["high_freq_factor"]:  # the ramp between them divides by their difference
+            raise PyguardError(f"{where}: rope_scaling low_freq_factor must be below high_freq_factor")
 
 
-def _llama3_scaling(s: dict | None) -> dict | None:
+# config.json's names of the fields, for error messages
+HF_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+            "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings"}
+
+
+def _get(d: dict, key: str, default: Any) -> Any:
+    """d[key], or default when absent or null (as Hugging Face reads it)."""
+    v = d.get(key)
+    return default if v is None else v
+
+
+def _llama3_scaling(s: Any) -> dict | None:
     if not s:
         return None
+    if not isinstance(s, dict):
+        raise PyguardError(f"rope_scaling must be an object, not {s!r:.40}")
     kind = s.get("rope_type", s.get("type"))
     if kind == "default":
         return None
     if kind != "llama3":
-        raise PyguardError(f"config.json: rope scaling {kind!r} not supported (only 'llama3')")
-    return {
-        "factor": float(s["factor"]),
-        "low_freq_factor": float(s["low_freq_factor"]),
-        "high_freq_factor": float(s["high_freq_factor"]),
-        "original_max_position_embeddings": int(s["original_max_position_embeddings"]),
-    }
+        raise PyguardError(f"rope scaling {kind!r:.40} not supported (only 'llama3')")
+    missing = [k for k in SCALING_KEYS if k not in s]
+    if missing:
+        raise PyguardError(f"rope_scaling lacks {missing[0]}")
+    return {k: s[k] for k in SCALING_KEYS}  # types are checked by validate
 
 
 def tensor_plan(cfg: ModelConfig) -> list[tuple[str, list[str], bool]]:
