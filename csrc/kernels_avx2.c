@@ -231,11 +231,11 @@ INLINE __m256 exp_neg8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-/* KEYS dot products of one query head qh[hd] with consecutive keys k[KEYS][hd] (KEYS <= 4):
+/* KEYS dot products of one query head qh[hd] with consecutive keys k[KEYS][hd] (KEYS <= 8):
  * per key, lanes accumulate products in order of the 8-column chunk, then hsum (the scalar
  * dot8's order). Several keys at once give the core independent sums to overlap. */
 INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const int KEYS) {
-    __m256 acc[4];
+    __m256 acc[8];
     UNROLL for (int t = 0; t < KEYS; t++) acc[t] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k + (int64_t)t * hd));
     for (int32_t i = 8; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(qh + i);
@@ -245,6 +245,18 @@ INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const 
     UNROLL for (int t = 0; t < KEYS; t++) out[t] = hsum(acc[t]);
 }
 
+/* o[8 C] = sum_j w[j] v[j][8 C] / total, j in order: C vectors of columns, each its own sum. */
+INLINE void weighted_values(const float *w, const float *v, int32_t len, int32_t hd, float total, float *o, const int C) {
+    __m256 acc[8];
+    const __m256 w0 = _mm256_set1_ps(w[0]);
+    UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_mul_ps(w0, _mm256_loadu_ps(v + 8 * c));
+    for (int32_t j = 1; j < len; j++) {
+        const __m256 wj = _mm256_set1_ps(w[j]);
+        UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(wj, _mm256_loadu_ps(v + (int64_t)j * hd + 8 * c)));
+    }
+    UNROLL for (int c = 0; c < C; c++) _mm256_storeu_ps(o + 8 * c, _mm256_div_ps(acc[c], _mm256_set1_ps(total)));
+}
+
 /* model.attention_reference for one query token and `group` heads, as pg_attend_scalar. */
 TARGET static void attend(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
                           float *scores, float *out) {
@@ -252,7 +264,7 @@ TARGET static void attend(const float *q, const float *k, const float *v, int32_
         const float *qh = q + (int64_t)g * hd;
         float *o = out + (int64_t)g * hd;
         int32_t j = 0;
-        for (; j + 4 <= len; j += 4) dots(qh, k + (int64_t)j * hd, hd, scores + j, 4);
+        for (; j + 8 <= len; j += 8) dots(qh, k + (int64_t)j * hd, hd, scores + j, 8);
         for (; j < len; j++) dots(qh, k + (int64_t)j * hd, hd, scores + j, 1);
         /* max and finiteness; the max is exact in any order */
         float m = scores[0];
@@ -276,12 +288,14 @@ TARGET static void attend(const float *q, const float *k, const float *v, int32_
             sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
         }
         const float total = bad ? NAN : hsum(sum);
-        /* weighted values, in order of position */
-        for (int32_t d = 0; d < hd; d += 8) {
-            __m256 acc = _mm256_mul_ps(_mm256_set1_ps(scores[0]), _mm256_loadu_ps(v + d));
-            for (j = 1; j < len; j++)
-                acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_set1_ps(scores[j]), _mm256_loadu_ps(v + (int64_t)j * hd + d)));
-            _mm256_storeu_ps(o + d, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+        /* fixed order of every sum: see model.attention_reference */
+        /* weighted values, in order of position, 64 columns at a time (8 independent sums) */
+        for (int32_t d = 0; d < hd; d += 64) {
+            const int32_t chunks = hd - d < 64 ? (hd - d) / 8 : 8;
+            if (chunks == 8)
+                weighted_values(scores, v + d, len, hd, total, o + d, 8);
+            else
+                for (int32_t c = 0; c < chunks; c++) weighted_values(scores, v + d + 8 * c, len, hd, total, o + d + 8 * c, 1);
         }
     }
 }
