@@ -15,12 +15,31 @@
 /* The dispatch table; atomic because set_isa may run while another thread's job starts. */
 static _Atomic(const pg_kernels *) active = &pg_kernels_scalar;
 
+#if defined(__x86_64__)
+/* The state the OS saves on context switches: EVEX instructions (even on ymm registers) need
+ * the AVX-512 state enabled, which the CPUID feature bits alone do not tell. */
+static uint64_t xcr0(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return (uint64_t)hi << 32 | lo;
+}
+#endif
+
 /* Kernel tables this CPU can run, best first, NULL-terminated. */
 static int supported(const pg_kernels **out) {
     int n = 0;
 #if defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out[n++] = &pg_kernels_avx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { /* implies OSXSAVE and ymm state */
+        const uint64_t avx512_state = 0xE6; /* XCR0: SSE, AVX, opmask, zmm upper halves, zmm16-31 */
+        if (__builtin_cpu_supports("avxvnni")) out[n++] = &pg_kernels_avxvnni;
+        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && (xcr0() & avx512_state) == avx512_state)
+            out[n++] = &pg_kernels_avx512vnni;
+        out[n++] = &pg_kernels_avx2;
+#ifdef PG_VNNI_EMULATION
+        out[n++] = &pg_kernels_vnni_emulated; /* below avx2: tested, never chosen */
+#endif
+    }
 #endif
 #if defined(__aarch64__) /* ASIMD is part of every ARMv8-A core; dotprod is optional */
     if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) out[n++] = &pg_kernels_neon_dotprod;

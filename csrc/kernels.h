@@ -32,7 +32,10 @@ void pg_attend_scalar(const float *q, const float *k, const float *v, int32_t le
 
 extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
-extern const pg_kernels pg_kernels_avx2;
+extern const pg_kernels pg_kernels_avx2, pg_kernels_avxvnni, pg_kernels_avx512vnni;
+#ifdef PG_VNNI_EMULATION
+extern const pg_kernels pg_kernels_vnni_emulated; /* test builds: the VNNI code on AVX2 */
+#endif
 #endif
 #if defined(__aarch64__)
 extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod;

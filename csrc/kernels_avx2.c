@@ -1,10 +1,7 @@
-/* x86-64 AVX2+FMA+F16C kernels. Each function carries its own target attribute, so the library
- * is built for baseline x86-64 and this path is only entered when the CPU reports AVX2.
- *
- * Integer core: vpmaddubsw(u8 activations, s8 weights) gives 16 int16 lanes, each the sum of
- * two products of magnitude <= 255*8. Eight such results (256 inputs, one group at G=256) sum
- * to at most 16*2040 = 32640 < 32767, so a whole group accumulates in int16 and is widened
- * (vpmaddwd by ones) once per group rather than once per multiply. */
+/* x86-64 kernels: AVX2+FMA+F16C, and the VNNI paths (the same with vpdpbusd for the integer
+ * core of the GEMM and GEMV, csrc/gemm_x86.h). Each function carries its own target attribute,
+ * so the library is built for baseline x86-64 and a path is only entered when the CPU (and the
+ * OS, for AVX-512 state) reports it. */
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <math.h>
@@ -67,132 +64,58 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
     *zp = (int32_t)z;
 }
 
-/* 32 packed bytes -> 64 signed weights: lo = columns 0..31 of the block, hi = 32..63. */
-INLINE void unpack64(const uint8_t *p, __m256i *lo, __m256i *hi) {
-    const __m256i mask = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    *lo = _mm256_sub_epi8(_mm256_and_si256(v, mask), eight);
-    *hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), eight);
-}
+/* AVX2: vpmaddubsw gives 16 int16 lanes, each the sum of two products of magnitude <= 255*8;
+ * eight such results (256 inputs, a group of 256) sum to at most 16*2040 = 32640 < 32767, so a
+ * group accumulates in int16 and is widened (vpmaddwd by ones: lane l = bytes 4l..4l+3) once. */
+#define NAME(x) x##_avx2
+#define XTARGET TARGET
+#define XINLINE INLINE
+#define MULADD(acc, x, w) _mm256_maddubs_epi16(x, w) /* G = 32: one chunk per group, acc is 0 */
+#define MULADD2(acc, x, w, x2, w2) _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(x, w), _mm256_maddubs_epi16(x2, w2)))
+#define WIDEN(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+#include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+#undef XINLINE
+#undef MULADD
+#undef MULADD2
+#undef WIDEN
 
-/* 32 packed bytes -> the 32 signed weights of one half of the block (hi: columns 32..63). */
-INLINE __m256i unpack32(const uint8_t *p, int hi) {
-    __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    if (hi) v = _mm256_srli_epi16(v, 4);
-    return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
-}
-
-/* R rows x T tokens of Y (R, T <= 4). Rows m + r*step of W (r < R), activation rows q[t*K],
- * outputs y[t*M + m + r*step]; G32: W has G == 32 (else G is a multiple of 64). R, T and G32
- * are constants at every call, so the accumulators (fixed-size arrays, fully unrolled loops)
- * live in registers.
- * Per output and group: int16 lanes over the group's 32-column chunks, widened to 8 int32
- * lanes, converted and multiplied by the group scale into 8 float lanes; lanes are summed at
- * the end. That sequence is the same for every R and T, so tiling never changes a result. */
-INLINE void tile(const pg_qtensor *w, int32_t m, int32_t step, const uint8_t *q,
-                 const float *scale, const int32_t *zp, float *y, const int R, const int T,
-                 const int G32) {
-    const int32_t K = w->K, G = G32 ? 32 : w->G, ngroups = K / G;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t *rows[4];
-    __m256 facc[4][4];
-    UNROLL for (int r = 0; r < R; r++) {
-        rows[r] = w->qs + (int64_t)(m + r * step) * (K / 2);
-        UNROLL for (int t = 0; t < T; t++) facc[r][t] = _mm256_setzero_ps();
-    }
-    for (int32_t g = 0; g < ngroups; g++) {
-        __m256i acc[4][4];
-        UNROLL for (int r = 0; r < R; r++)
-            UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
-        /* G >= 64: whole 64-column blocks. G == 32: one half (lo or hi nibbles) of a block. */
-        for (int32_t c = g * G; c < (g + 1) * G; c += G32 ? 32 : 64) {
-            UNROLL for (int r = 0; r < R; r++) {
-                const uint8_t *p = rows[r] + (G32 ? c & ~63 : c) / 2;
-                /* one token: the weight stream is the bottleneck, and rows are too short for
-                 * the hardware prefetcher to ramp up; fetch 16 KB ahead */
-                if (T == 1 && (c & 127) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
-                if (G32) { /* only the half of the block this group covers */
-                    __m256i wv = unpack32(p, c & 32);
-                    UNROLL for (int t = 0; t < T; t++)
-                        acc[r][t] = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(q + (int64_t)t * K + c)), wv);
-                } else {
-                    __m256i wlo, whi;
-                    unpack64(p, &wlo, &whi);
-                    UNROLL for (int t = 0; t < T; t++) {
-                        const uint8_t *x = q + (int64_t)t * K + c;
-                        __m256i a = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)x), wlo);
-                        __m256i b = _mm256_maddubs_epi16(_mm256_loadu_si256((const __m256i *)(x + 32)), whi);
-                        acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_add_epi16(a, b));
-                    }
-                }
-            }
-        }
-        UNROLL for (int r = 0; r < R; r++) {
-            const __m256 d = _mm256_set1_ps(_cvtsh_ss(w->scales[(int64_t)(m + r * step) * ngroups + g]));
-            UNROLL for (int t = 0; t < T; t++) {
-                __m256 v = _mm256_cvtepi32_ps(_mm256_madd_epi16(acc[r][t], ones));
-                facc[r][t] = _mm256_fmadd_ps(v, d, facc[r][t]);
-            }
-        }
-    }
-    UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int t = 0; t < T; t++)
-            y[(int64_t)t * w->M + m + r * step] =
-                scale[t] * (hsum(facc[r][t]) - (float)zp[t] * w->rowsum[m + r * step]);
-}
-
-/* Rows [m0, m1) of Y[N][M], by equal blocks of tokens whose activations (up to 128 KB) stay
- * in L2. Within a block, row pairs outermost: their weights (K bytes) stay in L1 while the
- * block's tokens pass, so W is read from memory once per block; 2x4 tiles fill the 16 ymm
- * registers. */
-INLINE void gemm_rows_g(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
-                        const float *scale, const int32_t *zp, int32_t N, float *y, const int G32) {
-    const int64_t K = w->K;
-    const int32_t most = K >= (128 << 10) / 4 ? 4 : ((128 << 10) / K) & ~3, blocks = (N + most - 1) / most;
-    const int32_t block = ((N + blocks - 1) / blocks + 3) & ~3;
-    for (int32_t n0 = 0; n0 < N; n0 += block) {
-        const int32_t n1 = N - n0 < block ? N : n0 + block;
-        int32_t m = m0;
-        for (; m + 2 <= m1; m += 2) {
-            int32_t n = n0;
-            for (; n + 4 <= n1; n += 4) tile(w, m, 1, q + n * K, scale + n, zp + n, y + n * w->M, 2, 4, G32);
-            for (; n < n1; n++) tile(w, m, 1, q + n * K, scale + n, zp + n, y + n * w->M, 2, 1, G32);
-        }
-        for (; m < m1; m++) {
-            int32_t n = n0;
-            for (; n + 4 <= n1; n += 4) tile(w, m, 1, q + n * K, scale + n, zp + n, y + n * w->M, 1, 4, G32);
-            for (; n < n1; n++) tile(w, m, 1, q + n * K, scale + n, zp + n, y + n * w->M, 1, 1, G32);
-        }
-    }
-}
-
-TARGET static void gemm_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
-                             const float *scale, const int32_t *zp, int32_t N, float *y) {
-    if (w->G == 32)
-        gemm_rows_g(w, m0, m1, q, scale, zp, N, y, 1);
-    else
-        gemm_rows_g(w, m0, m1, q, scale, zp, N, y, 0);
-}
-
-/* y[m0, m1) for one activation row: rows m and m + h together (h = half the slice), two
- * independent sums for the core to overlap and two sequential weight streams for the hardware
- * prefetcher. One row at a time leaves the core short of work (K=2048 rows: ~15 GB/s per core
- * from cache, under the memory's share); rows side by side within a 4 KB page defeat the
- * prefetcher; two streams a slice apart read as fast as a plain streaming read. */
-INLINE void gemv_rows_g(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
-                        float scale, int32_t zp, float *y, const int G32) {
-    const int32_t h = (m1 - m0) / 2;
-    for (int32_t m = m0; m < m0 + h; m++) tile(w, m, h, q, &scale, &zp, y, 2, 1, G32);
-    if ((m1 - m0) & 1) tile(w, m1 - 1, 1, q, &scale, &zp, y, 1, 1, G32);
-}
-
-TARGET static void gemv_rows(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
-                             float scale, int32_t zp, float *y) {
-    if (w->G == 32)
-        gemv_rows_g(w, m0, m1, q, scale, zp, y, 1);
-    else
-        gemv_rows_g(w, m0, m1, q, scale, zp, y, 0);
-}
+/* VNNI: vpdpbusd adds the four products of bytes 4l..4l+3 to int32 lane l in one instruction
+ * (what vpmaddubsw + vpmaddwd + vpaddd do): the same integers as AVX2. AVX-VNNI (VEX) and
+ * AVX512-VNNI with AVX512VL (EVEX, 256-bit vectors) are the same operation under two encodings.
+ * PG_VNNI_EMULATION (test builds only) adds a path whose vpdpbusd is the AVX2 sequence, exact
+ * here since no int16 sum can saturate, so the VNNI code's layout, tiling and edges are tested
+ * on CPUs without VNNI. */
+#define XINLINE XTARGET __attribute__((always_inline)) static inline
+#define WIDEN(acc) (acc)
+#define NAME(x) x##_avxvnni
+#define XTARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define MULADD(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
+#define MULADD2(acc, x, w, x2, w2) MULADD(MULADD(acc, x, w), x2, w2)
+#include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+#undef MULADD
+#define NAME(x) x##_avx512vnni
+#define XTARGET __attribute__((target("avx2,fma,f16c,avx512vnni,avx512vl")))
+#define MULADD(acc, x, w) _mm256_dpbusd_epi32(acc, x, w)
+#include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+#undef MULADD
+#ifdef PG_VNNI_EMULATION
+#define NAME(x) x##_emulated
+#define XTARGET TARGET
+#define MULADD(acc, x, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
+#include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+#undef MULADD
+#endif
+#undef XINLINE
+#undef WIDEN
+#undef MULADD2
 
 /* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
 TARGET static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
@@ -200,7 +123,7 @@ TARGET static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     const uint16_t *d = w->scales + (int64_t)row * (K / G);
     for (int32_t b = 0; b < K; b += 64) {
         __m256i half[2];
-        unpack64(w->qs + (int64_t)row * (K / 2) + b / 2, &half[0], &half[1]);
+        unpack64_avx2(w->qs + (int64_t)row * (K / 2) + b / 2, &half[0], &half[1]);
         for (int h = 0; h < 2; h++) {
             const int32_t c = b + 32 * h;
             const __m256 s = _mm256_set1_ps(_cvtsh_ss(d[c / G]));
@@ -300,5 +223,10 @@ TARGET static void attend(const float *q, const float *k, const float *v, int32_
     }
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows, gemv_rows, dequant_row, attend};
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, attend};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, attend};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, attend};
+#ifdef PG_VNNI_EMULATION
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, attend};
+#endif
 #endif

@@ -9,9 +9,11 @@
 #include <string.h>
 #include "kernels.h"
 
-static const char *PATHS[] = {"avx2", "neon", "neon-dotprod"};
+static const char *PATHS[] = {"avx2", "avxvnni", "avx512vnni", "vnni-emulated", "neon", "neon-dotprod"};
 /* paths whose float work follows the scalar order exactly: they must match bit for bit */
 static int exact_path(const char *name) { return strncmp(name, "neon", 4) == 0; }
+/* x86 paths other than avx2 compute the same integers and then avx2's float operations */
+static int avx2_family(const char *name) { return strstr(name, "vnni") != NULL; }
 
 static uint64_t rng_state;
 static uint32_t rnd(void) { /* xorshift64* */
@@ -242,12 +244,21 @@ int main(int argc, char **argv) {
             results ref = run(&c);
             pg_set_isa(PATHS[p]);
             int bad = 0;
+            results avx2 = {0};
+            if (avx2_family(PATHS[p])) {
+                pg_set_isa("avx2");
+                avx2 = run(&c);
+                pg_set_isa(PATHS[p]);
+            }
             for (int threads = 1; threads <= 3 && !bad; threads += 2) {
                 pool = threads == 1 ? NULL : pool3;
                 results got = run(&c);
                 bad = compare(PATHS[p], i, &c, &ref, &got);
+                if (!bad && avx2.y && (memcmp(avx2.y, got.y, sizeof(float) * c.N * c.M) || memcmp(avx2.yv, got.yv, sizeof(float) * c.M)))
+                    bad = fail(PATHS[p], i, "gemm/gemv not bit-identical to avx2");
                 free_results(&got);
             }
+            if (avx2.y) free_results(&avx2);
             free_results(&ref);
             free_case(&c);
             pool = pool3;
@@ -255,7 +266,8 @@ int main(int argc, char **argv) {
         }
         pool = pool3;
         if (worst_case_sum(PATHS[p]) || worst_case_sum("scalar")) return 1;
-        printf("ok %s: %d cases (%s scalar)\n", PATHS[p], cases, exact_path(PATHS[p]) ? "bit-identical to" : "within rounding of");
+        printf("ok %s: %d cases (%s)\n", PATHS[p], cases,
+               exact_path(PATHS[p]) ? "bit-identical to scalar" : avx2_family(PATHS[p]) ? "bit-identical to avx2" : "within rounding of scalar");
         tested++;
     }
     pg_pool_free(pool3);

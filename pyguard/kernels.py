@@ -12,7 +12,10 @@ from ._kernels import ffi, lib
 from .errors import PyguardError
 from .quant import GROUP_SIZES, QActs, QTensor
 
-ISAS = ("scalar", "avx2", "neon", "neon-dotprod")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neon-dotprod")
+# CPU flags (Linux /proc/cpuinfo names) that decide the kernel paths, printed by the benchmarks
+FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+            "asimd", "asimddp")
 MAX_THREADS = 256  # PG_MAX_THREADS in csrc/kernels.h
 
 
@@ -27,6 +30,25 @@ def available_isas() -> list[str]:
     found = [name for name in ISAS if lib.pg_set_isa(name.encode()) == 0]
     lib.pg_set_isa(current.encode())
     return found
+
+
+def cpu_features() -> list[str]:
+    """The kernel-relevant features this CPU reports (Linux; [] where /proc/cpuinfo is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith(("flags", "Features"))), set())
+    except OSError:
+        return []
+    return [name for name in FEATURES if name in flags]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), for benchmark reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    except OSError:
+        return "unknown"
 
 
 def set_isa(name: str) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 # Reasons a test may skip: properties of the machine, never of the installation.
 ALLOWED_SKIPS = (
+    r"^CPU lacks ",  # a kernel path for a CPU feature this machine does not have (e.g. avx512vnni)
     r"^no SIMD path for ",  # a CPU architecture without a SIMD kernel path (not x86-64 or aarch64)
     r"^numpy here is not linked to an OpenBLAS",  # numpy built against another BLAS
 )

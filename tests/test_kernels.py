@@ -38,6 +38,38 @@ def test_this_machine_has_its_simd_path():
     assert expect in ISAS and "scalar" in ISAS
 
 
+@pytest.mark.parametrize("path", ["avxvnni", "avx512vnni"])
+@settings(max_examples=30, deadline=None)
+@given(tx=st.deferred(lambda: matrices(exact=False)))
+def test_vnni_paths_equal_avx2_bit_for_bit(path, tx):
+    """The VNNI paths compute the same int32 lane sums as AVX2, then the same float work."""
+    if path not in ISAS:
+        pytest.skip(f"CPU lacks {path} (the emulated build in test_vnni_code_by_emulation covers its code)")
+    t, x = tx
+    a = quant.quantize_acts(x)
+    outs = []
+    for isa in ("avx2", path):
+        kernels.set_isa(isa)
+        outs.append((kernels.gemm(t, a), kernels.gemv(t, x[0])))
+    assert np.array_equal(outs[0][0], outs[1][0]) and np.array_equal(outs[0][1], outs[1][1])
+
+
+def test_vnni_code_by_emulation(tmp_path):
+    """The VNNI kernels' source built with vpdpbusd emulated by its exact AVX2 sequence
+    (-DPG_VNNI_EMULATION, a test-only path): layout, tiling and edges checked on any x86-64,
+    bit-identical to avx2 (csrc/test_kernels.c)."""
+    import platform
+
+    from test_neon import build
+
+    if platform.machine() != "x86_64" or "avx2" not in ISAS:
+        pytest.skip(f"CPU lacks avx2 ({platform.machine()}): the emulation runs on AVX2")
+    binary = build("gcc", tmp_path / "test_kernels", "-O2", "-DPG_VNNI_EMULATION")
+    r = subprocess.run([str(binary), "11", "300", "50"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok vnni-emulated: 300 cases (bit-identical to avx2)" in r.stdout, r.stdout
+
+
 @st.composite
 def matrices(draw, exact: bool):
     """A QTensor [M, K] with G | K, 64 | K, and matching activation rows X [N, K].

@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synth  # noqa: E402
-from pyguard import file, quant  # noqa: E402
+from pyguard import file, kernels, quant  # noqa: E402
 from pyguard.config import ModelConfig  # noqa: E402
 
 PROMPTS = (64, 256, 1024)
@@ -312,6 +312,7 @@ def main() -> None:
     lc = "skipped" if args.no_llama_cpp else failed[0] if failed else best_of(lc_runs)
 
     print(f"Llama Guard 3 1B geometry, random int4 weights (group {args.group}), {args.threads} threads, kernels: {pg['isa']}")
+    print(f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}")
     rows = [("load (s)", "load_s")] + [(f"prefill {n} tokens (tok/s)", f"prefill_{n}") for n in PROMPTS]
     rows += [("decode, full head (tok/s)", "decode_full"), ("decode, guard head (tok/s)", "decode_guard"), ("peak RSS (MB)", "peak_rss_mb")]
     print(f"{'':30} {'pyguard':>10} {'llama.cpp':>10} {'ratio':>7}")

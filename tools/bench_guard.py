@@ -289,11 +289,14 @@ def best_of(runs: list) -> dict | str:
 
 
 def report(runs: dict, args) -> None:
+    from pyguard import kernels  # here: the peers' side of this script runs without pyguard
+
     pg = runs["pyguard"]
     if isinstance(pg, str):
         sys.exit(f"pyguard {pg}")
     print(f"Llama Guard 3 1B geometry, random weights (group {args.group}), real tokenizer, {args.threads} threads, "
           f"kernels {pg['isa']}; one-turn prompt {pg['prompt_tokens']} tokens, {pg['cached_tokens']} from the prefix cache")
+    print(f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}")
     peers = {k: v for k, v in runs.items() if k != "pyguard"}
     rows = [("one-turn median (s)", lambda r: r.get("one", {}).get("median"), "lower"),
             ("one-turn p95 (s)", lambda r: r.get("one", {}).get("p95"), "lower"),

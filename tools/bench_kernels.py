@@ -89,7 +89,7 @@ def main() -> None:
     if args.isa:
         kernels.set_isa(args.isa)
     rng = np.random.default_rng(0)
-    print(f"isa={kernels.isa()}")
+    print(f"isa={kernels.isa()}; CPU features: {' '.join(kernels.cpu_features())}")
     for group in args.group:
         print(f"\n== group size {group}")
         print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "
