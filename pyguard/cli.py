@@ -1,20 +1,50 @@
 """The `pyguard` command line: demo, convert, verify, classify.
 
-Exit status: 0 safe (or success), 1 unsafe, 2 error. Errors are one line on stderr.
+Exit status: 0 safe (or success), 1 unsafe, 2 error (any error, including a bug in pyguard, so
+that a failure never reads as a verdict). Errors are one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, BinaryIO, Sequence
 
 from .errors import PyguardError
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 BATCH = 16  # conversations classified together from a --jsonl file
+
+
+def _threads(value: str) -> int:
+    """argparse type of --threads: a usage error (exit 2) before any work."""
+    from .kernels import MAX_THREADS
+
+    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, not {value!r}")
+    return int(value)
+
+
+def check_output(path: str, what: str) -> None:
+    """Fail before any work if PATH cannot be written as a file; errors name PATH as typed."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise PyguardError(f"{what} {path}: is a directory, not a file")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise PyguardError(f"{what} {path}: {parent} is not a directory")
+    try:
+        if os.path.exists(path):
+            open(path, "ab").close()  # writable, and left as it is
+        else:
+            tempfile.TemporaryFile(dir=parent).close()  # a new file can be made there
+    except OSError as e:
+        raise PyguardError(f"{what} {path}: cannot write ({e.strerror})") from None
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -25,17 +55,21 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="output head: the whole vocabulary, or only the tokens of a Llama Guard answer (default full)")
     p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b"),
                    help="prompt template and categories (auto: by model size)")
-    p.add_argument("--threads", type=int, default=None, help="quantization threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: all cores)")
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
     from .progress import Progress
 
-    if a.threads is not None and a.threads < 1:
-        raise PyguardError("--threads must be at least 1")
-    summary = convert(a.hf_dir, a.out_file, group=a.group, head=a.head, family=a.family, threads=a.threads,
-                      progress=Progress("converting"))
+    check_output(a.out_file, "OUT_FILE")
+    try:
+        summary = convert(a.hf_dir, a.out_file, group=a.group, head=a.head, family=a.family, threads=a.threads,
+                          progress=Progress("converting"))
+    except OSError as e:
+        if e.filename != a.out_file + ".part":
+            raise
+        raise PyguardError(f"{a.out_file}: cannot write ({e.strerror})") from None  # the name typed, not the temporary one
     print(summary.text())
     return 0
 
@@ -44,7 +78,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
     from .file import verify
     from .progress import Progress
 
-    n = verify(a.file, Progress("verifying"))
+    p = Progress("verifying")
+    n = verify(a.file, lambda done, total: p(done / max(total, 1), f"{done >> 20} of {total >> 20} MiB"))
     print(f"{a.file}: {n} arrays, all checksums match")
     return 0
 
@@ -52,8 +87,6 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def _load_guard(a: argparse.Namespace):
     from .guard import Guard
 
-    if a.threads is not None and a.threads < 1:
-        raise PyguardError("--threads must be at least 1")
     return Guard.load(a.model, threads=a.threads)
 
 
@@ -63,6 +96,8 @@ def _options(a: argparse.Namespace) -> dict:
         try:
             with open(a.categories, encoding="utf-8") as f:
                 categories = json.load(f)
+        except RecursionError:
+            raise PyguardError(f"--categories {a.categories}: nested too deeply") from None
         except (OSError, ValueError) as e:
             raise PyguardError(f"--categories {a.categories}: cannot read a JSON object ({e})") from None
     exclude = tuple(c.strip() for c in a.exclude.split(",") if c.strip()) if a.exclude else ()
@@ -79,68 +114,194 @@ def _summary(r) -> str:
 def cmd_classify(a: argparse.Namespace) -> int:
     if (a.text is None) == (a.jsonl is None):
         raise PyguardError("give either a TEXT to classify or --jsonl FILE")
-    if a.jsonl is None and a.out:
-        raise PyguardError("--out goes with --jsonl")
-    options = _options(a)
-    guard = _load_guard(a)
     if a.jsonl is not None:
-        return _classify_jsonl(guard, a.jsonl, a.out, options)
+        return _jsonl_command(a)
+    if a.out or a.resume:
+        raise PyguardError("--out and --resume go with --jsonl")
+    for what, text in (("TEXT", a.text), ("--response", a.response)):
+        if text is not None and not text.strip():
+            raise PyguardError(f"{what} is empty: there is nothing to judge (an unset shell variable?)")
+    options = _options(a)
     conversation = [{"role": "user", "content": a.text}]
     if a.response is not None:
         conversation.append({"role": "assistant", "content": a.response})
-    r = guard.classify(conversation, **options)
+    r = _load_guard(a).classify(conversation, **options)
     print(json.dumps(r.to_dict(), ensure_ascii=False) if a.json else _summary(r))
     return EXIT_UNSAFE if r.unsafe else EXIT_SAFE
 
 
-def _classify_jsonl(guard, path: str, out_path: str | None, options: dict) -> int:
-    """One conversation per line; bad lines are reported on stderr and skipped. Exit status:
-    2 if any line failed, else 1 if any conversation is unsafe, else 0."""
-    import os
+def _jsonl_command(a: argparse.Namespace) -> int:
+    """classify --jsonl: the arguments, OUT and IN checked before the model is loaded."""
+    if a.response is not None:
+        raise PyguardError("--response does not go with --jsonl: put the reply in each line's messages")
+    if a.resume and not a.out:
+        raise PyguardError("--resume needs --out: the results file to continue")
+    if a.out:
+        check_output(a.out, "--out")
+    done = done_results(a.out) if a.resume else None
+    options = _options(a)
+    try:
+        src = sys.stdin.buffer if a.jsonl == "-" else open(a.jsonl, "rb")
+    except OSError as e:
+        raise PyguardError(f"--jsonl {a.jsonl}: cannot read ({e.strerror})") from None
+    with src:
+        return _classify_jsonl(_load_guard(a), src, a.jsonl, a.out, done, options)
 
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def id_text(x: Any) -> str:
+    """The JSON text of a line's id, as written to OUT; --resume matches ids by it."""
+    if isinstance(x, bool) or not isinstance(x, (str, int, float)):
+        raise PyguardError(f'"id" must be a string or a number, not {type(x).__name__}')
+    try:
+        text = json.dumps(x, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except ValueError as e:  # inf from 1e400; a lone surrogate from "\ud800" (UnicodeEncodeError)
+        raise PyguardError(f'"id" cannot be written back as JSON ({e})') from None
+    return text
+
+
+def parse_line(raw: bytes) -> dict:
+    """One --jsonl line: a JSON object with "messages" and an optional writable "id"."""
+    body = raw[:-2] if raw.endswith(b"\r\n") else raw.rstrip(b"\n")
+    if b"\r" in body:  # other tools would see a line break here: the line numbers would disagree
+        raise PyguardError("a carriage return (\\r) inside the line")
+    try:
+        item = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise PyguardError(f"not UTF-8 (byte {e.start + 1})") from None
+    except RecursionError:
+        raise PyguardError("not JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise PyguardError(f"not JSON ({e})") from None
+    if not isinstance(item, dict) or "messages" not in item:
+        raise PyguardError('expected an object with "messages"')
+    if "id" in item:
+        id_text(item["id"])
+    return item
+
+
+def done_results(path: str) -> tuple[set[str], int, int]:
+    """For --resume: the ids in OUT, how many of those results are unsafe, and the length of
+    OUT's complete lines (a line cut short by a kill is dropped and redone)."""
+    ids, unsafe, end = set(), 0, 0
+    if not os.path.exists(path):
+        return ids, unsafe, end
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                r = json.loads(raw, parse_constant=_no_constant)
+                ids.add(id_text(r["id"]))
+                unsafe += r["verdict"] == "unsafe"
+            except (ValueError, RecursionError, TypeError, KeyError, PyguardError):
+                raise PyguardError(f"--out {path}: line {n} is not a result with an id: cannot resume from it") from None
+            end += len(raw)
+    return ids, unsafe, end
+
+
+def _write(out: BinaryIO, data: bytes) -> None:
+    view = memoryview(data)
+    while view:  # an unbuffered write may take only part
+        view = view[out.write(view) :]
+    out.flush()
+
+
+def _classify_jsonl(guard, src: BinaryIO, path: str, out_path: str | None, done: tuple[set[str], int, int] | None,
+                    options: dict) -> int:
+    """One conversation per line, read a line at a time and classified BATCH at a time; results
+    are written in input order as each batch completes. A bad line is reported on stderr with its
+    number and costs only itself. On an error or an interrupt OUT keeps every complete batch and
+    nothing else. done: done_results(OUT) to resume from, or None. Exit status: 2 if any line
+    failed, else 1 if any result (including those resumed from) is unsafe, else 0."""
     from .progress import Progress
 
+    done_ids, unsafe, end = done or (set(), 0, 0)
+    seen: set[str] = set()
+    size = os.fstat(src.fileno()).st_size if src.seekable() else 0
+    progress = Progress("classifying") if size and (out_path or not sys.stdout.isatty()) else None
+    # unbuffered, so that truncating to `end` leaves nothing pending to be written after it
+    out = open(out_path, "r+b" if end else "wb", buffering=0) if out_path else sys.stdout.buffer
+    read = written = failed = 0
+    batch: list[tuple[int, dict]] = []
+
+    def flush() -> None:
+        nonlocal unsafe, failed, written, end
+        lines = []
+        for n, item, r in _judge(guard, batch, options):
+            if isinstance(r, PyguardError):
+                print(f"pyguard: {path}: line {n}: {_line(r)}", file=sys.stderr)
+                failed += 1
+                continue
+            unsafe += r.unsafe
+            lines.append(json.dumps(({"id": item["id"]} if "id" in item else {}) | r.to_dict(), ensure_ascii=False, allow_nan=False))
+        if lines:
+            _write(out, ("\n".join(lines) + "\n").encode("utf-8"))
+            written += len(lines)
+            end = out.tell() if out_path else 0
+        batch.clear()
+        if progress:
+            progress(read / size, f"{written} classified, {unsafe} unsafe, {failed} failed")
+
     try:
-        with (sys.stdin if path == "-" else open(path, encoding="utf-8")) as f:
-            lines = f.readlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise PyguardError(f"{path}: cannot read ({e})") from None
-    items, failed = [], 0
-    for n, line in enumerate(lines, 1):  # validate every line first: a bad one costs only itself
-        if not line.strip():
-            continue
-        try:
+        if out_path:
+            out.truncate(end)  # a line cut short by a kill goes
+            out.seek(end)
+        for n, raw in enumerate(src, 1):  # splits at b"\n" only
+            read += len(raw)
+            if not raw.strip():
+                continue
             try:
-                item = json.loads(line)
-            except ValueError as e:
-                raise PyguardError(f"not JSON ({e})") from None
-            if not isinstance(item, dict) or "messages" not in item:
-                raise PyguardError('expected an object with "messages"')
-            guard.prepare(item["messages"], options["categories"], options["exclude"])
-            items.append(item)
-        except PyguardError as e:
-            print(f"pyguard: {path}: line {n}: {e}", file=sys.stderr)
-            failed += 1
-    out = open(out_path + ".part", "w", encoding="utf-8") if out_path else sys.stdout
-    progress = Progress("classifying") if out_path or not sys.stdout.isatty() else None
-    unsafe = 0
-    try:
-        for i in range(0, len(items), BATCH):
-            batch = items[i : i + BATCH]
-            for item, r in zip(batch, guard.classify_many([x["messages"] for x in batch], **options, batch_size=BATCH)):
-                unsafe += r.unsafe
-                out.write(json.dumps(({"id": item["id"]} if "id" in item else {}) | r.to_dict(), ensure_ascii=False) + "\n")
-            if progress:
-                progress((i + len(batch)) / len(items), f"{i + len(batch)}/{len(items)}, {unsafe} unsafe")
+                item = parse_line(raw)
+                if done is not None:
+                    if "id" not in item:
+                        raise PyguardError('no "id": --resume needs an id on every line to know what is done')
+                    key = id_text(item["id"])
+                    if key in seen:
+                        raise PyguardError(f"id {key} also on an earlier line: --resume needs distinct ids")
+                    seen.add(key)
+                    if key in done_ids:
+                        continue
+                guard.prepare(item["messages"], options["categories"], options["exclude"])
+            except PyguardError as e:
+                print(f"pyguard: {path}: line {n}: {_line(e)}", file=sys.stderr)
+                failed += 1
+                continue
+            batch.append((n, item))
+            if len(batch) == BATCH:
+                flush()
+        if batch:
+            flush()
+    except BaseException:
+        if out_path:
+            os.ftruncate(out.fileno(), end)  # complete batches only
+        raise
     finally:
         if out_path:
             out.close()
-    if out_path:
-        os.replace(out_path + ".part", out_path)
     return EXIT_ERROR if failed else EXIT_UNSAFE if unsafe else EXIT_SAFE
 
 
+def _judge(guard, batch: list[tuple[int, dict]], options: dict) -> list[tuple[int, dict, Any]]:
+    """(line number, item, Result or the line's PyguardError) of a validated batch."""
+    try:
+        results = guard.classify_many([item["messages"] for _, item in batch], **options, batch_size=BATCH)
+    except PyguardError:  # a failure at classification time: find the lines at fault, each alone
+        results = []
+        for _, item in batch:
+            try:
+                results.append(guard.classify(item["messages"], **options))
+            except PyguardError as e:
+                results.append(e)
+    return [(n, item, r) for (n, item), r in zip(batch, results)]
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
+    import contextlib
     import tempfile
     import warnings as w
 
@@ -148,10 +309,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .convert import convert
     from .guard import Guard
 
+    if a.keep is not None:
+        if os.path.exists(a.keep) and not (os.path.isdir(a.keep) and not os.listdir(a.keep)):
+            raise PyguardError(f"--keep {a.keep}: exists and is not an empty directory")
+        try:
+            os.makedirs(a.keep, exist_ok=True)
+        except OSError as e:
+            raise PyguardError(f"--keep {a.keep}: cannot make the directory ({e.strerror})") from None
     print("pyguard demo: the weights below are RANDOM, not Llama Guard's: the pipeline is real, the verdict is meaningless.")
     tokenizer = reference_tokenizer_model()
-    with tempfile.TemporaryDirectory(prefix="pyguard-demo-") as tmp:
-        hf, out = f"{tmp}/hf", f"{tmp}/demo.pgw"
+    with contextlib.nullcontext(a.keep) if a.keep is not None else tempfile.TemporaryDirectory(prefix="pyguard-demo-") as tmp:
+        hf, out = os.path.join(tmp, "hf"), os.path.join(tmp, "demo.pgw")
         print(f"1. writing a random-weight Llama checkpoint ({DEMO.n_layers} layers, dim {DEMO.dim}, real Llama 3 tokenizer)")
         write_checkpoint(hf, DEMO, seed=a.seed, tokenizer_model=tokenizer)
         print("2. converting it:", end=" ", flush=True)
@@ -165,7 +333,15 @@ def cmd_demo(a: argparse.Namespace) -> int:
         r = guard.classify(conversation)
         print(f"   -> {_summary(r)}")
         print(f"   prompt tokens {r.prompt_tokens}, answer {r.answer!r}; kernel path {_isa()}")
-    print("Next: download meta-llama/Llama-Guard-3-1B, `pyguard convert` it, then `pyguard classify` (see README).")
+    if a.keep is None:
+        print("Next: download meta-llama/Llama-Guard-3-1B, `pyguard convert` it, then `pyguard classify` (see README).")
+        return 0
+    q = {"hf": shlex.quote(hf), "out": shlex.quote(out), "g256": shlex.quote(os.path.join(a.keep, "demo-g256.pgw"))}
+    print(f"Kept in {a.keep}: the checkpoint {hf} and the converted file {out}. Next, try:")
+    print(f"  pyguard verify {q['out']}")
+    print(f"  pyguard classify -m {q['out']} \"How do I pick a lock?\" --json")
+    print(f"  pyguard convert {q['hf']} {q['g256']} --head guard --group 256")
+    print("then the same on meta-llama/Llama-Guard-3-1B (see README).")
     return 0
 
 
@@ -175,15 +351,25 @@ def _isa() -> str:
     return kernels.isa()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pyguard")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyguard", description="Llama Guard 3 safety classification on CPUs.",
                                 epilog="exit status: 0 safe or success, 1 unsafe, 2 error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to a pyguard file")
     _convert_args(c)
     c.set_defaults(run=cmd_convert)
     v = sub.add_parser("verify", help="check every checksum of a pyguard file")
-    v.add_argument("file")
+    v.add_argument("file", help="pyguard file: its structure, every array's checksum, finite scales and norms")
     v.set_defaults(run=cmd_verify)
     k = sub.add_parser("classify", help="judge a conversation: exit 0 safe, 1 unsafe, 2 error")
     k.add_argument("-m", "--model", required=True, help="pyguard file")
@@ -191,17 +377,25 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--response", help="the agent's reply to TEXT: the reply is judged")
     k.add_argument("--jsonl", metavar="IN", help='file of {"id": ..., "messages": [...]} lines ("-": stdin)')
     k.add_argument("--out", help="write the --jsonl results here (default stdout)")
+    k.add_argument("--resume", action="store_true",
+                   help="continue an interrupted --jsonl run: keep the results in --out, skip the ids already there")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.add_argument("--exclude", help="category codes to leave out, e.g. S6,S7")
     k.add_argument("--categories", metavar="JSON", help='file with {"code": "description"} replacing the default categories')
     k.add_argument("--threshold", type=float, help="unsafe when the score reaches this (default: greedy answer)")
-    k.add_argument("--threads", type=int, help="kernel threads (default: PYGUARD_THREADS or all cores)")
+    k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores)")
     k.set_defaults(run=cmd_classify)
     d = sub.add_parser("demo", help="end to end on a random-weight model (no download needed)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--threads", type=int)
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    d.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores)")
+    d.add_argument("--keep", metavar="DIR", help="keep the random checkpoint (DIR/hf) and its pyguard file (DIR/demo.pgw) "
+                                                 "to try the other commands on; DIR must be new or empty")
     d.set_defaults(run=cmd_demo)
     return p
+
+
+def _line(message: object) -> str:
+    return " ".join(str(message).split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -210,14 +404,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return a.run(a)
     except PyguardError as e:
-        print(f"pyguard: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"pyguard: error: {_line(e)}", file=sys.stderr)
     except OSError as e:
-        print(f"pyguard: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"pyguard: error: {e.filename + ': ' if e.filename else ''}{_line(e.strerror or e)}", file=sys.stderr)
     except KeyboardInterrupt:
         print("pyguard: interrupted", file=sys.stderr)
-        return EXIT_ERROR
+    except Exception as e:  # a bug: still one line, and still exit 2, never a verdict's status
+        print(f"pyguard: internal error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
+    return EXIT_ERROR
 
 
 if __name__ == "__main__":
