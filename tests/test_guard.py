@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -16,7 +12,6 @@ from pyguard.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
 from pyguard.convert import convert
 from pyguard.verdict import Grammar
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONV = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Use a tension wrench."}]
 
 
@@ -107,45 +102,6 @@ def test_bad_requests(guards, files):
         Guard.load(files["guard"], max_tokens=300).classify("word " * 400)
     with pytest.raises(PyguardError, match="holds no tokenizer"):
         Guard.load(files["notok"])
-
-
-def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "pyguard.cli", *args], capture_output=True, text=True, cwd=ROOT, input=stdin)
-
-
-def test_cli_exit_status(files):
-    r = run("classify", "-m", files["guard"], "hello", "--threshold", "0")
-    assert r.returncode == 1 and r.stdout.startswith("unsafe"), r.stderr
-    r = run("classify", "-m", files["guard"], "hello", "--response", "hi there", "--threshold", "1", "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["verdict"] == "safe"
-    r = run("classify", "-m", files["guard"] + ".missing", "hello")
-    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
-    r = run("classify", "-m", files["guard"], "hello", "--exclude", "S99")
-    assert r.returncode == 2 and "S99" in r.stderr
-
-
-def test_cli_jsonl_with_a_bad_line(files, tmp_path):
-    lines = [
-        json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello"}]}),
-        "{not json",
-        json.dumps({"messages": CONV}),
-        json.dumps({"id": 7, "messages": [{"role": "assistant", "content": "x"}]}),
-    ]
-    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_text("\n".join(lines) + "\n")
-    r = run("classify", "-m", files["guard"], "--jsonl", str(src), "--out", str(out))
-    assert r.returncode == 2
-    assert "line 2: not JSON" in r.stderr and "line 4:" in r.stderr and "starting with user" in r.stderr
-    results = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x.get("id") for x in results] == ["a", None] and all(x["verdict"] in ("safe", "unsafe") for x in results)
-    r = run("classify", "-m", files["guard"], "--jsonl", "-", stdin=lines[0] + "\n")
-    assert r.returncode in (0, 1) and json.loads(r.stdout)["id"] == "a"
-
-
-def test_demo_runs():
-    r = run("demo")
-    assert r.returncode == 0, r.stderr
-    assert "RANDOM" in r.stdout and "-> " in r.stdout
 
 
 def test_batches_give_the_verdicts_of_single_requests(guards):
