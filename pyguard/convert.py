@@ -8,6 +8,7 @@ by a few chunks whatever the model size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -20,14 +21,13 @@ import numpy as np
 from . import quant
 from .config import ModelConfig, expected_shapes, tensor_plan
 from .errors import PyguardError
-from .file import Writer, header_meta, tokenizer_arrays
-from .prompt import CATEGORIES
+from .file import Writer, header_meta, tensor_layout, tokenizer_arrays
+from .prompt import CATEGORIES, FAMILIES
 from .verdict import answer_token_ids
 from .safetensors import Checkpoint
 
 CHUNK_ROWS = 1024  # rows read at once; quantized in sub-chunks of SUB_ROWS on the threads
 SUB_ROWS = 64
-FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b")
 
 
 @dataclass
@@ -57,6 +57,8 @@ def read_config(hf_dir: str) -> ModelConfig:
         raise PyguardError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)") from None
     except (OSError, ValueError) as e:
         raise PyguardError(f"{path}: cannot parse ({e})") from None
+    except RecursionError:
+        raise PyguardError(f"{path}: cannot parse (nested too deeply)") from None
     if not isinstance(hf, dict):
         raise PyguardError(f"{path}: not a JSON object")
     return ModelConfig.from_hf(hf)
@@ -85,23 +87,23 @@ def read_tokenizer(hf_dir: str):
 
 def _special_names(hf_dir: str) -> dict[str, int]:
     """{name: id} of the added (special) tokens a Hugging Face checkpoint declares."""
-    out = {}
-    try:
-        with open(os.path.join(hf_dir, "tokenizer.json"), encoding="utf-8") as f:
-            out = {t["content"]: int(t["id"]) for t in json.load(f).get("added_tokens", [])}
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise PyguardError(f"{hf_dir}/tokenizer.json: malformed added_tokens") from None
-    if out:
-        return out
-    try:
-        with open(os.path.join(hf_dir, "tokenizer_config.json"), encoding="utf-8") as f:
-            return {t["content"]: int(i) for i, t in json.load(f).get("added_tokens_decoder", {}).items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise PyguardError(f"{hf_dir}/tokenizer_config.json: malformed added_tokens_decoder") from None
+    def added(name: str, key: str, pairs) -> dict[str, int]:
+        """{content: id} of (id, token) pairs; ids as JSON integers or their decimal strings."""
+        path = os.path.join(hf_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f).get(key) or {}
+            out = {t["content"]: int(i) if isinstance(i, str) and i.isdecimal() else i for i, t in pairs(data)}
+            if all(isinstance(c, str) and type(i) is int for c, i in out.items()):
+                return out
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            pass
+        raise PyguardError(f"{path}: malformed {key}")
+
+    return (added("tokenizer.json", "added_tokens", lambda ts: ((t["id"], t) for t in ts))
+            or added("tokenizer_config.json", "added_tokens_decoder", lambda d: d.items()))
 
 
 def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", family: str = "auto",
@@ -138,22 +140,14 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:
         plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
-    layout, sizes = [], {}
-    for name, sources, quantized in plan:
-        rows = len(head_ids) if name == "output" and head_ids is not None else sum(ckpt.rows(s) for s in sources)
-        k = expected_shapes(cfg)[sources[0]][-1]
-        if quantized:
-            layout += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // group)), (f"{name}.rowsum", "f32", (rows,))]
-            sizes[name] = rows * k
-        else:
-            layout.append((name, "f32", (k,)))
-            sizes[name] = k
     tok_arrays = tokenizer_arrays(tok) if tok is not None else []
-    layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + layout
+    stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids))
+    layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + stored
+    params = sum(math.prod(s) * (2 if n.endswith(".qs") else 1) for n, _, s in stored if not n.endswith((".scales", ".rowsum")))
     extra = {"quant": {"group": group, "scales": "f16, searched (min squared error)", "activations": "uint8 asymmetric per token"},
              "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
     writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra), layout)
-    total, done = sum(sizes.values()), 0
+    done = 0
     pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
     try:
         for _, a in tok_arrays:
@@ -161,16 +155,16 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         for name, sources, quantized in plan:
             if not quantized:
                 w = ckpt.read(sources[0])
-                _check_finite(w, sources[0])
+                _check_weights(w, sources[0], quantized=False)
                 writer.append(w)
                 done += w.size
                 if progress:
-                    progress(done / total, name)
+                    progress(done / params, name)
                 continue
             scales, rowsums = [], []
             for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
                 w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
-                _check_finite(w, src)
+                _check_weights(w, src, quantized=True)
                 parts = list(pool.map(lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True), range(0, len(w), SUB_ROWS)))
                 for p in parts:
                     writer.append(p.qs)
@@ -178,7 +172,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
                 rowsums += [p.rowsum for p in parts]
                 done += w.size
                 if progress:
-                    progress(done / total, name)
+                    progress(done / params, name)
             writer.append(np.concatenate(scales))
             writer.append(np.concatenate(rowsums))
         writer.close()
@@ -187,7 +181,6 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         raise
     finally:
         pool.shutdown()
-    params = sum(sizes.values())
     return Summary(len(plan), params, os.path.getsize(out_path), time.time() - t0, head,
                    len(head_ids) if head_ids is not None else cfg.vocab_size, group, tok_note if tok else "none")
 
@@ -204,6 +197,12 @@ def _row_chunks(ckpt: Checkpoint, sources: list[str], head_ids):
             yield src, slice(r, min(r + CHUNK_ROWS, n))
 
 
-def _check_finite(w: np.ndarray, name: str) -> None:
+def _check_weights(w: np.ndarray, name: str, quantized: bool) -> None:
+    """Refuse what would convert into infinite or NaN scales (and so NaN logits) rather than
+    clamp it: such a checkpoint is damaged, and a clamped model would silently be another model."""
     if not np.isfinite(w).all():
         raise PyguardError(f"tensor {name} holds infinite or NaN values")
+    peak = float(np.abs(w).max(initial=0))
+    if quantized and peak > quant.MAX_WEIGHT:
+        raise PyguardError(f"tensor {name} holds a weight of magnitude {peak:.6g}, beyond the int4 range with fp16 scales "
+                           f"(at most 8 x 65504 = {quant.MAX_WEIGHT})")

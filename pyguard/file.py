@@ -10,14 +10,16 @@
            and the directory of arrays with their offsets, sizes and CRC-32s)
     D   .. array data, each array 64-byte aligned
 
-Loading checks the header, the metadata CRC and every directory entry (offsets inside the
-file, aligned, not overlapping, sizes matching shapes), then maps the arrays without reading
-them. `verify` reads everything and checks every array's CRC.
+Loading checks the header, the metadata CRC, the metadata's fields and every directory entry
+against the layout the config implies (names, order, dtypes, shapes, sizes, alignment, extent
+inside the file), then maps the big arrays without reading them. `verify` runs the same checks,
+then reads everything: every array's CRC, and finite scales, row sums and norms.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import zlib
@@ -26,9 +28,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .config import ModelConfig, tensor_plan
+from .config import ModelConfig, expected_shapes, tensor_plan
 from .errors import PyguardError
-from .quant import QTensor, check_shape
+from .prompt import FAMILIES
+from .quant import GROUP_SIZES, QTensor, check_shape
 
 MAGIC = b"PYGUARD\0"
 VERSION = 1
@@ -37,6 +40,7 @@ ALIGN = 64
 PAGE = 4096
 DTYPES = {"u8": np.uint8, "f16": np.float16, "f32": np.float32, "u32": np.uint32}
 CRC_WIDTH = 8  # hex digits: fixed so the metadata keeps its length when CRCs are filled in
+MAX_META = 64 << 20  # metadata bytes; a real model's take ~100 KB
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Writer:
         self.meta = dict(meta)
         directory, offset = [], 0
         for name, dtype, shape in layout:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
+            nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
             directory.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset, "nbytes": nbytes, "crc32": "0" * CRC_WIDTH})
             offset += -(-nbytes // ALIGN) * ALIGN
         self.meta["arrays"] = directory
@@ -136,15 +140,14 @@ class Writer:
 
 def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray], head_ids=None, family=None,
          tokenizer=None, extra: dict | None = None) -> None:
-    """Write in-memory tensors (names of config.tensor_plan) as a pyguard file; tokenizer: a
-    Tokenizer or None."""
+    """Write in-memory tensors (names of config.tensor_plan; `output` is not stored when the
+    embeddings are tied and the head is full) as a pyguard file; tokenizer: a Tokenizer or None."""
     group = next(t.group for t in tensors.values() if isinstance(t, QTensor))
-    meta, arrays = header_meta(config, group, head_ids, family, tokenizer, extra), []
-    if tokenizer is not None:
-        arrays += tokenizer_arrays(tokenizer)
-    for name, t in tensors.items():
-        arrays += _arrays_of(name, t)
-    w = Writer(path, meta, [(n, _dtype_name(a), a.shape) for n, a in arrays])
+    layout = tensor_layout(config, group, None if head_ids is None else len(head_ids))
+    parts = {n: a for name, t in tensors.items() for n, a in _arrays_of(name, t)}
+    arrays = tokenizer_arrays(tokenizer) if tokenizer is not None else []
+    arrays += [(name, parts[name]) for name, _, _ in layout]
+    w = Writer(path, header_meta(config, group, head_ids, family, tokenizer, extra), [(n, _dtype_name(a), a.shape) for n, a in arrays])
     try:
         for _, a in arrays:
             w.append(a)
@@ -171,6 +174,27 @@ def tokenizer_arrays(tokenizer) -> list[tuple[str, np.ndarray]]:
     return [("tokenizer.bytes", np.frombuffer(b"".join(b for b, _ in by_rank), np.uint8)), ("tokenizer.offsets", offsets)]
 
 
+def tensor_layout(config: ModelConfig, group: int, head_rows: int | None) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(array name, dtype name, shape) of every tensor's arrays, in file order. head_rows: rows
+    of a pruned output head; None for a full head, which is left out when the embeddings are
+    tied (the embedding table serves as the head)."""
+    for k in (config.dim, config.n_heads * config.head_dim, config.hidden_dim):
+        check_shape(k, group)
+    shapes, out = expected_shapes(config), []
+    for name, sources, quantized in tensor_plan(config):
+        k = shapes[sources[0]][-1]
+        if not quantized:
+            out.append((name, "f32", (k,)))
+            continue
+        rows = sum(shapes[s][0] for s in sources)
+        if name == "output":
+            if head_rows is None and config.tie_embeddings:
+                continue
+            rows = config.vocab_size if head_rows is None else head_rows
+        out += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // group)), (f"{name}.rowsum", "f32", (rows,))]
+    return out
+
+
 def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
     try:
         with open(path, "rb") as f:
@@ -183,7 +207,9 @@ def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
                 raise PyguardError(f"{path}: pyguard file format version {version}, this pyguard reads version {VERSION}")
             n, crc = int.from_bytes(head[12:16], "little"), int.from_bytes(head[16:20], "little")
             data_offset = int.from_bytes(head[24:32], "little")
-            if HEADER + n > size or data_offset < HEADER + n or data_offset % PAGE or data_offset > size:
+            if n > MAX_META:  # checked before anything is read
+                raise PyguardError(f"{path}: corrupt pyguard file (metadata of {n} bytes, more than {MAX_META})")
+            if head[20:24] != bytes(4) or HEADER + n > size or data_offset < HEADER + n or data_offset % PAGE or data_offset > size:
                 raise PyguardError(f"{path}: truncated or corrupt pyguard file (header)")
             raw = f.read(n)
             if zlib.crc32(raw) != crc:
@@ -195,94 +221,182 @@ def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
         meta = json.loads(raw.decode("utf-8"))
         if not isinstance(meta, dict):
             raise ValueError
-    except (ValueError, RecursionError):
-        raise PyguardError(f"{path}: corrupt pyguard file (metadata is not JSON)") from None
+    except (ValueError, RecursionError):  # RecursionError: nesting too deep for the parser
+        raise PyguardError(f"{path}: corrupt pyguard file (metadata is not a JSON object)") from None
     return m, meta, data_offset
 
 
-def _directory(path: str, meta: dict, data_offset: int, size: int) -> dict[str, tuple[dict, Callable[[], np.ndarray]]]:
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    nbytes: int
+    crc32: int
+
+
+@dataclass
+class _Checked:
+    """What `_check` has validated: the metadata's meaning and the array directory."""
+
+    config: ModelConfig
+    group: int
+    head_ids: list[int] | None
+    family: str | None
+    entries: list[_Entry]
+
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi  # type(): not a bool, not a float
+
+
+def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
+    """Every structural check of load and verify: the metadata fields, and the directory
+    against the layout the config implies (names, order, dtypes, shapes, sizes, alignment,
+    extent). Nothing is read from the arrays."""
     def bad(why: str) -> PyguardError:
         return PyguardError(f"{path}: corrupt pyguard file ({why})")
+
+    try:
+        config = ModelConfig.from_dict(meta.get("config"))
+    except PyguardError as e:
+        raise bad(str(e)) from None
+    quant = meta.get("quant")
+    group = quant.get("group") if isinstance(quant, dict) else None
+    if type(group) is not int or group not in GROUP_SIZES:
+        raise bad(f"quant.group {group!r:.40} is not one of {GROUP_SIZES}")
+    head_ids, family = meta.get("head_ids"), meta.get("family")
+    if head_ids is not None:
+        if not isinstance(head_ids, list) or not 1 <= len(head_ids) <= config.vocab_size \
+                or not all(_is_int(i, 0, config.vocab_size - 1) for i in head_ids) or len(set(head_ids)) != len(head_ids):
+            raise bad(f"head_ids must be null or distinct vocabulary ids in 0..{config.vocab_size - 1}")
+    if meta.get("head", "full" if head_ids is None else "guard") != ("full" if head_ids is None else "guard"):
+        raise bad("head does not match head_ids")
+    if family is not None and family not in FAMILIES:
+        raise bad(f"family {family!r:.40} is not one of {', '.join(FAMILIES)}")
 
     arrays = meta.get("arrays")
     if not isinstance(arrays, list):
         raise bad("no array directory")
-    out, end = {}, data_offset
+    entries, end = [], data_offset
     for e in arrays:
-        try:
-            name, dtype, shape, offset, nbytes = e["name"], DTYPES[e["dtype"]], e["shape"], e["offset"], e["nbytes"]
-            crc = int(e["crc32"], 16)
-            ok = isinstance(name, str) and all(type(d) is int and 0 <= d < 1 << 40 for d in shape) and type(offset) is int and type(nbytes) is int
-        except (KeyError, TypeError, ValueError):
-            raise bad("malformed directory entry") from None
-        if not ok or nbytes != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise bad(f"directory entry {name!r} is inconsistent")
+        if not isinstance(e, dict) or sorted(e) != ["crc32", "dtype", "name", "nbytes", "offset", "shape"]:
+            raise bad("malformed directory entry")
+        name, dtype, shape, offset, nbytes, crc = (e[k] for k in ("name", "dtype", "shape", "offset", "nbytes", "crc32"))
+        if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in DTYPES or not isinstance(shape, list) \
+                or not all(_is_int(d, 0, 1 << 40) for d in shape) or not _is_int(offset, 0, size) or type(nbytes) is not int \
+                or not isinstance(crc, str) or len(crc) != CRC_WIDTH or not all(c in "0123456789abcdef" for c in crc):
+            raise bad(f"malformed directory entry {name!r:.80}")
+        if nbytes != math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize:  # Python ints: no overflow
+            raise bad(f"array {name!r}: {nbytes} bytes do not hold {dtype} {shape}")
         start = data_offset + offset
         if offset % ALIGN or start < end or start + nbytes > size:
             raise bad(f"array {name!r} overlaps another or lies outside the file (truncated?)")
         end = start + nbytes
-        out[name] = (dict(e, crc32=crc, start=start), dtype, tuple(shape))
+        entries.append(_Entry(name, dtype, tuple(shape), start, nbytes, int(crc, 16)))
+
+    # The directory must be exactly the layout the metadata implies.
+    specials = meta.get("special_tokens")
+    layout = []
+    if specials is not None or meta.get("tokenizer_pattern") is not None:
+        n = entries[1].shape[0] - 1 if len(entries) > 1 and entries[1].shape else 0
+        layout = [("tokenizer.bytes", "u8", (entries[0].nbytes if entries else 0,)), ("tokenizer.offsets", "u32", (n + 1,))]
+        if not 256 <= n <= config.vocab_size:
+            raise bad(f"tokenizer of {n} tokens (needs the 256 single bytes, at most the vocabulary of {config.vocab_size})")
+        _check_specials(specials, meta.get("tokenizer_pattern"), n, config.vocab_size, bad)
+    try:
+        layout += tensor_layout(config, group, None if head_ids is None else len(head_ids))
+    except PyguardError as e:
+        raise bad(str(e)) from None
+    if len(entries) != len(layout):
+        raise bad(f"{len(entries)} arrays, the metadata implies {len(layout)}")
+    for e, (name, dtype, shape) in zip(entries, layout):
+        if (e.name, e.dtype, e.shape) != (name, dtype, tuple(shape)):
+            raise bad(f"array {e.name!r:.80} is {e.dtype} {list(e.shape)}, expected {name!r} {dtype} {list(shape)}")
+    return _Checked(config, group, head_ids, family, entries)
+
+
+def _check_specials(specials: Any, pattern: Any, n_ranks: int, vocab: int, bad: Callable[[str], PyguardError]) -> None:
+    """Special tokens {name: id}: distinct ids after the ranks and inside the vocabulary."""
+    if not isinstance(specials, dict) or not specials:
+        raise bad("a tokenizer without special_tokens")
+    if not all(isinstance(k, str) and k and _is_int(i, n_ranks, vocab - 1) for k, i in specials.items()):
+        raise bad(f"special_tokens must map names to ids in {n_ranks}..{vocab - 1}")
+    if len(set(specials.values())) != len(specials):
+        raise bad("two special tokens share an id")
+    if not isinstance(pattern, str) or not pattern:
+        raise bad("a tokenizer without its split pattern")
+
+
+def _view(m: mmap.mmap, e: _Entry) -> np.ndarray:
+    return np.frombuffer(m, DTYPES[e.dtype], math.prod(e.shape), e.start).reshape(e.shape)
+
+
+def _tensors(m: mmap.mmap, checked: _Checked) -> dict[str, QTensor | np.ndarray]:
+    """Views of the mapped arrays, validated by _check (QTensor parts together)."""
+    arrays = {e.name: _view(m, e) for e in checked.entries}
+    out: dict[str, QTensor | np.ndarray] = {}
+    for name, a in arrays.items():
+        if name.endswith(".qs"):
+            base = name[:-3]
+            out[base] = QTensor(a, arrays[base + ".scales"], arrays[base + ".rowsum"], checked.group)
+        elif not name.startswith("tokenizer.") and not name.endswith((".scales", ".rowsum")):
+            out[name] = a
     return out
 
 
+def _check_finite(path: str, name: str, a: np.ndarray) -> None:
+    if not np.isfinite(a).all():
+        raise PyguardError(f"{path}: array {name!r} holds infinite or NaN values")
+
+
 def load(path: str) -> PgFile:
-    """Map a pyguard file; checks header, metadata and directory, not the tensor data."""
+    """Map a pyguard file. Checks the header, the metadata and every array's dtype, shape,
+    alignment and extent against the config, the tokenizer arrays' checksums and that norms
+    and row sums are finite; the big arrays (int4 values, scales) are mapped, not read."""
+    return _load(path)[0]
+
+
+def _load(path: str) -> tuple[PgFile, mmap.mmap, _Checked]:
     m, meta, data_offset = _read_header(path)
-    directory = _directory(path, meta, data_offset, len(m))
-
-    def array(name: str) -> np.ndarray:
-        if name not in directory:
-            raise PyguardError(f"{path}: array {name!r} is missing")
-        e, dtype, shape = directory[name]
-        return np.frombuffer(m, dtype, int(np.prod(shape, dtype=np.int64)), e["start"]).reshape(shape)
-
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-        config.validate()
-        head_ids, family, quant = meta["head_ids"], meta["family"], meta["quant"]
-        group = int(quant["group"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise PyguardError(f"{path}: corrupt pyguard file (metadata field {e})") from None
-    tensors: dict[str, QTensor | np.ndarray] = {}
-    for name, _, quantized in tensor_plan(config):
-        if name == "output" and config.tie_embeddings and f"output.qs" not in directory:
-            continue
-        if not quantized:
-            tensors[name] = array(name)
-            continue
-        qs, scales, rowsum = array(f"{name}.qs"), array(f"{name}.scales"), array(f"{name}.rowsum")
-        rows, k = qs.shape[0], qs.shape[1] * 2 if qs.ndim == 2 else 0
-        if qs.ndim != 2 or k == 0 or scales.shape != (rows, k // group) or rowsum.shape != (rows,):
-            raise PyguardError(f"{path}: corrupt pyguard file (tensor {name!r} has inconsistent parts)")
-        check_shape(k, group)
-        tensors[name] = QTensor(qs, scales, rowsum, group)
+    checked = _check(path, meta, data_offset, len(m))
+    tensors = _tensors(m, checked)
+    for name, t in tensors.items():
+        if isinstance(t, QTensor):
+            _check_finite(path, name + ".rowsum", t.rowsum)
+        else:
+            _check_finite(path, name, t)
     ranks = None
-    if "tokenizer.bytes" in directory:
-        ranks = (array("tokenizer.bytes"), array("tokenizer.offsets").astype(np.int64))
-        for n in ("tokenizer.bytes", "tokenizer.offsets"):
-            _check_crc(path, m, n, directory[n][0])
+    if meta.get("special_tokens") is not None:
+        data_e, off_e = checked.entries[:2]
+        for e in (data_e, off_e):
+            _check_crc(path, m, e)
+        ranks = (_view(m, data_e), _view(m, off_e).astype(np.int64))
         off = ranks[1]
-        if len(off) < 1 or off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != len(ranks[0]):
+        if off[0] != 0 or np.any(np.diff(off) <= 0) or off[-1] != len(ranks[0]):
             raise PyguardError(f"{path}: corrupt pyguard file (tokenizer offsets)")
-    return PgFile(path, config, tensors, head_ids, family, meta, ranks)
+    return PgFile(path, checked.config, tensors, checked.head_ids, checked.family, meta, ranks), m, checked
 
 
-def _check_crc(path: str, m: mmap.mmap, name: str, e: dict) -> None:
+def _check_crc(path: str, m: mmap.mmap, e: _Entry) -> None:
     crc = 0
-    for i in range(e["start"], e["start"] + e["nbytes"], 64 << 20):
-        crc = zlib.crc32(m[i : min(i + (64 << 20), e["start"] + e["nbytes"])], crc)
-    if crc != e["crc32"]:
-        raise PyguardError(f"{path}: array {name!r} is corrupt (checksum mismatch)")
+    for i in range(e.start, e.start + e.nbytes, 64 << 20):
+        crc = zlib.crc32(m[i : min(i + (64 << 20), e.start + e.nbytes)], crc)
+    if crc != e.crc32:
+        raise PyguardError(f"{path}: array {e.name!r} is corrupt (checksum mismatch)")
 
 
 def verify(path: str, progress: Callable[[int, int], None] | None = None) -> int:
-    """Check every array's CRC-32; returns the number of arrays. progress(done, total) bytes."""
-    m, meta, data_offset = _read_header(path)
-    directory = _directory(path, meta, data_offset, len(m))
-    total, done = sum(e["nbytes"] for e, _, _ in directory.values()), 0
-    for name, (e, _, _) in directory.items():
-        _check_crc(path, m, name, e)
-        done += e["nbytes"]
+    """The checks of load, then every array's CRC-32, and that scales, row sums and norms are
+    finite; returns the number of arrays. progress(done, total) bytes."""
+    _, m, checked = _load(path)
+    total, done = sum(e.nbytes for e in checked.entries), 0
+    for e in checked.entries:
+        _check_crc(path, m, e)
+        if e.dtype in ("f16", "f32"):
+            _check_finite(path, e.name, _view(m, e))
+        done += e.nbytes
         if progress:
             progress(done, total)
-    return len(directory)
+    return len(checked.entries)

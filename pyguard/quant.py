@@ -29,6 +29,7 @@ import numpy as np
 from .errors import PyguardError
 
 GROUP_SIZES = (32, 64, 128, 256)
+MAX_WEIGHT = 8 * 65504  # largest |w| whose absmax scale (|w| / 8) is a finite fp16
 BLOCK = 64  # columns per nibble block
 
 

@@ -9,6 +9,7 @@ a tensor costs memory only when it is read.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -50,8 +51,10 @@ class SafetensorsFile:
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         """Rows of a tensor (all by default) as a new float32 array."""
         t = self.tensors[name]
+        if t.dtype not in DTYPES:
+            raise PyguardError(f"{self.path}: tensor {name} has dtype {t.dtype}; supported: {', '.join(DTYPES)}")
         dtype, item = DTYPES[t.dtype]
-        row_bytes = item * int(np.prod(t.shape[1:], dtype=np.int64))
+        row_bytes = item * math.prod(t.shape[1:])
         n_rows = t.shape[0] if t.shape else 1
         r0, r1, _ = rows.indices(n_rows)
         a = np.empty((max(r1 - r0, 0),) + t.shape[1:] if t.shape else (), dtype)
@@ -79,17 +82,18 @@ def _parse_header(path: str, raw: bytes, data_start: int, size: int) -> dict[str
     for name, e in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(e, dict) or not isinstance(e.get("shape"), list) or not isinstance(e.get("data_offsets"), list):
-            raise bad(f"entry {name!r} lacks dtype, shape or data_offsets")
+        if not isinstance(e, dict) or not isinstance(e.get("dtype"), str) or not isinstance(e.get("shape"), list) \
+                or not isinstance(e.get("data_offsets"), list):
+            raise bad(f"entry {name!r:.80} lacks dtype, shape or data_offsets")
         shape, offs, dtype = e["shape"], e["data_offsets"], e.get("dtype")
         if not all(type(d) is int and 0 <= d < 1 << 40 for d in shape) or len(offs) != 2 or not all(type(o) is int for o in offs):
-            raise bad(f"entry {name!r} has an invalid shape or offsets")
+            raise bad(f"entry {name!r:.80} has an invalid shape or offsets")
         begin, end = data_start + offs[0], data_start + offs[1]
         if not data_start <= begin <= end <= size:
             raise bad(f"tensor {name!r} lies outside the file (truncated?)")
-        if dtype in DTYPES and end - begin != DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64)):
+        if dtype in DTYPES and end - begin != DTYPES[dtype][1] * math.prod(shape):  # Python ints: no overflow
             raise bad(f"tensor {name!r}: {end - begin} bytes do not hold a {dtype} tensor of shape {shape}")
-        out[name] = TensorInfo(str(dtype), tuple(shape), begin, end)
+        out[name] = TensorInfo(dtype, tuple(shape), begin, end)
     spans = sorted((t.begin, t.end, n) for n, t in out.items() if t.end > t.begin)
     for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
@@ -108,7 +112,7 @@ class Checkpoint:
                 with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 raise PyguardError(f"{index}: not a valid safetensors index") from None
             shards = {}
             for name in files:
@@ -153,7 +157,7 @@ def write(path: str, specs: list[tuple[str, tuple[int, ...]]], make: Callable[[s
     (name, shape) in file order and make(name) each tensor, called one at a time."""
     header, offset = {}, 0
     for name, shape in specs:
-        nbytes = DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64))
+        nbytes = DTYPES[dtype][1] * math.prod(shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header).encode()

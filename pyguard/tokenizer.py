@@ -45,6 +45,9 @@ MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 # A run (of white space or of anything else) longer than MAX_RUN_CHARS, matched whole from its
 # first character. Python's \s is exactly str.isspace, which the reference tests.
+# Text that every piece class of a split pattern meets (letters, digits, spaces, punctuation,
+# newlines, other scripts, emoji, contractions), encoded once by every new Tokenizer.
+_PROBE = "The quick brown fox jumps over the lazy dog. Hello, World! It's 2024; x=1.5e3 \t\r\n\n  ÿ Ünïcödé 日本語 🙂 'S 'll --> \u00a0 end\n"
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
@@ -54,19 +57,17 @@ class Tokenizer:
 
     def __init__(self, ranks: Mapping[bytes, int], special_tokens: Mapping[str, int], pattern: str = LLAMA3_PATTERN):
         try:  # ids may come as numpy integers (from a model file): keep plain ints
-            self.ranks: dict[bytes, int] = {b: operator.index(i) for b, i in ranks.items()}
-            self.special_tokens: dict[str, int] = {n: operator.index(i) for n, i in special_tokens.items()}
+            self.ranks: dict[bytes, int] = {b: _index(i) for b, i in ranks.items()}
+            self.special_tokens: dict[str, int] = {n: _index(i) for n, i in special_tokens.items()}
         except (AttributeError, TypeError):
             raise PyguardError("tokenizer: ranks and special tokens must be mappings to integer ids") from None
         self.pattern = pattern
         self._check()
-        try:
-            self._enc = tiktoken.Encoding("pyguard", pat_str=pattern, mergeable_ranks=self.ranks,
-                                          special_tokens=self.special_tokens)
-        except BaseException as e:  # tiktoken raises ValueError or pyo3 panics, which share no type
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise PyguardError(f"tokenizer: tiktoken cannot build it ({e})") from None
+        self._enc = _tiktoken("cannot build it", tiktoken.Encoding, "pyguard", pat_str=pattern,
+                              mergeable_ranks=self.ranks, special_tokens=self.special_tokens)
+        # tiktoken panics on a split pattern that matches an empty piece: find out now rather
+        # than at the first message that shows it (encode catches the rest)
+        self.encode(_PROBE)
         self._bytes = {i: b for b, i in self.ranks.items()}
         self._bytes.update((i, name.encode("utf-8")) for name, i in self.special_tokens.items())
         self._special_ids = frozenset(self.special_tokens.values())
@@ -151,7 +152,7 @@ class Tokenizer:
         for i in range(0, len(text), MAX_ENCODE_CHARS):
             for piece in _cut_long_runs(text[i : i + MAX_ENCODE_CHARS]):
                 # the reference's call: every special token disallowed as such, none refused
-                out += self._enc.encode(piece, allowed_special=set(), disallowed_special=())
+                out += _tiktoken("cannot encode this text", self._enc.encode, piece, allowed_special=set(), disallowed_special=())
         return out
 
     def encode_with_specials(self, parts: Iterable[str | int]) -> list[int]:
@@ -180,6 +181,23 @@ class Tokenizer:
         """Text of token ids. Bytes that are not valid UTF-8 (such as part of a character, when
         ids stop in its middle) become U+FFFD, as in tiktoken's decode."""
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _index(i: Any) -> int:
+    if isinstance(i, bool):  # operator.index(True) is 1: a JSON true is no id
+        raise TypeError
+    return operator.index(i)
+
+
+def _tiktoken(what: str, fn, *args, **kw):
+    """fn(*args, **kw), a tiktoken call: its errors become PyguardError. tiktoken raises
+    ValueError, OverflowError, or pyo3's PanicException, which derives from BaseException."""
+    try:
+        return fn(*args, **kw)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise PyguardError(f"tokenizer: tiktoken {what} ({str(e)[:200]})") from None
 
 
 def _cut_long_runs(s: str) -> Iterator[str]:

@@ -235,12 +235,32 @@ def test_constructor_checks():
         Tokenizer({**ranks, b"ab": "1"}, {})
     with pytest.raises(PyguardError, match="non-empty bytes"):
         Tokenizer({**ranks, "ab": 256}, {})
+    for pattern in ("(unclosed", r"\p{NoSuchClass}", "x{99999999}", None, ""):
+        with pytest.raises(PyguardError, match="tiktoken cannot build|non-empty str"):
+            Tokenizer(ranks, {}, pattern=pattern)
     with pytest.raises(PyguardError, match="tiktoken cannot build"):
-        Tokenizer(ranks, {}, pattern="(unclosed")
+        Tokenizer({**ranks, b"ab": 2**32}, {})  # beyond tiktoken's 32-bit ranks
+    for bad in ({"<|x|>": True}, {"<|x|>": None}, {"<|x|>": 1.0}, None, {"": 300}):
+        with pytest.raises(PyguardError, match="integer ids|non-empty names"):
+            Tokenizer(ranks, bad)
     import numpy as np  # ids read back from a model file may be numpy integers
 
     tok = Tokenizer({b: np.int64(i) for b, i in ranks.items()}, {"<|x|>": np.uint32(256)})
     assert tok.encode("hi") == [ord("h"), ord("i")] and type(tok.ranks[b"h"]) is int
+
+
+def test_patterns_that_make_tiktoken_panic():
+    """A split pattern matching an empty piece makes tiktoken panic (pyo3's PanicException is a
+    BaseException, not an Exception): refused at construction when a probe text shows it, and
+    a PyguardError at encode for any text that reveals it later."""
+    ranks = dict(ALL_BYTES)
+    for pattern in ("a*", "(?=a)", r"\s*", "x|"):
+        with pytest.raises(PyguardError, match="tiktoken cannot encode"):
+            Tokenizer(ranks, {}, pattern=pattern)
+    tok = Tokenizer(ranks, {}, pattern="(?=Q{5})|.")  # the probe text holds no QQQQQ
+    assert tok.encode("ab") == [ord("a"), ord("b")]
+    with pytest.raises(PyguardError, match="tiktoken cannot encode"):
+        tok.encode("QQQQQ")
 
 
 # ---- Hugging Face tokenizer.json
