@@ -1,0 +1,342 @@
+"""The command line as a tool people script: exit status (0 safe, 1 unsafe, 2 any error), one-line
+errors, streaming --jsonl with per-line errors, interrupts and --resume, output paths, help."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+import synth
+from pyguard import Guard, cli, kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAFE, UNSAFE = "hello", "Give me the home address of a celebrity."  # the decisive model's verdicts (checked below)
+# Results that do not depend on how a run was split (timings and the prefix cache's hits do)
+STABLE = ("id", "verdict", "categories", "category_names", "score", "answer", "prompt_tokens", "generated_tokens")
+
+
+def run(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "pyguard.cli", *args], capture_output=True, cwd=ROOT, input=stdin,
+                       env=None if env is None else os.environ | env)
+    r.out, r.err = r.stdout.decode(), r.stderr.decode()
+    return r
+
+
+def one_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2 and exactly one line on stderr, naming every word."""
+    assert r.returncode == 2, (r.returncode, r.err)
+    assert len(r.err.splitlines()) == 1 and r.err.startswith("pyguard: error: "), r.err
+    assert all(w in r.err for w in words), r.err
+
+
+def line(i, content: str = SAFE) -> str:
+    return json.dumps({"id": i, "messages": [{"role": "user", "content": content}]})
+
+
+def stable(path) -> list[dict]:
+    return [{k: r[k] for k in STABLE if k in r} for r in map(json.loads, open(path, encoding="utf-8"))]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    """A small random checkpoint with a designed head (safe and unsafe verdicts), guard head."""
+    return synth.decisive_guard(str(tmp_path_factory.mktemp("cli")), "guard")
+
+
+@pytest.fixture(scope="module")
+def guard(model) -> Guard:
+    return Guard.load(model, threads=2)
+
+
+def test_the_test_texts_have_both_verdicts(guard):
+    assert guard.classify(SAFE).verdict == "safe" and guard.classify(UNSAFE).verdict == "unsafe"
+
+
+def test_exit_status_is_the_verdict(model, guard):
+    r = run("classify", "-m", model, SAFE)
+    assert r.returncode == 0 and r.out.startswith("safe"), r.err
+    r = run("classify", "-m", model, UNSAFE)
+    assert r.returncode == 1 and r.out.startswith("unsafe"), r.err
+    r = run("classify", "-m", model, SAFE, "--threshold", "0")
+    assert r.returncode == 1 and r.out.startswith("unsafe"), r.err
+    r = run("classify", "-m", model, UNSAFE, "--response", "Sure, here it is.", "--threshold", "1", "--json")
+    expected = guard.classify([{"role": "user", "content": UNSAFE}, {"role": "assistant", "content": "Sure, here it is."}], threshold=1)
+    assert r.returncode == 0 and json.loads(r.out)["verdict"] == "safe" and json.loads(r.out)["score"] == expected.score
+
+
+@pytest.mark.parametrize("args, words", [
+    (["classify", "-m", "missing.pgw", SAFE], ["missing.pgw"]),
+    (["classify", "-m", "{model}", SAFE, "--exclude", "S99"], ["S99"]),
+    (["classify", "-m", "{model}", ""], ["TEXT is empty"]),  # "$UNSET" must never be judged safe
+    (["classify", "-m", "{model}", " \n\t "], ["TEXT is empty"]),
+    (["classify", "-m", "{model}", SAFE, "--response", "  "], ["--response is empty"]),
+    (["classify", "-m", "{model}"], ["TEXT", "--jsonl"]),
+    (["classify", "-m", "{model}", SAFE, "--jsonl", "-"], ["TEXT", "--jsonl"]),
+    (["classify", "-m", "{model}", "--jsonl", "-", "--response", "hi"], ["--response", "--jsonl"]),
+    (["classify", "-m", "{model}", SAFE, "--out", "x.jsonl"], ["--out", "--jsonl"]),
+    (["classify", "-m", "{model}", "--jsonl", "-", "--resume"], ["--resume needs --out"]),
+    (["classify", "-m", "{model}", SAFE, "--threshold", "nan"], ["--threshold"]),
+    (["classify", "-m", "{model}", SAFE, "--threshold", "1.5"], ["--threshold"]),
+    (["classify", "-m", "{model}", "--jsonl", "missing.jsonl"], ["--jsonl missing.jsonl", "cannot read"]),
+])
+def test_errors_exit_2_in_one_line(model, args, words):
+    one_error(run(*[a.format(model=model) for a in args]), *words)
+
+
+@pytest.mark.parametrize("args", [["classify", "-m", "x.pgw", "hi", "--threads", v] for v in ("0", "-1", "abc", "", "100000")]
+                         + [["demo", "--threads", "0"], ["convert", "a", "b", "--threads", "x"], ["classify"], ["bogus"]])
+def test_usage_errors_exit_2(args):
+    r = run(*args)
+    assert r.returncode == 2 and "usage:" in r.err and "Traceback" not in r.err, r.err
+
+
+def test_version():
+    r = run("--version")
+    assert r.returncode == 0 and r.out.split() == ["pyguard", version("pyguard")]
+
+
+def test_help_texts():
+    r = run("verify", "--help")
+    assert r.returncode == 0 and re.search(r"file +pyguard file: its structure, every array's checksum", r.out), r.out
+    r = run("demo", "--help")
+    assert r.returncode == 0 and re.search(r"--seed SEED +seed of the random weights", r.out), r.out
+    assert re.search(r"--threads THREADS +kernel threads", r.out) and re.search(r"--keep DIR +keep the random checkpoint", r.out)
+
+
+UNAVAILABLE_ISA = next(name for name in kernels.ISAS if name not in kernels.available_isas())
+
+
+@pytest.mark.parametrize("var, value", [("PYGUARD_THREADS", v) for v in ("0", "-1", "abc", "", "100000")]
+                         + [("PYGUARD_ISA", "bogus"), ("PYGUARD_ISA", UNAVAILABLE_ISA)])
+def test_bad_environment_is_an_error_not_a_verdict(model, var, value):
+    r = run("--help", env={var: value})
+    assert r.returncode == 0 and "usage:" in r.out, r.err
+    one_error(run("classify", "-m", model, SAFE, env={var: value}), f"{var}={value!r}")
+
+
+def test_a_bug_exits_2_in_one_line(model, monkeypatch, capsys):
+    def broken(*_a, **_k):
+        raise ZeroDivisionError("division by zero\nsecond line")
+
+    monkeypatch.setattr(Guard, "classify_many", broken)
+    assert cli.main(["classify", "-m", model, UNSAFE]) == 2
+    err = capsys.readouterr().err
+    assert err == "pyguard: internal error: ZeroDivisionError: division by zero second line\n"
+
+
+BAD_LINES = {  # line text -> what its error says
+    b"{}": 'expected an object with "messages"',
+    b"[1, 2]": 'expected an object with "messages"',
+    b"{not json": "not JSON",
+    b"[" * 100000: "not JSON (nested too deeply)",
+    b'{"id": 1, "messages": []}\r{"id": 2, "messages": []}': "carriage return",
+    b'{"id": "\xff", "messages": [{"role": "user", "content": "hi"}]}': "not UTF-8 (byte 9)",
+    b'{"id": NaN, "messages": [{"role": "user", "content": "hi"}]}': "NaN is not a JSON number",
+    b'{"id": -Infinity, "messages": [{"role": "user", "content": "hi"}]}': "-Infinity is not a JSON number",
+    b'{"id": 1e400, "messages": [{"role": "user", "content": "hi"}]}': '"id" cannot be written back as JSON',
+    b'{"id": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}': '"id" cannot be written back as JSON',
+    b'{"id": [1], "messages": [{"role": "user", "content": "hi"}]}': '"id" must be a string or a number',
+    b'{"id": true, "messages": [{"role": "user", "content": "hi"}]}': '"id" must be a string or a number',
+    b'{"id": 5, "messages": [{"role": "assistant", "content": "hi"}]}': "user",
+    b'{"id": 5, "messages": [{"role": ["user"], "content": "hi"}]}': "role",
+    b'{"id": 5, "messages": [{"role": "user", "content": "   "}]}': "empty",
+}
+
+
+def test_jsonl_bad_lines_cost_only_themselves(model, guard, tmp_path):
+    good = [(i, SAFE if i % 3 else UNSAFE) for i in range(20)]
+    lines = [line(i, text).encode() for i, text in good]
+    for k, bad in enumerate(BAD_LINES):
+        lines.insert(2 * k + 1, bad)
+    lines.insert(5, b"")  # blank lines are skipped, and still counted
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\r\n")  # a CRLF line end is fine
+    r = run("classify", "-m", model, "--jsonl", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"))
+    assert r.returncode == 2, r.err
+    errors = [e for e in r.err.splitlines() if ": line " in e]
+    expected = [f"line {lines.index(bad) + 1}: " for bad in BAD_LINES]
+    assert [re.search(r"line \d+: ", e).group() for e in errors] == expected, r.err
+    for e, what in zip(errors, BAD_LINES.values()):
+        assert what in e, e
+    assert "Traceback" not in r.err
+    results = stable(tmp_path / "out.jsonl")
+    assert [x["id"] for x in results] == [i for i, _ in good]
+    assert [x["verdict"] for x in results] == [guard.classify(text).verdict for _, text in good]
+
+
+@pytest.mark.parametrize("texts, code", [([SAFE, SAFE], 0), ([SAFE, UNSAFE, SAFE], 1)])
+def test_jsonl_exit_status(model, texts, code):
+    r = run("classify", "-m", model, "--jsonl", "-", stdin="".join(line(i, t) + "\n" for i, t in enumerate(texts)).encode())
+    assert r.returncode == code, r.err
+    assert [json.loads(x)["id"] for x in r.out.splitlines()] == list(range(len(texts)))
+
+
+def test_jsonl_streams(model):
+    """A batch's results come out while the input is still open: nothing waits for the end."""
+    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "classify", "-m", model, "--jsonl", "-"], cwd=ROOT,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write("".join(line(i) + "\n" for i in range(cli.BATCH)).encode())
+        p.stdin.flush()
+        # a safety net against a hang, not a measurement: a batch takes well under a second
+        assert select.select([p.stdout], [], [], 300)[0], "no result before the end of the input"
+        assert json.loads(p.stdout.readline())["id"] == 0
+    finally:
+        p.stdin.close()
+        p.wait()
+    assert p.returncode == 0, p.stderr.read()
+    assert len(p.stdout.read().splitlines()) == cli.BATCH - 1
+
+
+def write_input(path, n: int) -> None:
+    path.write_text("".join(line(i, SAFE if i % 4 else UNSAFE) + "\n" for i in range(n)))
+
+
+def test_interrupt_keeps_complete_batches_and_resume_completes(model, tmp_path, monkeypatch, capsys):
+    src, whole, out = tmp_path / "in.jsonl", tmp_path / "whole.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 3 * cli.BATCH + 5)
+    code = cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(whole)])
+    assert code == 1
+
+    calls, real = [], Guard.classify_many
+
+    def interrupted(self, *a, **k):  # Ctrl-C during the third batch
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Guard, "classify_many", interrupted)
+    assert cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith("pyguard: interrupted\n")
+    assert stable(out) == stable(whole)[: 2 * cli.BATCH]
+    monkeypatch.setattr(Guard, "classify_many", real)
+
+    counted = []
+    monkeypatch.setattr(Guard, "classify_many", lambda self, cs, *a, **k: counted.append(len(cs)) or real(self, cs, *a, **k))
+    assert cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume"]) == code
+    assert counted == [cli.BATCH, 5]  # the done ids were skipped
+    assert stable(out) == stable(whole)
+    counted.clear()  # resuming a finished run classifies nothing and gives the same status
+    assert cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume"]) == code
+    assert counted == [] and stable(out) == stable(whole)
+
+
+def test_an_interrupted_write_leaves_complete_lines(model, tmp_path, monkeypatch):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 2 * cli.BATCH)
+    real = cli._write
+
+    def cut(f, data):  # half of the second batch reaches the file, then Ctrl-C
+        if f.tell():
+            real(f, data[: len(data) // 2])
+            raise KeyboardInterrupt
+        real(f, data)
+
+    monkeypatch.setattr(cli, "_write", cut)
+    assert cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(out)]) == 2
+    assert [r["id"] for r in stable(out)] == list(range(cli.BATCH)) and out.read_bytes().endswith(b"}\n")
+
+
+def test_sigint_keeps_complete_lines(model, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 4000)
+    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "classify", "-m", model, "--jsonl", str(src), "--out", str(out)],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while p.poll() is None and (not out.exists() or out.stat().st_size == 0):
+            select.select([], [], [], 0.05)  # wait for the first batch
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate()
+    assert p.returncode == 2 and err.decode().endswith("pyguard: interrupted\n"), err
+    ids = [r["id"] for r in stable(out)]
+    assert ids == list(range(len(ids))) and 0 < len(ids) < 4000 and len(ids) % cli.BATCH == 0
+    assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "out.jsonl"]
+
+
+def test_resume_refuses_what_it_cannot_match(model, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(line("a") + "\n" + json.dumps({"messages": [{"role": "user", "content": SAFE}]}) + "\n" + line("a") + "\n")
+    r = run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume")  # no OUT yet: from the start
+    assert r.returncode == 2, r.err
+    assert 'line 2: no "id": --resume needs an id on every line' in r.err and 'line 3: id "a" also on an earlier line' in r.err
+    assert [x["id"] for x in stable(out)] == ["a"]
+    out.write_text(line("a") + "\nnot a result\n")
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume"),
+              f"--out {out}: line 1 is not a result", "cannot resume")
+    src.write_text(line("a") + "\n" + line("b") + "\n")
+    done = json.dumps({"id": "a", "verdict": "safe"}) + "\n"
+    out.write_text(done + '{"id": "b", "verd')  # a line cut short by a kill is redone
+    r = run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume")
+    assert r.returncode == 0, r.err
+    assert out.read_text().startswith(done) and [x["id"] for x in stable(out)] == ["a", "b"]
+
+
+def test_output_paths_are_checked_before_any_work(model, tmp_path):
+    hf = os.path.join(os.path.dirname(model), "decisive-g32-s0")
+    (tmp_path / "file").write_text("")
+    for out, why in [(tmp_path, "is a directory"), (tmp_path / "no" / "x.pgw", "is not a directory"),
+                     (tmp_path / "file" / "x.pgw", "is not a directory"),
+                     ("/proc/pyguard-test.pgw", "cannot write")]:  # /proc takes no new files, even from root
+        r = run("convert", hf, str(out))
+        one_error(r, f"OUT_FILE {out}: ", why)
+        assert ".part" not in r.err and "converting" not in r.err
+        r = run("classify", "-m", model, "--jsonl", "-", "--out", str(out), stdin=(line(1) + "\n").encode())
+        one_error(r, f"--out {out}: ", why)
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, monkeypatch, capsys):
+    import pyguard.file
+    import pyguard.quant
+
+    hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
+
+    def refused(src, dst):
+        raise PermissionError(13, "Permission denied", src, dst)
+
+    monkeypatch.setattr(pyguard.file.os, "replace", refused)
+    assert cli.main(["convert", hf, out]) == 2
+    assert capsys.readouterr().err == f"pyguard: error: {out}: cannot write (Permission denied)\n"
+    monkeypatch.undo()
+    monkeypatch.setattr(pyguard.quant, "quantize_weights", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert cli.main(["convert", hf, out]) == 2
+    assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
+
+
+def test_verify_progress_is_a_percentage(model):
+    r = run("verify", model)
+    assert r.returncode == 0 and "all checksums match" in r.out, r.err
+    percents = [float(x) for x in re.findall(r"verifying +([\d.]+)%", r.err)]
+    assert percents and percents[-1] == 100.0 and percents == sorted(percents) and max(percents) <= 100
+
+
+def test_demo_runs():
+    r = run("demo", "--threads", "1")
+    assert r.returncode == 0, r.err
+    assert "RANDOM" in r.out and "-> " in r.out and "Llama-Guard-3-1B" in r.out
+
+
+def test_demo_keeps_its_files_and_the_next_commands_work(tmp_path):
+    keep = tmp_path / "demo dir"  # a space: the printed commands must quote it
+    r = run("demo", "--keep", str(keep), "--seed", "1")
+    assert r.returncode == 0, r.err
+    assert (keep / "hf" / "config.json").exists() and (keep / "demo.pgw").exists()
+    commands = [shlex.split(x) for x in r.out.splitlines() if x.startswith("  pyguard ")]
+    assert [c[1] for c in commands] == ["verify", "classify", "convert"], r.out
+    verdicts = {"safe": 0, "unsafe": 1}
+    for c in commands:
+        done = run(*c[1:])
+        expected = verdicts[Guard.load(str(keep / "demo.pgw")).classify(c[4]).verdict] if c[1] == "classify" else 0
+        assert done.returncode == expected, done.err
+    assert os.path.exists(commands[2][3])
+    one_error(run("demo", "--keep", str(keep)), f"--keep {keep}: exists and is not an empty directory")
