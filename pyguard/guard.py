@@ -8,7 +8,11 @@ answer grammar until the answer is decided.
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
@@ -17,11 +21,35 @@ import numpy as np
 
 from .errors import PyguardError
 from .model import Model, Snapshot
-from .prompt import Conversation, categories_of, messages, prompt_parts
+from .prompt import CATEGORIES, Conversation, categories_of, messages, prompt_parts
 from .tokenizer import Tokenizer
 from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
 
-MAX_ANSWER_TOKENS = 48  # "unsafe\n" and every code of a 14-category policy fit well within this
+# Guards alive in this process: after os.fork() the child gets fresh locks (one held by a
+# parent thread at the fork would never be released in the child, where that thread is gone).
+_LIVE: "weakref.WeakSet[Guard]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for g in list(_LIVE):
+        g._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _integer(value: Any, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PyguardError(f"{name} must be an integer of at least {low}, not {value!r:.60}")
+    return value
+
+
+def _threshold(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails the range too
+        raise PyguardError(f"threshold must be a number from 0 to 1 (or None), not {value!r:.60}")
+    return float(value)
 
 
 @dataclass
@@ -45,14 +73,20 @@ class Result:
 
 
 class Guard:
-    """A Llama Guard model ready to classify. Not reentrant: one call at a time."""
+    """A Llama Guard model ready to classify.
+
+    Thread-safe: a guard's calls take turns (a lock held for the whole of a classify_many
+    guards its prefix and decoder caches), separate guards run in parallel. Fork-safe."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, family: str = "llama-guard-3-1b", max_tokens: int = 8192,
                  prefix_cache: int = 8):
-        """max_tokens: the longest prompt accepted (longer conversations raise PyguardError);
-        prefix_cache: how many policy prefixes (role x categories x exclusions) to keep."""
+        """max_tokens: the most positions a request may take, prompt and answer budget
+        (longer conversations raise PyguardError); prefix_cache: how many policy prefixes
+        (role x categories x exclusions) to keep."""
+        _integer(max_tokens, "max_tokens", 1)
         self.model, self.tokenizer, self.family = model, tokenizer, family
-        self.max_tokens = min(max_tokens, model.config.max_seq_len) - MAX_ANSWER_TOKENS
+        self.prefix_cache = _integer(prefix_cache, "prefix_cache", 0)
+        self.max_tokens = min(max_tokens, model.config.max_seq_len)
         self.eot_id = tokenizer.special("<|eot_id|>")
         self.start_ids = tokenizer.encode(ANSWER_START)
         head_text = [self._text(int(i)) for i in model.head_ids]
@@ -60,19 +94,24 @@ class Guard:
         self._head_text = head_text
         self._decoders: dict[tuple[str, ...], AnswerDecoder] = {}
         self._prefixes: OrderedDict[tuple, Snapshot] = OrderedDict()
-        self.prefix_cache = prefix_cache
+        self._lock = threading.Lock()
+        _LIVE.add(self)
+        cats = categories_of(None, (), family)  # the shortest request: the default policy, one word
+        prefix, rest = prompt_parts(tokenizer, "x", cats)
+        least = len(prefix) + len(rest) + len(self.start_ids) + Grammar(cats).budget()
+        if least > self.max_tokens:
+            raise PyguardError(f"max_tokens {max_tokens} is too small for any prompt: the shortest request with the "
+                               f"default policy takes {least} tokens (prompt and answer)")
 
     @classmethod
     def load(cls, path: str, threads: int | None = None, **kw) -> "Guard":
         """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
-        from . import kernels
         from .file import load
 
-        kernels.set_threads(threads)
         f = load(path)
         if f.family is None:
             raise PyguardError(f"{path}: not converted as a Llama Guard model (no prompt family recorded)")
-        model = Model(f.config, f.tensors, f.head_ids)
+        model = Model(f.config, f.tensors, f.head_ids, threads=threads)
         return cls(model, f.tokenizer(), f.family, **kw)
 
     def _text(self, token_id: int) -> str | None:
@@ -84,12 +123,21 @@ class Guard:
             return None
 
     def _decoder(self, codes: tuple[str, ...]) -> AnswerDecoder:
-        if codes not in self._decoders:
+        """The decoder of a policy's answers; a policy this head cannot answer raises PyguardError."""
+        dec = self._decoders.get(codes)
+        if dec is None:
             # only the tokens answers are spelled with: a full head then decodes like a guard head
             spelled = set(answer_token_ids(self.tokenizer, codes))
             text = [t if int(i) in spelled else None for i, t in zip(self.model.head_ids, self._head_text)]
-            self._decoders[codes] = AnswerDecoder(Grammar(codes), self.model.head_ids, text, self.eot_id)
-        return self._decoders[codes]
+            dec = AnswerDecoder(Grammar(codes), self.model.head_ids, text, self.eot_id)
+            bad = dec.unspellable()
+            if bad:
+                head = f"guard head of {self.model.head_size} tokens" if self.model.head_size < self.model.config.vocab_size \
+                    else "vocabulary"
+                raise PyguardError(f"this model cannot answer {', '.join(bad)}: its output head ({head}) cannot spell "
+                                   f"it, so that verdict could never be given (defaults: {', '.join(CATEGORIES[self.family])})")
+            self._decoders[codes] = dec
+        return dec
 
     def _prefix(self, key: tuple, ids: list[int]) -> Snapshot:
         """The cached state after the policy prefix (least recently used ones are dropped)."""
@@ -108,15 +156,18 @@ class Guard:
 
     def prepare(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = ()):
         """(prefix key, prefix ids, remaining ids incl. the answer start, kept categories) of a
-        request, validated; a prompt over the token limit raises PyguardError."""
+        request, validated: a prompt that with the policy's answer budget exceeds max_tokens,
+        or a policy whose codes the model cannot spell, raises PyguardError."""
         msgs = messages(conversation)
         cats = categories_of(categories, exclude, self.family)
+        self._decoder(tuple(cats))
         prefix, rest = prompt_parts(self.tokenizer, conversation, cats)
         rest = rest + self.start_ids
-        n = len(prefix) + len(rest)
-        if n > self.max_tokens:
-            raise PyguardError(f"the prompt is {n} tokens, over the limit of {self.max_tokens} "
-                               f"(max_tokens minus {MAX_ANSWER_TOKENS} for the answer): shorten the conversation")
+        n, budget = len(prefix) + len(rest), Grammar(cats).budget()
+        if n + budget > self.max_tokens:
+            raise PyguardError(f"the prompt is {n} tokens, over the limit of {self.max_tokens - budget} "
+                               f"(max_tokens {self.max_tokens} minus {budget} for this policy's longest answer): "
+                               "shorten the conversation")
         key = (msgs[-1][0], tuple(cats.items()))
         return key, prefix, rest, cats
 
@@ -125,35 +176,52 @@ class Guard:
         """Judge the last message of a conversation (a str is one user message).
 
         categories: {code: description} replacing the defaults; exclude: codes left out;
-        threshold: if given, the verdict is unsafe exactly when score >= threshold (the
-        categories are then still decoded greedily) instead of the greedy first token."""
-        return self.classify_many([conversation], categories, exclude, threshold)[0]
+        threshold: if given (0 to 1), the verdict is unsafe exactly when score >= threshold
+        (the categories are then still decoded greedily) instead of the greedy first token."""
+        with self._lock:
+            return self._classify([self.prepare(conversation, categories, exclude)], _threshold(threshold), 1, False)[0]
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
                       exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16) -> list[Result]:
         """classify() of every conversation, batch_size at a time: a batch is prefilled and
         decoded together (each weight matrix streamed once per pass for all), and every result
-        is the one classify() gives alone. All conversations are validated before any work;
-        timings are those of the batch a result was computed in."""
-        if batch_size < 1:
-            raise PyguardError("batch_size must be at least 1")
-        requests = [self.prepare(c, categories, exclude) for c in conversations]
+        is the one classify() gives alone. All conversations are validated before any work
+        (errors name the conversation's index); timings are those of the batch a result was
+        computed in."""
+        if isinstance(conversations, (str, bytes, bytearray, Mapping)) or not isinstance(conversations, Sequence):
+            raise PyguardError(f"conversations must be a list of conversations, not {type(conversations).__name__}")
+        threshold = _threshold(threshold)
+        _integer(batch_size, "batch_size", 1)
+        with self._lock:
+            requests = []
+            for i, c in enumerate(conversations):
+                try:
+                    requests.append(self.prepare(c, categories, exclude))
+                except PyguardError as e:
+                    raise PyguardError(f"conversation {i}: {e}") from None
+            return self._classify(requests, threshold, batch_size, True)
+
+    def _classify(self, requests: list, threshold: float | None, batch_size: int, named: bool) -> list[Result]:
+        """Results of prepared requests; named: errors name the request's index."""
         out: list[Result] = []
         for i in range(0, len(requests), batch_size):
-            out += self._batch(requests[i : i + batch_size], threshold)
+            out += self._batch(requests[i : i + batch_size], threshold, i if named else None)
         return out
 
-    def _batch(self, requests: list, threshold: float | None) -> list[Result]:
+    def _batch(self, requests: list, threshold: float | None, first: int | None) -> list[Result]:
+        """Results of requests first, first + 1, ... (None: not named in errors)."""
         t0 = time.perf_counter()
         states, rests, cached = [], [], []
-        for key, prefix, rest, _ in requests:
+        for key, prefix, rest, cats in requests:
             cached.append(len(prefix) if key in self._prefixes else 0)
-            state = self.model.new_state(len(prefix) + len(rest) + MAX_ANSWER_TOKENS)
+            state = self.model.new_state(len(prefix) + len(rest) + Grammar(cats).budget())
             state.restore(self._prefix(key, prefix))
             states.append(state)
             rests.append(rest)
         logits = list(self.model.prefill_many(states, rests))
         t1 = time.perf_counter()
+        for k, x in enumerate(logits):
+            self._check_finite(x, first, k)
         scores = [self.score(x) for x in logits]
         force = [None if threshold is None else UNSAFE if s >= threshold else SAFE for s in scores]
         decoders = [self._decoder(tuple(cats)) for *_, cats in requests]
@@ -170,16 +238,26 @@ class Guard:
                     new.append(tokens[k][-len(rows):])
             if fed:
                 for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], new)):
-                    logits[k] = x
+                    logits[k] = self._check_finite(x, first, k)
             active = fed
         t2 = time.perf_counter()
         results = []
         for k, (_, prefix, rest, cats) in enumerate(requests):
             verdict = UNSAFE if texts[k].startswith(UNSAFE) else SAFE
+            if force[k] not in (None, verdict):  # the decoder imposes it: never a silent disagreement
+                raise PyguardError(f"the answer {texts[k]!r} contradicts the threshold's verdict {force[k]!r}")
             codes = decoders[k].grammar.categories(texts[k])
             results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(prefix) + len(rest),
                                   cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}))
         return results
+
+    @staticmethod
+    def _check_finite(logits: np.ndarray, first: int | None, k: int) -> np.ndarray:
+        """Logits a decision may be made on: NaN or inf (a damaged model) is an error, never a verdict."""
+        if not np.isfinite(logits).all():
+            where = "" if first is None else f"conversation {first + k}: "
+            raise PyguardError(f"{where}the model computed non-finite logits (NaN or inf): no verdict (is the file damaged?)")
+        return logits
 
     def score(self, logits: np.ndarray) -> float:
         """Probability of the "unsafe" token among the head's rows (the whole vocabulary with a
@@ -189,4 +267,7 @@ class Guard:
         z = logits.astype(np.float64)
         z -= z.max()
         p = np.exp(z)
-        return float(p[self._unsafe_rows[0]] / p.sum())
+        score = float(p[self._unsafe_rows[0]] / p.sum())
+        if not math.isfinite(score):
+            raise PyguardError("the model computed non-finite logits (NaN or inf): no verdict (is the file damaged?)")
+        return score

@@ -38,6 +38,11 @@ _INSTRUCTIONS = ("<END CONVERSATION>\n\nProvide your safety assessment for ONLY 
                  "conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include "
                  "a comma-separated list of violated categories. ")
 _NAMES = {"user": "User", "assistant": "Agent"}
+# Codes come back in the model's answer, so they bound its length (a guard sizes its answer
+# budget from them): Meta's codes are S1..S14, and 32 characters leave room for readable custom
+# ones ("hate_speech_targeted") while the longest answer stays ~2,000 characters.
+MAX_CODE_CHARS = 32
+MAX_CODES = 64
 
 
 def messages(conversation: Conversation) -> list[tuple[str, str]]:
@@ -58,6 +63,8 @@ def messages(conversation: Conversation) -> list[tuple[str, str]]:
             raise PyguardError(f"message {i}: roles must alternate user, assistant, user, ... starting with user; found {role!r}")
         if not isinstance(text, str):
             raise PyguardError(f"message {i}: content must be a str, not {type(text).__name__}")
+        if not text.strip():  # an unset shell variable, say: nothing to judge is no verdict
+            raise PyguardError(f"message {i}: empty content")
         out.append((role, text.strip()))  # Jinja's trim: str.strip()
     return out
 
@@ -72,16 +79,23 @@ def categories_of(categories: Mapping[str, str] | None = None, exclude: Iterable
         categories = CATEGORIES[family]
     if not isinstance(categories, Mapping) or not categories:
         raise PyguardError("categories must be a non-empty mapping {code: description}")
+    if len(categories) > MAX_CODES:
+        raise PyguardError(f"categories: {len(categories)} codes, at most {MAX_CODES} (every code may appear in the answer)")
     for code, text in categories.items():
         # codes come back in the answer as a comma-separated list: keep them parseable
         if not isinstance(code, str) or not code or any(c.isspace() or c == "," for c in code):
-            raise PyguardError(f"category code {code!r}: codes are non-empty str without white space or commas")
+            raise PyguardError(f"category code {code!r:.60}: codes are non-empty str without white space or commas")
+        if len(code) > MAX_CODE_CHARS:
+            raise PyguardError(f"category code {code[:20]!r}...: {len(code)} characters, at most {MAX_CODE_CHARS}")
         if not isinstance(text, str):
-            raise PyguardError(f"category {code}: the description must be a str")
+            raise PyguardError(f"category {code}: the description must be a str, not {type(text).__name__}")
     try:
         exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
     except TypeError:
         raise PyguardError("exclude must be a list of category codes") from None
+    bad = [c for c in exclude if not isinstance(c, str)]
+    if bad:
+        raise PyguardError(f"exclude: {bad[0]!r:.60} is not a category code (a str)")
     unknown = [c for c in exclude if c not in categories]
     if unknown:
         raise PyguardError(f"cannot exclude {', '.join(map(str, unknown))}: not among the categories ({', '.join(categories)})")
@@ -115,8 +129,11 @@ def prompt_parts(tokenizer, conversation: Conversation, categories: Mapping[str,
     The prefix ends with "<BEGIN CONVERSATION>\\n\\n" and the rest starts with "User:". The split
     pattern always ends a piece there (">\\n\\n" is one piece, a letter starts the next), so
     encoding the two texts apart gives the tokens of encoding them together."""
-    msgs = messages(conversation)
-    prefix, rest = _texts(msgs, categories_of(categories, exclude, family))
+    return _tokens(tokenizer, messages(conversation), categories_of(categories, exclude, family))
+
+
+def _tokens(tokenizer, msgs: list[tuple[str, str]], cats: Mapping[str, str]) -> tuple[list[int], list[int]]:
+    prefix, rest = _texts(msgs, cats)
     sp = tokenizer.special
     return (tokenizer.encode_with_specials([sp("<|begin_of_text|>"), sp("<|start_header_id|>"), "user",
                                             sp("<|end_header_id|>"), prefix]),
@@ -129,8 +146,8 @@ def policy_prefix(tokenizer, role: str = "user", categories: Mapping[str, str] |
     """The prefix ids shared by every conversation whose last message has this role."""
     if role not in _NAMES:
         raise PyguardError(f"unknown role {role!r} (roles are 'user' and 'assistant')")
-    conv = [{"role": "user", "content": ""}] + ([{"role": "assistant", "content": ""}] if role == "assistant" else [])
-    return prompt_parts(tokenizer, conv, categories, exclude, family)[0]
+    msgs = [("user", "")] + ([("assistant", "")] if role == "assistant" else [])  # the prefix holds no message
+    return _tokens(tokenizer, msgs, categories_of(categories, exclude, family))[0]
 
 
 def prompt_tokens(tokenizer, conversation: Conversation, categories: Mapping[str, str] | None = None,

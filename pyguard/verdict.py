@@ -55,6 +55,12 @@ class Grammar:
         parts = self._categories(text)
         return [] if parts is None else parts
 
+    def budget(self) -> int:
+        """Positions the longest answer can take ("unsafe\\n" and every code, then <|eot_id|>):
+        its characters plus one, as every token spells at least one character, whichever
+        tokens greedy decoding picks."""
+        return len(UNSAFE + "\n" + ",".join(self.codes)) + 1
+
 
 @dataclass
 class Decoded:
@@ -82,13 +88,47 @@ class AnswerDecoder:
 
     def _completable(self, text: str) -> bool:
         """Can the head's tokens still turn text into a whole answer? ("un" + "s" cannot, if no
-        token spells "afe".) Depth-first, stopping at the first completion found."""
-        if text not in self._reach:
-            g = self.grammar
-            self._reach[text] = g.complete(text) or any(
-                g.viable(text + t) and self._completable(text + t) for t in self.text.values()
-            )
-        return self._reach[text]
+        token spells "afe".) Depth-first with an explicit stack (answers can be long), stopping
+        at the first completion found: every text on the path to it is completable (the next
+        steps of decoding ask about them). A search that finds none has visited every text
+        reachable from text, and none of them is completable either."""
+        if text in self._reach:
+            return self._reach[text]
+        g, parent, stack = self.grammar, {text: None}, [text]
+        while stack:
+            t = stack.pop()
+            if self._reach.get(t) or g.complete(t):
+                while t is not None:
+                    self._reach[t], t = True, parent[t]
+                return True
+            if t not in self._reach:
+                for nxt in (t + s for s in self.text.values()):
+                    if nxt not in parent and g.viable(nxt):
+                        parent[nxt] = t
+                        stack.append(nxt)
+        self._reach.update(dict.fromkeys(parent, False))
+        return False
+
+    def _spells(self, text: str) -> bool:
+        """Can the head's tokens spell exactly text? (Over the positions of text: reached[i]
+        when text[:i] is a sequence of tokens.)"""
+        reached = [True] + [False] * len(text)
+        for i in range(len(text)):
+            if reached[i]:
+                for t in self.text.values():
+                    if text.startswith(t, i):
+                        reached[i + len(t)] = True
+        return reached[-1]
+
+    def unspellable(self) -> list[str]:
+        """The grammar's codes no answer of this head can hold, and "safe" if it cannot say
+        safe: a policy with such codes cannot be answered (they would always read as safe). A
+        code counts as spelled first after "unsafe\\n", or after another code and "," (a
+        token may join "," and the code's start)."""
+        first = [c for c in self.grammar.codes if self._spells(UNSAFE + "\n" + c)]
+        out = [] if self._spells(SAFE) else [SAFE]
+        return out + [c for c in self.grammar.codes if c not in first
+                      and not any(self._spells(f"{UNSAFE}\n{d},{c}") for d in first)]
 
     def finished(self, text: str) -> bool:
         """Is the answer decided (complete, and nothing but <|eot_id|> can follow)?"""
@@ -99,7 +139,9 @@ class AnswerDecoder:
         """Head rows that keep text + row a prefix of an answer the head can complete."""
         allowed = [i for i in self.rows if self.grammar.viable(text + self.text[i]) and self._completable(text + self.text[i])]
         if force_first and not text:
-            allowed = [i for i in allowed if force_first.startswith(self.text[i])] or allowed
+            allowed = [i for i in allowed if force_first.startswith(self.text[i])]
+            if not allowed:  # a threshold decides the verdict, or there is none
+                raise PyguardError(f"the model's output head cannot spell the answer {force_first!r}")
         if self.eot_row is not None and self.grammar.complete(text):
             allowed.append(self.eot_row)
         if not allowed:  # a head that cannot spell any answer at all

@@ -219,7 +219,9 @@ def test_8b_family():
 
 @pytest.mark.parametrize("conv, match", [
     ([], "non-empty list"),
-    ("", None),  # an empty message is still a message
+    ("", "message 0: empty content"),  # nothing to judge is no verdict (an unset shell variable)
+    (" \n\t ", "message 0: empty content"),
+    ([_user("a"), _agent("\n")], "message 1: empty content"),
     ([_agent("hi")], "starting with user"),
     ([_user("a"), _user("b")], "alternate"),
     ([_user("a"), _agent("b"), _agent("c")], "message 2: roles must alternate"),
@@ -236,9 +238,6 @@ def test_8b_family():
     (42, "non-empty list"),
 ])
 def test_conversation_validation(conv, match):
-    if match is None:
-        format_prompt(conv)
-        return
     with pytest.raises(PyguardError, match=match):
         format_prompt(conv)
 
@@ -256,11 +255,18 @@ def test_conversation_validation(conv, match):
     ({"categories": {"S1,S2": "a"}}, "codes are non-empty"),
     ({"categories": {"": "a"}}, "codes are non-empty"),
     ({"categories": {1: "a"}}, "codes are non-empty"),
+    ({"categories": {"S1": "a", None: "b"}}, "codes are non-empty"),
+    ({"categories": {"X" * 33: "a"}}, "33 characters, at most 32"),
+    ({"categories": {f"C{i}": "a" for i in range(65)}}, "65 codes, at most 64"),
+    ({"exclude": [["S1"]]}, r"exclude: \['S1'\] is not a category code"),
+    ({"exclude": [1]}, "exclude: 1 is not a category code"),
 ])
 def test_category_validation(kwargs, match):
     with pytest.raises(PyguardError, match=match):
         format_prompt("x", **kwargs)
     assert format_prompt("x", exclude=["S14"], family="llama-guard-3-8b")  # 8B has one
+    assert "X" * 32 + ": a" in format_prompt("x", categories={"X" * 32: "a"})  # the longest code
+    assert "C63: a" in format_prompt("x", categories={f"C{i}": "a" for i in range(64)})  # the most codes
 
 
 # ---- tokens
@@ -296,8 +302,8 @@ def test_injection_stays_text(tok):
 
 _TEXT = st.one_of(
     st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>|"), max_size=60),
-    st.sampled_from(["", " ", "\n\n", "User:", ">", "\n\nUser: x", "  padded  ", "1234", "'s"]),
-)
+    st.sampled_from(["\n\nUser:", "User:", ">", "\n\nUser: x", "  padded  ", "1234", "'s"]),
+).filter(str.strip)
 
 
 @settings(max_examples=200, deadline=None)

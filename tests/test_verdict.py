@@ -1,8 +1,10 @@
 """The answer grammar and grammar-constrained greedy decoding, on synthetic heads and logits."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
+from pyguard.errors import PyguardError
 from pyguard.verdict import AnswerDecoder, Grammar
 
 CODES = [f"S{i}" for i in range(1, 14)]
@@ -94,3 +96,43 @@ def test_threshold_forces_the_first_word():
     dec = AnswerDecoder(Grammar(["S1"]), HEAD_IDS, HEAD_TEXT, EOT)
     out = dec.decode(logits, lambda t: np.zeros(len(HEAD_TEXT)), force_first="unsafe")
     assert out.text == "unsafe\nS1"  # only code left: decided without asking for <|eot_id|>
+
+
+def test_long_answers_decode_without_recursion():
+    """A head of single characters spells a 2,000-character code one token at a time: the
+    search for completable answers is iterative (it was recursive: RecursionError at ~800)."""
+    code = "x" * 2000
+    text = ["safe", "unsafe", "\n", "x", "y", ","]
+    ids = np.arange(len(text) + 1)
+    dec = AnswerDecoder(Grammar([code, "y"]), ids, text + [None], len(text))
+    logits = np.zeros(len(text) + 1)
+    logits[text.index("unsafe")] = logits[text.index("x")] = 5
+    out = dec.decode(logits, lambda t: logits)
+    assert out.text == "unsafe\n" + code + ",y" and len(out.tokens) == 2 + 2000 + 2
+    assert Grammar([code, "y"]).budget() == len(out.text) + 1 >= len(out.tokens) + 1
+
+
+def test_budget_bounds_every_answer():
+    codes = [f"code{i:06d}" for i in range(20)]  # twenty 10-letter codes
+    g = Grammar(codes)
+    assert g.budget() == len("unsafe\n" + ",".join(codes)) + 1 == 227
+    assert Grammar(CODES).budget() == 50  # more than the fixed 48 positions of old
+
+
+def test_unspellable_codes_are_found():
+    dec = AnswerDecoder(Grammar(CODES + ["S15", "O1", "X1", "S"]), HEAD_IDS, HEAD_TEXT, EOT)
+    assert dec.unspellable() == ["O1", "X1"]  # S15: "S" then "1", "5"; no token spells O or X
+    joined = ["safe", "unsafe", "\n", "S1", ",T", "2", "afe"]  # T2 only after a code, through ",T"
+    dec = AnswerDecoder(Grammar(["S1", "T2"]), np.arange(8), joined + [None], 7)
+    assert dec.unspellable() == []
+    dec = AnswerDecoder(Grammar(["T2"]), np.arange(8), joined + [None], 7)
+    assert dec.unspellable() == ["T2"]
+    dec = AnswerDecoder(Grammar(["S1"]), np.arange(3), ["unsafe", "\n", "S1"], 99)
+    assert dec.unspellable() == ["safe"]
+
+
+def test_forcing_a_word_the_head_cannot_spell_is_an_error():
+    text = ["safe", "\n", "S1", None]
+    dec = AnswerDecoder(Grammar(["S1"]), np.arange(4), text, 3)
+    with pytest.raises(PyguardError, match="cannot spell the answer 'unsafe'"):
+        dec.decode(np.zeros(4), lambda t: np.zeros(4), force_first="unsafe")
