@@ -542,9 +542,10 @@ def extract(prog: Program, params: dict) -> Extracted:
         raise PyguardError(f"{path}: embedding quantization is not symmetric int4 (-8..7, no zero points)")
     eq = prog.tensor(e[0], [np.uint8], [c.vocab_size, c.dim // 2], "embedding weights")
     sv = prog.value(e[1])
-    if sv[0] != "tensor" or len(sv[2]) != 2 or sv[2][0] != c.vocab_size or sv[2][1] < 1 or c.dim % sv[2][1]:
+    shape = sv[2] + [1] if sv[0] == "tensor" and len(sv[2]) == 1 else sv[2] if sv[0] == "tensor" else []  # [V]: one group per row
+    if len(shape) != 2 or shape[0] != c.vocab_size or shape[1] < 1 or c.dim % shape[1]:
         raise PyguardError(f"{path}: embedding scales of shape {sv[2] if sv[0] == 'tensor' else sv[0]} do not fit {c.vocab_size}x{c.dim}")
-    escales = prog.tensor(e[1], [np.float32, np.float16, "bf16"], None, "embedding scales").astype(np.float32)
+    escales = prog.tensor(e[1], [np.float32, np.float16, "bf16"], None, "embedding scales").astype(np.float32).reshape(shape)
     emb_group = c.dim // escales.shape[1]
     q = np.empty((c.vocab_size, c.dim), np.int8)  # embedding_4bit: column 2j in the high nibble
     q[:, 0::2] = (eq >> 4).astype(np.int8) - 8
