@@ -44,6 +44,12 @@ def _integer(value: Any, name: str, low: int) -> int:
     return value
 
 
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PyguardError(f"category_scores must be True or False, not {value!r:.60}")
+    return value
+
+
 def _threshold(value: Any) -> float | None:
     if value is None:
         return None
@@ -63,6 +69,8 @@ class Result:
     cached_tokens: int  # prompt tokens taken from the policy-prefix cache
     generated_tokens: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode, total
+    # {code: P(unsafe) x P(code is the first category named)}, when asked for or unsafe (Guard._code_step)
+    category_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def unsafe(self) -> bool:
@@ -93,6 +101,7 @@ class Guard:
         self._unsafe_rows = np.flatnonzero(model.head_ids == tokenizer.encode(UNSAFE)[0])
         self._head_text = head_text
         self._decoders: dict[tuple[str, ...], AnswerDecoder] = {}
+        self._code_steps: dict[tuple[str, ...], tuple[list[int], list[int | None]]] = {}
         self._prefixes: OrderedDict[tuple, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
         _LIVE.add(self)
@@ -139,6 +148,29 @@ class Guard:
             self._decoders[codes] = dec
         return dec
 
+    def _code_step(self, codes: tuple[str, ...]) -> tuple[list[int], list[int | None]]:
+        """(tokens, rows) of the per-category scores: the tokens fed after the prompt, "unsafe\\n"
+        and the tokens every code's spelling starts with (for S1..S14: "unsafe\\nS"), and per code
+        the head row of its next token (None when the head lacks it: probability 0). Codes whose
+        spellings share that token (one code a prefix of another) share its probability."""
+        step = self._code_steps.get(codes)
+        if step is None:
+            spelled = [self.tokenizer.encode(f"{UNSAFE}\n{c}") for c in codes]
+            n = 0  # the common prefix, leaving every code a token of its own
+            while all(len(s) > n + 1 and s[n] == spelled[0][n] for s in spelled):
+                n += 1
+            row = {int(t): r for r, t in enumerate(self.model.head_ids)}
+            step = self._code_steps[codes] = spelled[0][:n], [row.get(s[n]) for s in spelled]
+        return step
+
+    def _code_scores(self, score: float, logits: np.ndarray, cats: Mapping[str, str]) -> dict[str, float]:
+        """score x the softmax, over the codes' next-token rows, of the logits after _code_step's tokens."""
+        _, rows = self._code_step(tuple(cats))
+        kept = sorted({r for r in rows if r is not None})
+        z = logits[kept].astype(np.float64)
+        p = dict(zip(kept, np.exp(z - z.max()) / np.exp(z - z.max()).sum()))
+        return {c: score * float(p[r]) if r is not None else 0.0 for c, r in zip(cats, rows)}
+
     def _prefix(self, key: tuple, ids: list[int]) -> Snapshot:
         """The cached state after the policy prefix (least recently used ones are dropped)."""
         snap = self._prefixes.get(key)
@@ -172,17 +204,21 @@ class Guard:
         return key, prefix, rest, cats
 
     def classify(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
-                 threshold: float | None = None) -> Result:
+                 threshold: float | None = None, category_scores: bool = False) -> Result:
         """Judge the last message of a conversation (a str is one user message).
 
         categories: {code: description} replacing the defaults; exclude: codes left out;
         threshold: if given (0 to 1), the verdict is unsafe exactly when score >= threshold
-        (the categories are then still decoded greedily) instead of the greedy first token."""
+        (the categories are then still decoded greedily) instead of the greedy first token;
+        category_scores: fill Result.category_scores even when the verdict is safe (one more
+        step of a few tokens; an unsafe verdict always has them)."""
         with self._lock:
-            return self._classify([self.prepare(conversation, categories, exclude)], _threshold(threshold), 1, False)[0]
+            return self._classify([self.prepare(conversation, categories, exclude)], _threshold(threshold), 1, False,
+                                  _flag(category_scores))[0]
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
-                      exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16) -> list[Result]:
+                      exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16,
+                      category_scores: bool = False) -> list[Result]:
         """classify() of every conversation, batch_size at a time: a batch is prefilled and
         decoded together (each weight matrix streamed once per pass for all), and every result
         is the one classify() gives alone. All conversations are validated before any work
@@ -192,6 +228,7 @@ class Guard:
             raise PyguardError(f"conversations must be a list of conversations, not {type(conversations).__name__}")
         threshold = _threshold(threshold)
         _integer(batch_size, "batch_size", 1)
+        _flag(category_scores)
         with self._lock:
             requests = []
             for i, c in enumerate(conversations):
@@ -199,16 +236,17 @@ class Guard:
                     requests.append(self.prepare(c, categories, exclude))
                 except PyguardError as e:
                     raise PyguardError(f"conversation {i}: {e}") from None
-            return self._classify(requests, threshold, batch_size, True)
+            return self._classify(requests, threshold, batch_size, True, category_scores)
 
-    def _classify(self, requests: list, threshold: float | None, batch_size: int, named: bool) -> list[Result]:
+    def _classify(self, requests: list, threshold: float | None, batch_size: int, named: bool,
+                  category_scores: bool) -> list[Result]:
         """Results of prepared requests; named: errors name the request's index."""
         out: list[Result] = []
         for i in range(0, len(requests), batch_size):
-            out += self._batch(requests[i : i + batch_size], threshold, i if named else None)
+            out += self._batch(requests[i : i + batch_size], threshold, i if named else None, category_scores)
         return out
 
-    def _batch(self, requests: list, threshold: float | None, first: int | None) -> list[Result]:
+    def _batch(self, requests: list, threshold: float | None, first: int | None, category_scores: bool) -> list[Result]:
         """Results of requests first, first + 1, ... (None: not named in errors)."""
         t0 = time.perf_counter()
         states, rests, cached = [], [], []
@@ -240,6 +278,14 @@ class Guard:
                 for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], new)):
                     logits[k] = self._check_finite(x, first, k)
             active = fed
+        scored = [k for k in range(len(requests)) if category_scores or texts[k].startswith(UNSAFE)]
+        code_scores: list[dict[str, float]] = [{} for _ in requests]
+        if scored:
+            for k in scored:  # back to the end of the prompt (positions after it are overwritten)
+                states[k].pos = len(requests[k][1]) + len(requests[k][2])
+            fed_ids = [self._code_step(tuple(requests[k][3]))[0] for k in scored]
+            for k, x in zip(scored, self.model.prefill_many([states[k] for k in scored], fed_ids)):
+                code_scores[k] = self._code_scores(scores[k], self._check_finite(x, first, k), requests[k][3])
         t2 = time.perf_counter()
         results = []
         for k, (_, prefix, rest, cats) in enumerate(requests):
@@ -248,7 +294,8 @@ class Guard:
                 raise PyguardError(f"the answer {texts[k]!r} contradicts the threshold's verdict {force[k]!r}")
             codes = decoders[k].grammar.categories(texts[k])
             results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(prefix) + len(rest),
-                                  cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0}))
+                                  cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0},
+                                  code_scores[k]))
         return results
 
     @staticmethod
