@@ -1,4 +1,4 @@
-"""The `pyguard` command line: demo, convert, verify, classify.
+"""The `pyguard` command line: demo, convert, verify, classify, serve.
 
 Exit status: 0 safe (or success), 1 unsafe, 2 error (any error, including a bug in pyguard, so
 that a failure never reads as a verdict). Errors are one line on stderr.
@@ -391,7 +391,24 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--keep", metavar="DIR", help="keep the random checkpoint (DIR/hf) and its pyguard file (DIR/demo.pgw) "
                                                  "to try the other commands on; DIR must be new or empty")
     d.set_defaults(run=cmd_demo)
+    s = sub.add_parser("serve", help="HTTP moderation service: OpenAI's /v1/moderations, /v1/classify (docs/SERVE.md)")
+    s.add_argument("-m", "--model", required=True, help="pyguard file")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed when ready)")
+    s.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores)")
+    s.add_argument("--max-batch", type=int, default=16, help="conversations judged together (default 16)")
+    s.add_argument("--max-queue", type=int, default=256, help="conversations waiting, beyond which 429 (default 256)")
+    s.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes, beyond which 413 (default 1 MiB)")
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: PYGUARD_API_KEY if set)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    s.set_defaults(run=cmd_serve)
     return p
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve import serve
+
+    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body)
 
 
 def _line(message: object) -> str:

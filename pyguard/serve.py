@@ -1,0 +1,507 @@
+"""`pyguard serve`: Llama Guard as an HTTP moderation service (OpenAI's /v1/moderations and a
+native /v1/classify), with dynamic batching and bounded, overload-safe queueing.
+
+One inference thread owns the Guard. A request (in the asyncio event loop) checks its body,
+puts its conversations on a bounded queue and awaits their futures; the thread takes up to
+max_batch queued conversations with the same options and judges them together
+(Guard.classify_many), so the event loop never waits on inference and every result is exactly
+Guard.classify's (batching is bit-exact). A queue too full for a request answers 429 at once.
+
+Stack: starlette + uvicorn (the `serve` extra), the mainstream small ASGI pair: starlette
+routes and reads bodies in a stream (for the size limit), uvicorn is the server and drains
+in-flight requests on SIGTERM/SIGINT. Both are pure Python; no framework validation layer is
+needed for two JSON endpoints. Prometheus text is a few lines written here (no client library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import hmac
+import ipaddress
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from . import kernels
+from .errors import PyguardError
+from .guard import Guard, Result, _flag, _threshold
+from .prompt import categories_of
+
+# OpenAI's moderation categories, each with the Llama Guard 3 codes it is filled from. A code
+# may fill several; S6 (specialized advice), S7 (privacy), S8 (intellectual property) and S13
+# (elections) have no OpenAI key and the sub-categories without codes are never flagged: such
+# verdicts show in `flagged` and in the native `pyguard` field of each result.
+MODERATION_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "harassment": ("S5",),
+    "harassment/threatening": (),
+    "hate": ("S10",),
+    "hate/threatening": (),
+    "illicit": ("S2", "S3", "S14"),
+    "illicit/violent": ("S1", "S9"),
+    "self-harm": ("S11",),
+    "self-harm/intent": (),
+    "self-harm/instructions": (),
+    "sexual": ("S3", "S4", "S12"),
+    "sexual/minors": ("S4",),
+    "violence": ("S1", "S9"),
+    "violence/graphic": (),
+}
+ENDPOINTS = ("/v1/moderations", "/v1/classify", "/healthz", "/metrics")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def moderation(r: Result) -> dict[str, Any]:
+    """One OpenAI moderation result: a key is flagged when the verdict names one of its codes;
+    its score is the sum of its codes' category scores, which is P(unsafe and the first code
+    named is one of them): the codes' events are disjoint, so the sum is exact."""
+    scores = {k: sum((r.category_scores.get(c, 0.0) for c in codes), 0.0) for k, codes in MODERATION_CATEGORIES.items()}
+    return {
+        "flagged": r.unsafe,
+        "categories": {k: any(c in r.categories for c in codes) for k, codes in MODERATION_CATEGORIES.items()},
+        "category_scores": scores,
+        "category_applied_input_types": {k: ["text"] for k in MODERATION_CATEGORIES},
+        "pyguard": {"verdict": r.verdict, "categories": r.categories, "category_names": r.category_names,
+                    "score": r.score, "category_scores": r.category_scores},
+    }
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param, "code": self.code}}
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, x: float) -> None:
+        i = bisect.bisect_left(self.buckets, x)
+        if i < len(self.buckets):
+            self.counts[i] += 1
+        self.sum += x
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        cum, out = 0, []
+        for b, n in zip(self.buckets, self.counts):
+            cum += n
+            out.append(f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {cum}')
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        tail = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{tail} {self.sum:.6f}", f"{name}_count{tail} {self.count}"]
+
+
+class Metrics:
+    """Counters for /metrics, updated by the event loop and the inference thread."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency = {e: Histogram(LATENCY_BUCKETS) for e in ENDPOINTS + ("other",)}
+        self.tokens = {"prompt": 0, "cached": 0, "generated": 0}
+        self.batches = Histogram(BATCH_BUCKETS)
+        self.item_seconds = 0.0  # inference time per conversation, smoothed (for Retry-After)
+
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[endpoint, status] = self.requests.get((endpoint, status), 0) + 1
+            self.latency[endpoint].observe(seconds)
+
+    def batch(self, results: list[Result], seconds: float) -> None:
+        with self.lock:
+            self.batches.observe(len(results))
+            for r in results:
+                self.tokens["prompt"] += r.prompt_tokens
+                self.tokens["cached"] += r.cached_tokens
+                self.tokens["generated"] += r.generated_tokens
+            per_item = seconds / len(results)
+            self.item_seconds = per_item if self.item_seconds == 0 else 0.9 * self.item_seconds + 0.1 * per_item
+
+    def text(self, depth: int) -> str:
+        with self.lock:
+            out = ["# HELP pyguard_requests_total HTTP requests by endpoint and status.", "# TYPE pyguard_requests_total counter"]
+            out += [f'pyguard_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            out += ["# HELP pyguard_request_seconds Request latency.", "# TYPE pyguard_request_seconds histogram"]
+            for e, h in self.latency.items():
+                out += h.lines("pyguard_request_seconds", f'endpoint="{e}"') if h.count else []
+            out += ["# HELP pyguard_tokens_total Prompt (of which cached) and generated tokens.", "# TYPE pyguard_tokens_total counter"]
+            out += [f'pyguard_tokens_total{{kind="{k}"}} {n}' for k, n in self.tokens.items()]
+            out += ["# HELP pyguard_batch_size Conversations per inference batch.", "# TYPE pyguard_batch_size histogram"]
+            out += self.batches.lines("pyguard_batch_size")
+            out += ["# HELP pyguard_queue_depth Conversations waiting for inference.", "# TYPE pyguard_queue_depth gauge",
+                    f"pyguard_queue_depth {depth}"]
+        return "\n".join(out) + "\n"
+
+
+@dataclass
+class Job:
+    conversation: Any
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, value: Any) -> None:
+        """Hand a Result or an ApiError to the waiting request, from the inference thread."""
+        def done():
+            if not self.future.done():  # cancelled if the client went away
+                (self.future.set_exception if isinstance(value, ApiError) else self.future.set_result)(value)
+        try:
+            self.loop.call_soon_threadsafe(done)
+        except RuntimeError:  # the loop has closed: nobody is waiting
+            pass
+
+
+class Batcher:
+    """The bounded queue and the inference thread that owns the guard."""
+
+    def __init__(self, guard: Guard, max_batch: int, max_queue: int, metrics: Metrics):
+        self.guard, self.max_batch, self.max_queue, self.metrics = guard, max_batch, max_queue, metrics
+        self._jobs: deque[tuple[str, dict, Job]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pyguard-inference", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def depth(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, options: dict, conversations: list, loop: asyncio.AbstractEventLoop) -> list[asyncio.Future] | None:
+        """Queue every conversation (all or none; None when the queue has no room for them).
+        The lock is only ever held for queue operations, never during inference."""
+        key = json.dumps(options)  # batches share options; the categories' order matters (it is the prompt's)
+        with self._cv:
+            if self._closed or len(self._jobs) + len(conversations) > self.max_queue:
+                return None
+            jobs = [Job(c, loop.create_future(), loop) for c in conversations]
+            self._jobs.extend((key, options, j) for j in jobs)
+            self._cv.notify()
+        return [j.future for j in jobs]
+
+    def close(self) -> None:
+        """Judge what is queued, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _take(self) -> tuple[dict, list[Job]] | None:
+        """The oldest job and up to max_batch - 1 later ones with the same options (None: closed and drained)."""
+        with self._cv:
+            while not self._jobs and not self._closed:
+                self._cv.wait()
+            if not self._jobs:
+                return None
+            key, options, job = self._jobs.popleft()
+            batch, rest = [job], deque()
+            while self._jobs:
+                item = self._jobs.popleft()
+                if item[0] == key and len(batch) < self.max_batch:
+                    batch.append(item[2])
+                else:
+                    rest.append(item)
+            self._jobs = rest
+            return options, batch
+
+    def _run(self) -> None:
+        while (taken := self._take()) is not None:
+            try:
+                self._judge(*taken)
+            except Exception as e:  # a bug: the requests get a 500, the thread goes on
+                print(f"pyguard serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                for job in taken[1]:
+                    job.settle(ApiError(500, "internal error", code="internal_error"))
+
+    def _judge(self, options: dict, batch: list[Job]) -> None:
+        ok = []
+        for job in batch:  # a conversation that cannot be judged fails alone, not its batch
+            try:
+                self.guard.prepare(job.conversation, options["categories"], options["exclude"])
+                ok.append(job)
+            except PyguardError as e:
+                job.settle(ApiError(400, str(e), code="invalid_input"))
+        if not ok:
+            return
+        t0 = time.perf_counter()
+        try:
+            results = self.guard.classify_many([j.conversation for j in ok], batch_size=len(ok), **options)
+        except PyguardError as e:  # a damaged model (non-finite logits): no verdict
+            for job in ok:
+                job.settle(ApiError(500, str(e), code="no_verdict"))
+            return
+        self.metrics.batch(results, time.perf_counter() - t0)
+        for job, r in zip(ok, results):
+            job.settle(r)
+
+
+def _json(body: bytes) -> Any:
+    def constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not JSON: {e}", code="invalid_json") from None
+
+
+def _fields(body: Any, required: tuple[str, ...], allowed: tuple[str, ...]) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+    unknown = [k for k in body if k not in allowed]
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r:.60} (fields: {', '.join(allowed)})", param=unknown[0][:60])
+    for k in required:
+        if k not in body:
+            raise ApiError(400, f"missing field {k!r}", param=k)
+    return body
+
+
+def _inputs(value: Any) -> list[str]:
+    """OpenAI's moderation input: a string, a list of strings, or of {"type": "text", "text": ...}."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "input must be a string or a non-empty list of strings", param="input")
+    out = []
+    for i, x in enumerate(items):
+        if isinstance(x, dict) and x.get("type") == "text" and set(x) == {"type", "text"}:
+            x = x["text"]
+        elif isinstance(x, dict) and x.get("type") == "image_url":
+            raise ApiError(400, f"input {i}: images are not supported (Llama Guard 3 judges text)", param="input")
+        if not isinstance(x, str):
+            raise ApiError(400, f"input {i} must be a string, not {type(x).__name__}", param="input")
+        out.append(x)
+    return out
+
+
+class Service:
+    def __init__(self, guard: Guard, name: str, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
+                 max_body: int = 1 << 20):
+        self.guard, self.name, self.max_body = guard, name, max_body
+        self.key = None if api_key is None else f"Bearer {api_key}".encode()
+        self.metrics = Metrics()
+        self.batcher = Batcher(guard, max_batch, max_queue, self.metrics)
+        self.ready = ""  # the ready message, printed once serving
+
+    def app(self):
+        from contextlib import asynccontextmanager
+
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        @asynccontextmanager
+        async def lifespan(app):
+            self.batcher.start()
+            print(self.ready, file=sys.stderr, flush=True)
+            yield
+            await asyncio.to_thread(self.batcher.close)  # uvicorn has drained the requests: the queue is empty
+
+        async def not_found(request, exc):
+            return await self._respond(request, None, ApiError(exc.status_code, f"no route {request.method} {request.url.path}"))
+
+        routes = [Route("/v1/moderations", self._wrap(self.moderations), methods=["POST"]),
+                  Route("/v1/classify", self._wrap(self.classify), methods=["POST"]),
+                  Route("/healthz", self._wrap(self.healthz, auth=False), methods=["GET"]),
+                  Route("/metrics", self._wrap(self.prometheus), methods=["GET"])]
+        return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+    def _wrap(self, handler, auth: bool = True):
+        async def endpoint(request):
+            t0 = time.perf_counter()
+            try:
+                if auth and self.key is not None:
+                    got = request.headers.get("authorization", "").encode("utf-8", "replace")
+                    if not hmac.compare_digest(got, self.key):  # constant time: the key does not leak by timing
+                        raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+                response, tokens = await handler(request)
+            except ApiError as e:
+                response, tokens = e, 0
+            except Exception as e:  # a bug: one line in the log, a 500 to the client, never a traceback
+                print(f"pyguard serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                response, tokens = ApiError(500, "internal error", code="internal_error"), 0
+            return await self._respond(request, t0, response, tokens)
+        return endpoint
+
+    async def _respond(self, request, t0: float | None, response, tokens: int = 0):
+        from starlette.responses import JSONResponse
+
+        if isinstance(response, ApiError):
+            response = JSONResponse(response.body(), response.status, response.headers)
+        seconds = 0.0 if t0 is None else time.perf_counter() - t0
+        path = request.url.path
+        self.metrics.request(path if path in ENDPOINTS else "other", response.status_code, seconds)
+        print(f"{request.method} {path[:200]} {response.status_code} {seconds * 1000:.1f}ms {tokens} tokens",
+              file=sys.stderr, flush=True)
+        return response
+
+    async def _body(self, request) -> Any:
+        """The JSON body, at most max_body bytes (413); a larger one is read to its end (up to
+        16 times the limit) so the client gets the status instead of a reset connection."""
+        size, chunks = 0, []
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > 16 * self.max_body:
+            raise ApiError(413, f"the request body is {length} bytes, over the limit of {self.max_body}", code="too_large")
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= self.max_body:
+                chunks.append(chunk)
+            elif size > 16 * self.max_body:
+                break
+        if size > self.max_body:
+            raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes", code="too_large")
+        return _json(b"".join(chunks))
+
+    async def _judge(self, options: dict, conversations: list) -> list[Result]:
+        n, room = len(conversations), self.batcher.max_queue
+        if n > room:
+            raise ApiError(400, f"{n} conversations in one request, over the queue's {room}", param="input")
+        futures = self.batcher.submit(options, conversations, asyncio.get_running_loop())
+        if futures is None:
+            wait = max(1, math.ceil(self.batcher.depth() * self.metrics.item_seconds))
+            raise ApiError(429, f"the queue is full ({self.batcher.depth()} of {room} waiting): retry later",
+                           code="queue_full", headers={"Retry-After": str(wait)})
+        done = await asyncio.gather(*futures, return_exceptions=True)
+        for i, r in enumerate(done):
+            if isinstance(r, ApiError):
+                if n > 1:
+                    r.message = f"conversation {i}: {r.message}"
+                raise r
+            if isinstance(r, BaseException):
+                raise r
+        return done
+
+    async def moderations(self, request):
+        body = _fields(await self._body(request), ("input",), ("input", "model"))
+        if body.get("model") is not None and not isinstance(body["model"], str):
+            raise ApiError(400, "model must be a string", param="model")
+        inputs = _inputs(body["input"])
+        options = {"categories": None, "exclude": [], "threshold": None, "category_scores": True}
+        results = await self._judge(options, inputs)
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": self.name,
+                             "results": [moderation(r) for r in results]}), _tokens(results)
+
+    async def classify(self, request):
+        body = _fields(await self._body(request), (), ("messages", "conversations", "categories", "exclude", "threshold",
+                                                       "category_scores"))
+        if ("messages" in body) == ("conversations" in body):
+            raise ApiError(400, "give exactly one of messages (a conversation) and conversations (a list of them)")
+        convs = [body["messages"]] if "messages" in body else body["conversations"]
+        if not isinstance(convs, list) or not convs:
+            raise ApiError(400, "conversations must be a non-empty list of conversations", param="conversations")
+        options = {"categories": body.get("categories"), "exclude": body.get("exclude", []),
+                   "threshold": body.get("threshold"), "category_scores": body.get("category_scores", False)}
+        try:  # the options, checked here (cheap) so that an error in them is the request's, with its field
+            param = "categories"
+            categories_of(options["categories"], options["exclude"], self.guard.family)
+            param = "threshold"
+            _threshold(options["threshold"])
+            param = "category_scores"
+            _flag(options["category_scores"])
+        except PyguardError as e:
+            raise ApiError(400, str(e), param=param) from None
+        results = await self._judge(options, convs)
+        from starlette.responses import JSONResponse
+
+        out = [r.to_dict() for r in results]
+        return JSONResponse(out[0] if "messages" in body else {"results": out}), _tokens(results)
+
+    async def healthz(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "model": self.name, "family": self.guard.family, "kernel": kernels.isa(),
+                             "threads": self.guard.model.pool.threads, "queue_depth": self.batcher.depth(),
+                             "max_queue": self.batcher.max_queue, "max_batch": self.batcher.max_batch}), 0
+
+    async def prometheus(self, request):
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse(self.metrics.text(self.batcher.depth()), media_type="text/plain; version=0.0.4"), 0
+
+
+def _tokens(results: list[Result]) -> int:
+    return sum(r.prompt_tokens + r.generated_tokens for r in results)
+
+
+def _loopback(host: str) -> bool:
+    """Does host name only loopback addresses? (A name is resolved: all its addresses must be.)"""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except (OSError, OverflowError) as e:
+        raise PyguardError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    return sock
+
+
+def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, max_batch: int = 16,
+          max_queue: int = 256, api_key: str | None = None, insecure: bool = False, max_body: int = 1 << 20) -> int:
+    """Serve a pyguard file until SIGTERM/SIGINT, then finish what is queued and return 0.
+    api_key None: PYGUARD_API_KEY if set."""
+    for name, value, low, high in (("port", port, 0, 65535), ("max_batch", max_batch, 1, 1 << 16),
+                                   ("max_queue", max_queue, 1, 1 << 20), ("max_body", max_body, 1, 1 << 30)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise PyguardError(f"{name} must be an integer from {low} to {high}, not {value!r:.60}")
+    api_key = os.environ.get("PYGUARD_API_KEY") if api_key is None else api_key
+    if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()):
+        raise PyguardError("the API key must be printable ASCII text, not empty")
+    if api_key is None and not insecure and not _loopback(host):
+        raise PyguardError(f"--host {host} is reachable from other machines: set an API key (--api-key or "
+                           "PYGUARD_API_KEY), or pass --insecure to serve without one")
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
+    guard = Guard.load(model, threads=threads)
+    sock = _listen(host, port)
+    service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body)
+    addr = sock.getsockname()
+    where = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+    service.ready = (f"pyguard serve: {os.path.basename(model)} ({kernels.isa()}, {guard.model.pool.threads} threads) "
+                     f"on http://{where}:{addr[1]} (max batch {max_batch}, max queue {max_queue}"
+                     f"{', API key required' if api_key else ''})")
+    config = uvicorn.Config(service.app(), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=None)
+    server = uvicorn.Server(config)
+    # uvicorn drains the requests on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found: make that one a no-op, so a graceful shutdown ends with exit status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    print("pyguard serve: stopped", file=sys.stderr, flush=True)
+    return 0
