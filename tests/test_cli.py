@@ -297,7 +297,6 @@ def test_output_paths_are_checked_before_any_work(model, tmp_path):
 
 def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, monkeypatch, capsys):
     import pyguard.file
-    import pyguard.quant
 
     hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
 
@@ -308,7 +307,15 @@ def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, m
     assert cli.main(["convert", hf, out]) == 2
     assert capsys.readouterr().err.endswith(f"\npyguard: error: {out}: cannot write (Permission denied)\n")
     monkeypatch.undo()
-    monkeypatch.setattr(pyguard.quant, "quantize_weights", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    real, calls = pyguard.file.Writer.append, []
+
+    def interrupted(self, a):  # Ctrl-C once the file has begun
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, a)
+
+    monkeypatch.setattr(pyguard.file.Writer, "append", interrupted)
     assert cli.main(["convert", hf, out]) == 2
     assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
 
