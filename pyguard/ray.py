@@ -1,0 +1,180 @@
+"""Dataset-scale classification on Ray Data (the optional `ray` extra; the core package never
+imports this module).
+
+    import ray, pyguard.ray
+    ds = ray.data.read_json("conversations.jsonl", lines=True)   # a "messages" column, optional "id"
+    out = pyguard.ray.classify(ds, "guard.pgw", concurrency=2, threads_per_worker=1)
+    out.write_parquet("results/")
+
+A pool of actors (`map_batches` with a callable class) each holds one Guard: the file is
+mapped, so the actors of a machine share its pages. Every row's result is the one
+Guard.classify (and the CLI) gives; a row that cannot be judged gets its reason in `error`
+and nulls for the results, and the others go on. Ray restarts a killed actor and retries
+the batch it held: every row comes out exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+try:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+except ImportError as e:
+    from pyguard.errors import PyguardError
+
+    raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
+
+from pyguard.errors import PyguardError
+from pyguard.guard import Guard, Result, _integer, _threshold
+
+# The columns added to the input's; `error` is null for a judged row, the others for a failed one.
+RESULTS = pa.schema([("verdict", pa.string()), ("categories", pa.list_(pa.string())),
+                     ("category_names", pa.list_(pa.string())), ("score", pa.float64()), ("answer", pa.string()),
+                     ("prompt_tokens", pa.int64()), ("error", pa.string())])
+
+
+def _missing(conversation: Any) -> bool:
+    # no "messages" column: None; a row without it among rows with it: null, or NaN from pandas
+    return conversation is None or (isinstance(conversation, float) and math.isnan(conversation))
+
+
+def judge(guard: Guard, conversations: Sequence[Any], options: Mapping[str, Any], batch_size: int) -> list[Result | PyguardError]:
+    """Each conversation's Result, or the PyguardError that kept it from being judged."""
+    out: list[Result | PyguardError | None] = [None] * len(conversations)
+    ok = []
+    for i, c in enumerate(conversations):
+        try:
+            if _missing(c):
+                raise PyguardError('no "messages"')
+            guard.prepare(c, options["categories"], options["exclude"])
+            ok.append(i)
+        except PyguardError as e:
+            out[i] = e
+    try:
+        for i, r in zip(ok, guard.classify_many([conversations[i] for i in ok], **options, batch_size=batch_size)):
+            out[i] = r
+    except PyguardError:  # a failure at classification time (non-finite logits): find the rows at fault, each alone
+        for i in ok:
+            try:
+                out[i] = guard.classify(conversations[i], **options)
+            except PyguardError as e:
+                out[i] = e
+    return out
+
+
+class Classifier:
+    """The actor: one Guard, loaded once, judging batches (pyarrow tables) of rows."""
+
+    def __init__(self, path: str, threads: int, options: dict, batch_size: int):
+        self.guard = Guard.load(path, threads=threads)
+        self.options, self.batch_size = options, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        clash = [n for n in RESULTS.names if n in batch.column_names]
+        if clash:
+            raise PyguardError(f"the dataset already has result columns ({', '.join(clash)}): rename or drop them")
+        n = batch.num_rows
+        conversations = batch.column("messages").to_pylist() if "messages" in batch.column_names else [None] * n
+        cols: dict[str, list] = {name: [None] * n for name in RESULTS.names}
+        for i, r in enumerate(judge(self.guard, conversations, self.options, self.batch_size)):
+            if isinstance(r, PyguardError):
+                cols["error"][i] = " ".join(str(r).split())
+            else:
+                for name in RESULTS.names[:-1]:
+                    cols[name][i] = getattr(r, name)
+        for f in RESULTS:
+            batch = batch.append_column(f, pa.array(cols[f.name], f.type))
+        return batch
+
+
+def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, threads_per_worker: int = 1,
+             batch_size: int = 16, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
+             threshold: float | None = None) -> ray.data.Dataset:
+    """The dataset's rows with the result columns added (RESULTS), lazily (Ray runs it when the
+    output is consumed or written).
+
+    path: the pyguard file, at this path on every node (or on shared storage); concurrency:
+    actors (None: the cluster's CPUs / threads_per_worker); threads_per_worker: each actor's
+    kernel threads and the CPUs it reserves; batch_size: rows per actor call, classified
+    together. categories, exclude, threshold: as Guard.classify. When the file is present
+    here, it and the policy are checked before the job starts."""
+    threshold = _threshold(threshold)
+    _integer(threads_per_worker, "threads_per_worker", 1)
+    _integer(batch_size, "batch_size", 1)
+    if concurrency is None:
+        concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+    _integer(concurrency, "concurrency", 1)
+    exclude = tuple(exclude)
+    if os.path.exists(path):
+        path = os.path.abspath(path)  # the workers' working directory is not ours
+        Guard.load(path, threads=1).prepare("x", categories, exclude)  # a bad file or policy fails here, not per row
+    options = {"categories": categories, "exclude": exclude, "threshold": threshold}
+    return ds.map_batches(Classifier, fn_constructor_args=(path, threads_per_worker, options, batch_size),
+                          batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency,
+                          num_cpus=threads_per_worker, udf_modifying_row_count=False,
+                          # a dead actor is restarted and its batch retried, without limit (Ray Data's
+                          # defaults too, stated here because exactly-once output depends on them)
+                          max_restarts=-1, max_task_retries=-1)
+
+
+def counts(results: ray.data.Dataset) -> dict[str, int]:
+    """{"rows", "unsafe", "errors"} of classify()'s output (this runs it unless materialized)."""
+    rows = unsafe = errors = 0
+    for b in results.select_columns(["verdict", "error"]).iter_batches(batch_format="pyarrow"):
+        rows, unsafe, errors = rows + b.num_rows, unsafe + _unsafe(b), errors + _errors(b)
+    return {"rows": rows, "unsafe": unsafe, "errors": errors}
+
+
+def _unsafe(b: pa.Table) -> int:
+    return pc.sum(pc.equal(b["verdict"], "unsafe")).as_py() or 0
+
+
+def _errors(b: pa.Table) -> int:
+    return b.num_rows - b["error"].null_count
+
+
+def _json_row(row: dict) -> dict:
+    # a value missing from a JSON lines input comes back from Ray's (pandas) reader as NaN
+    return {k: None if _missing(v) else v for k, v in row.items()}
+
+
+def run_cli(model: str, src: str, out: str | None, address: str | None, threads: int | None, options: dict) -> int:
+    """`pyguard classify --jsonl IN [--out OUT] --ray [ADDRESS]`: IN and OUT are Parquet when
+    their names end in .parquet, else JSON lines (OUT: stdout when None); rows in input order.
+    Exit status as the CLI's: 2 if any row has an error, else 1 if any is unsafe, else 0."""
+    if not ray.is_initialized():
+        # a local cluster of this machine's cores, or the one at ADDRESS ("auto": this node's)
+        ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if not os.path.exists(src):
+        raise PyguardError(f"--jsonl {src}: no such file or directory")
+    ds = ray.data.read_parquet(src) if src.endswith(".parquet") else ray.data.read_json(src, lines=True)
+    results = classify(ds, model, threads_per_worker=threads or 1, **options)
+    rows = unsafe = errors = 0
+    writer = None
+    sink = open(out, "wb") if out else sys.stdout.buffer
+    try:
+        for b in results.iter_batches(batch_format="pyarrow"):
+            if out and out.endswith(".parquet"):
+                writer = writer or pq.ParquetWriter(sink, b.schema)
+                writer.write_table(b)
+            else:
+                lines = (json.dumps(_json_row(r), ensure_ascii=False, allow_nan=False, default=str) + "\n" for r in b.to_pylist())
+                sink.write("".join(lines).encode("utf-8"))
+                sink.flush()
+            rows, unsafe, errors = rows + b.num_rows, unsafe + _unsafe(b), errors + _errors(b)
+        if writer:
+            writer.close()
+    finally:
+        if out:
+            sink.close()
+    print(f"pyguard: {rows} rows, {unsafe} unsafe, {errors} errors", file=sys.stderr)
+    return 2 if errors else 1 if unsafe else 0
