@@ -374,7 +374,8 @@ class Service:
             raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes", code="too_large")
         return _json(b"".join(chunks))
 
-    async def _judge(self, options: dict, conversations: list) -> list[Result]:
+    async def _judge(self, options: dict, conversations: list, what: str) -> list[Result]:
+        """The results of conversations (errors name the failing one as `what` and its index)."""
         n, room = len(conversations), self.batcher.max_queue
         if n > room:
             raise ApiError(400, f"{n} conversations in one request, over the queue's {room}", param="input")
@@ -387,7 +388,7 @@ class Service:
         for i, r in enumerate(done):
             if isinstance(r, ApiError):
                 if n > 1:
-                    r.message = f"conversation {i}: {r.message}"
+                    r.message = f"{what} {i}: {r.message}"
                 raise r
             if isinstance(r, BaseException):
                 raise r
@@ -399,7 +400,7 @@ class Service:
             raise ApiError(400, "model must be a string", param="model")
         inputs = _inputs(body["input"])
         options = {"categories": None, "exclude": [], "threshold": None, "category_scores": True}
-        results = await self._judge(options, inputs)
+        results = await self._judge(options, inputs, "input")
         from starlette.responses import JSONResponse
 
         return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": self.name,
@@ -417,6 +418,8 @@ class Service:
                    "threshold": body.get("threshold"), "category_scores": body.get("category_scores", False)}
         try:  # the options, checked here (cheap) so that an error in them is the request's, with its field
             param = "categories"
+            categories_of(options["categories"], (), self.guard.family)
+            param = "exclude"
             categories_of(options["categories"], options["exclude"], self.guard.family)
             param = "threshold"
             _threshold(options["threshold"])
@@ -424,7 +427,7 @@ class Service:
             _flag(options["category_scores"])
         except PyguardError as e:
             raise ApiError(400, str(e), param=param) from None
-        results = await self._judge(options, convs)
+        results = await self._judge(options, convs, "conversation")
         from starlette.responses import JSONResponse
 
         out = [r.to_dict() for r in results]

@@ -1,0 +1,339 @@
+"""`pyguard serve` as clients see it: a real server in a subprocess on a free loopback port,
+the official openai client on /v1/moderations, httpx for the rest; and Result.category_scores
+in the Python API. The model is the decisive one (synth.decisive_guard): mid-range scores and
+both verdicts, so results can be told apart and compared with direct classification."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import openai
+import pytest
+
+from pyguard import Guard
+from pyguard.serve import MODERATION_CATEGORIES
+from synth import SAMPLES, decisive_guard
+
+START_TIMEOUT = 120  # seconds for a server to load and listen (a bound, not a measurement)
+TEXTS = [c for c in SAMPLES if isinstance(c, str)]
+SAME = ("verdict", "categories", "category_names", "score", "answer", "prompt_tokens", "generated_tokens",
+        "category_scores")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return decisive_guard(str(tmp_path_factory.mktemp("serve")), "guard")
+
+
+@pytest.fixture(scope="module")
+def guard(model):
+    return Guard.load(model, threads=1)
+
+
+class Server:
+    """A `pyguard serve` subprocess; its stderr lines are collected by a thread."""
+
+    def __init__(self, model: str, *args: str, env: dict | None = None):
+        cmd = [sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", "0", "--threads", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        ready: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, args=(ready,), daemon=True).start()
+        try:
+            self.url = ready.get(timeout=START_TIMEOUT)
+        except queue.Empty:
+            self.proc.kill()
+            raise AssertionError(f"no ready message: {self.lines}") from None
+        assert self.url, self.lines
+
+    def _read(self, ready: queue.Queue) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if line.startswith("pyguard serve:") and " on http://" in line:
+                ready.put(line.split(" on ")[1].split()[0])
+        ready.put(None)  # the process ended (if not ready yet: it failed)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+
+
+@contextmanager
+def running(model: str, *args: str, env: dict | None = None):
+    s = Server(model, *args, env=env)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with running(model) as s:
+        yield s
+
+
+def post(url: str, path: str, body, **kw) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"content-type": "application/json", **kw.pop("headers", {})},
+                      timeout=60, **kw)
+
+
+def burst(url: str, path: str, bodies: list, headers: dict | None = None) -> list[httpx.Response]:
+    """Every body posted at once (one connection each), the responses in order."""
+    async def run():
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=0)
+        async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as client:
+            return await asyncio.gather(*(client.post(url + path, json=b) for b in bodies))
+    return asyncio.run(run())
+
+
+def native(r) -> dict:
+    return {k: getattr(r, k) for k in SAME}
+
+
+# ---- the Python API: Result.category_scores
+
+
+def test_category_scores(guard):
+    """P(unsafe) x P(first code): over the codes they sum to the score, the greedy first code
+    is the likeliest, batched equals alone; filled when unsafe or asked for, else empty."""
+    plain = [guard.classify(c) for c in SAMPLES]
+    scored = guard.classify_many(SAMPLES, category_scores=True)
+    assert any(r.unsafe for r in plain) and not all(r.unsafe for r in plain)
+    for c, p, s in zip(SAMPLES, plain, scored):
+        assert native(guard.classify(c, category_scores=True)) == native(s)
+        assert (p.verdict, p.answer, p.score) == (s.verdict, s.answer, s.score)
+        assert list(s.category_scores) == [f"S{i}" for i in range(1, 14)]
+        assert sum(s.category_scores.values()) == pytest.approx(s.score, rel=1e-9)
+        assert all(0 < x < s.score for x in s.category_scores.values())
+        assert p.category_scores == (s.category_scores if p.unsafe else {})
+        if s.unsafe:
+            assert max(s.category_scores, key=s.category_scores.get) == s.categories[0]
+    with pytest.raises(Exception, match="category_scores must be True or False"):
+        guard.classify("hi", category_scores="yes")
+
+
+def test_core_does_not_import_the_server_stack():
+    code = "import sys, pyguard, pyguard.cli; assert not {'starlette', 'uvicorn'} & set(sys.modules), sys.modules.keys()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# ---- the OpenAI API
+
+
+def test_openai_client(server, guard):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    resp = client.moderations.create(input=TEXTS, model="llama-guard-3-1b")
+    assert resp.id.startswith("modr-") and resp.model.endswith(".pgw") and len(resp.results) == len(TEXTS)
+    flagged = 0
+    for text, m in zip(TEXTS, resp.results):
+        r = guard.classify(text, category_scores=True)
+        flagged += m.flagged
+        assert m.flagged == r.unsafe
+        cats, scores = m.categories.model_dump(by_alias=True), m.category_scores.model_dump(by_alias=True)
+        assert set(cats) == set(scores) == set(MODERATION_CATEGORIES)
+        for key, codes in MODERATION_CATEGORIES.items():
+            assert cats[key] == any(c in r.categories for c in codes)
+            assert scores[key] == sum((r.category_scores.get(c, 0.0) for c in codes), 0.0)
+        assert m.model_extra["pyguard"] == {"verdict": r.verdict, "categories": r.categories,
+                                            "category_names": r.category_names, "score": r.score,
+                                            "category_scores": r.category_scores}
+    assert 0 < flagged < len(TEXTS)
+    one = client.moderations.create(input=TEXTS[1])
+    assert one.results[0].model_extra["pyguard"]["score"] == guard.classify(TEXTS[1]).score
+    assert any(line.startswith("POST /v1/moderations 200 ") and line.endswith(" tokens") for line in server.lines)
+
+
+def test_text_parts_and_images(server, guard):
+    r = post(server.url, "/v1/moderations", {"input": [{"type": "text", "text": TEXTS[4]}]})
+    assert r.status_code == 200 and r.json()["results"][0]["pyguard"]["score"] == guard.classify(TEXTS[4]).score
+    r = post(server.url, "/v1/moderations", {"input": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]})
+    assert r.status_code == 400 and "images are not supported" in r.json()["error"]["message"]
+
+
+# ---- the native API, batching
+
+
+def test_concurrent_requests_equal_direct_classification(server, guard):
+    convs = [SAMPLES[i % len(SAMPLES)] for i in range(64)]
+    convs = [[{"role": "user", "content": c}] if isinstance(c, str) else c for c in convs]
+    before = _metric(server.url, "pyguard_batch_size_count")
+    responses = burst(server.url, "/v1/classify", [{"messages": c} for c in convs])
+    direct = {json.dumps(c): native(guard.classify(c)) for c in convs}
+    for c, r in zip(convs, responses):
+        assert r.status_code == 200, r.text
+        assert {k: r.json()[k] for k in SAME} == direct[json.dumps(c)]
+    batches = _metric(server.url, "pyguard_batch_size_count") - before
+    assert 1 <= batches < 64  # requests were judged together
+
+
+def test_classify_options_and_conversations(server, guard):
+    convs = SAMPLES[:5]
+    body = {"conversations": convs, "exclude": ["S13"], "threshold": 0.3, "category_scores": True}
+    r = post(server.url, "/v1/classify", body)
+    assert r.status_code == 200, r.text
+    want = guard.classify_many(convs, exclude=["S13"], threshold=0.3, category_scores=True)
+    assert [{k: x[k] for k in SAME} for x in r.json()["results"]] == [native(w) for w in want]
+    cats = {"S1": "Violence.", "S2": "Crime."}
+    r = post(server.url, "/v1/classify", {"messages": [{"role": "user", "content": TEXTS[1]}], "categories": cats})
+    assert {k: r.json()[k] for k in SAME} == native(guard.classify(TEXTS[1], categories=cats))
+
+
+def test_health_and_metrics(server):
+    h = httpx.get(server.url + "/healthz").json()
+    assert h["status"] == "ok" and h["model"].endswith(".pgw") and h["kernel"] and h["queue_depth"] == 0
+    post(server.url, "/v1/moderations", {"input": "hello"})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("pyguard_requests_total", "pyguard_request_seconds", "pyguard_tokens_total", "pyguard_batch_size",
+                 "pyguard_queue_depth"):
+        assert f"# TYPE {name} " in text
+    assert _metric(server.url, 'pyguard_requests_total{endpoint="/v1/moderations",status="200"}') >= 1
+    assert _metric(server.url, 'pyguard_tokens_total{kind="prompt"}') > 0
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+# ---- overload, bad input, auth, shutdown
+
+
+def test_burst_on_a_tiny_queue(model, guard):
+    """40 requests at once on a queue of 2: some 429 (with Retry-After), the others answered
+    exactly; every request gets a status, none a 5xx."""
+    with running(model, "--max-queue", "2", "--max-batch", "1") as s:
+        responses = burst(s.url, "/v1/moderations", [{"input": TEXTS[i % len(TEXTS)]} for i in range(40)])
+        codes = [r.status_code for r in responses]
+        assert set(codes) == {200, 429}, codes
+        for i, r in enumerate(responses):
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "rate_limit_error"
+            else:
+                assert r.json()["results"][0]["pyguard"]["score"] == guard.classify(TEXTS[i % len(TEXTS)]).score
+        assert post(s.url, "/v1/moderations", {"input": "hello"}).status_code == 200  # still serving
+
+
+LONG = "word " * 9000  # over max_tokens (8192) with the prompt
+BAD = [
+    ("/v1/moderations", b"{", None, "not JSON"),
+    ("/v1/moderations", b'{"input": NaN}', None, "not JSON"),
+    ("/v1/moderations", b"\xff\xfe", None, "not JSON"),
+    ("/v1/moderations", b"[" * 100000, None, "nested too deeply"),
+    ("/v1/moderations", [], None, "must be a JSON object"),
+    ("/v1/moderations", {}, "input", "missing field 'input'"),
+    ("/v1/moderations", {"input": "x", "extra": 1}, "extra", "unknown field"),
+    ("/v1/moderations", {"input": 5}, "input", "input must be a string"),
+    ("/v1/moderations", {"input": []}, "input", "non-empty list"),
+    ("/v1/moderations", {"input": ["ok", 3]}, "input", "input 1 must be a string"),
+    ("/v1/moderations", {"input": "   "}, None, "empty"),
+    ("/v1/moderations", {"input": "x", "model": 3}, "model", "model must be a string"),
+    ("/v1/moderations", {"input": ["ok", LONG]}, None, "input 1: the prompt is"),
+    ("/v1/classify", {}, None, "exactly one of messages"),
+    ("/v1/classify", {"messages": [], "conversations": []}, None, "exactly one of messages"),
+    ("/v1/classify", {"conversations": "abc"}, "conversations", "non-empty list"),
+    ("/v1/classify", {"messages": [{"role": "robot", "content": "hi"}]}, None, "role"),
+    ("/v1/classify", {"messages": "hi", "threshold": 2}, "threshold", "threshold must be"),
+    ("/v1/classify", {"messages": "hi", "threshold": "0.5"}, "threshold", "threshold must be"),
+    ("/v1/classify", {"messages": "hi", "exclude": ["S99"]}, "exclude", "S99"),
+    ("/v1/classify", {"messages": "hi", "categories": {"X1": "Unspellable."}}, None, "cannot answer X1"),
+    ("/v1/classify", {"messages": "hi", "category_scores": "yes"}, "category_scores", "True or False"),
+    ("/v1/classify", {"messages": [{"role": "user", "content": LONG}]}, None, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path,body,param,message", BAD, ids=[f"{i}-{b[3][:20]}" for i, b in enumerate(BAD)])
+def test_bad_input(server, path, body, param, message):
+    r = post(server.url, path, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert message in err["message"] and err["param"] == param and "\n" not in err["message"]
+
+
+def test_http_errors(server):
+    r = post(server.url, "/v1/moderations", b'{"input": "' + b"x" * (2 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    r = post(server.url, "/v1/classify", b"x" * (64 << 20))  # declared far over the limit: refused unread
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/v1/moderations").status_code == 405
+    r = httpx.get(server.url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "no route GET /v2/nothing"
+    assert post(server.url, "/v1/moderations", {"input": "hello"}).status_code == 200  # still serving
+
+
+def test_api_key(model):
+    with running(model, env={"PYGUARD_API_KEY": "s3cret"}) as s:
+        assert "API key required" in s.lines[-1]
+        assert httpx.get(s.url + "/healthz").status_code == 200
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}, {"authorization": "Bearer s3cre"}):
+            r = post(s.url, "/v1/moderations", {"input": "hi"}, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+            assert httpx.get(s.url + "/metrics", headers=headers).status_code == 401
+        ok = openai.OpenAI(base_url=s.url + "/v1", api_key="s3cret", max_retries=0).moderations.create(input="hi")
+        assert len(ok.results) == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0).moderations.create(input="hi")
+    with running(model, "--api-key", "other") as s:
+        assert post(s.url, "/v1/moderations", {"input": "hi"}, headers={"authorization": "Bearer other"}).status_code == 200
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--host", "0.0.0.0"], "--insecure"),
+    (["--max-queue", "0"], "max_queue must be"),
+    (["--max-batch", "-1"], "max_batch must be"),
+    (["--port", "65536"], "port must be"),
+    (["--api-key", ""], "API key"),
+])
+def test_refused_at_start(model, args, message):
+    p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", model, *args], capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYGUARD_API_KEY"})
+    assert p.returncode == 2 and message in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_port_in_use(model, server):
+    port = server.url.rsplit(":", 1)[1]
+    p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", port], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_graceful_shutdown(model, guard, sig):
+    """A signal while requests are queued: every one is answered, then exit 0."""
+    with running(model, "--max-batch", "1") as s:
+        results: list = []
+        bodies = [{"input": TEXTS[i % len(TEXTS)]} for i in range(12)]
+        t = threading.Thread(target=lambda: results.extend(burst(s.url, "/v1/moderations", bodies)))
+        t.start()
+        deadline = time.monotonic() + 60  # a bound on the wait, not a measurement
+        while httpx.get(s.url + "/healthz").json()["queue_depth"] < 2:
+            assert time.monotonic() < deadline and t.is_alive(), "the requests never queued"
+        assert s.stop(sig) == 0
+        t.join(timeout=60)
+        assert [r.status_code for r in results] == [200] * len(bodies)
+        for b, r in zip(bodies, results):
+            assert r.json()["results"][0]["pyguard"]["score"] == guard.classify(b["input"]).score
+        assert s.lines[-1] == "pyguard serve: stopped"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/healthz")
