@@ -44,8 +44,6 @@ def test_scores_are_mid_range_and_decide_the_verdict(singles):
     scores = np.array([r.score for r in rs])
     assert scores.min() < 0.25 and scores.max() > 0.9 and 0.2 < np.mean(scores > 0.5) < 0.8
     for r in rs:
-        # "safe" and "unsafe" hold nearly all the mass: greedy picks unsafe exactly above 1/2
-        assert r.verdict == ("unsafe" if r.score > 0.5 else "safe"), (r.score, r.answer)
         assert (r.categories != []) == r.unsafe and len(set(r.categories)) == len(r.categories)
         assert r.category_names == [CATEGORIES_1B[c] for c in r.categories]
     assert len({tuple(r.categories) for r in rs if r.unsafe}) > 1  # the codes vary too
@@ -64,7 +62,9 @@ def test_score_is_the_unsafe_row_of_the_head(guards, singles):
         assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9)
         rows = pruned.model.head_ids
         assert rp.score == pytest.approx(p[39257] / p[rows].sum(), rel=1e-9)
-        assert abs(rf.score - rp.score) < 1e-3 and abs(rf.score - 0.5) > 0.01
+        assert abs(rf.score - rp.score) < 1e-3  # "safe" and "unsafe" hold nearly all the mass
+        assert rf.verdict == ("unsafe" if p[39257] > p[19193] else "safe")  # the greedy first word
+    assert np.mean([abs(r.score - 0.5) > 0.1 for r in singles["full"]]) > 0.5  # not the safe row's 1 - score
 
 
 def test_guard_and_full_heads_agree(singles):
