@@ -138,6 +138,8 @@ def _jsonl_command(a: argparse.Namespace) -> int:
         raise PyguardError("--resume needs --out: the results file to continue")
     if a.out:
         check_output(a.out, "--out")
+        if a.jsonl != "-" and os.path.exists(a.out) and os.path.exists(a.jsonl) and os.path.samefile(a.out, a.jsonl):
+            raise PyguardError(f"--out {a.out}: the same file as --jsonl {a.jsonl} (it would be overwritten as it is read)")
     done = done_results(a.out) if a.resume else None
     options = _options(a)
     try:

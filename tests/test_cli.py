@@ -293,6 +293,10 @@ def test_output_paths_are_checked_before_any_work(model, tmp_path):
         r = run("classify", "-m", model, "--jsonl", "-", "--out", str(out), stdin=(line(1) + "\n").encode())
         one_error(r, f"--out {out}: ", why)
     assert sorted(os.listdir(tmp_path)) == ["file"]
+    src = tmp_path / "in.jsonl"
+    src.write_text(line(1) + "\n")
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(src)), "the same file as --jsonl")
+    assert src.read_text() == line(1) + "\n"
 
 
 def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, monkeypatch, capsys):
