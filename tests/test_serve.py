@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyguard import Guard
 from pyguard.serve import MODERATION_CATEGORIES
@@ -249,6 +251,7 @@ BAD = [
     ("/v1/moderations", {"input": "   "}, None, "empty"),
     ("/v1/moderations", {"input": "x", "model": 3}, "model", "model must be a string"),
     ("/v1/moderations", {"input": ["ok", LONG]}, None, "input 1: the prompt is"),
+    ("/v1/moderations", {"input": ["x"] * 257}, "input", "257 conversations in one request, over the queue's 256"),
     ("/v1/classify", {}, None, "exactly one of messages"),
     ("/v1/classify", {"messages": [], "conversations": []}, None, "exactly one of messages"),
     ("/v1/classify", {"conversations": "abc"}, "conversations", "non-empty list"),
@@ -269,6 +272,26 @@ def test_bad_input(server, path, body, param, message):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert message in err["message"] and err["param"] == param and "\n" not in err["message"]
+
+
+FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "category_scores", "role",
+          "content", "type", "text", "S1", "S6"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.sampled_from(["", " ", "user", "assistant", "S6", "hi"]),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4),
+                    max_leaves=12)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(path=st.sampled_from(["/v1/moderations", "/v1/classify"]), body=JSON)
+def test_any_json_gets_a_verdict_or_a_400(server, path, body):
+    """Whatever JSON arrives: a 200 with results, or a 400 in OpenAI's shape; never a 5xx."""
+    r = post(server.url, path, body)
+    assert r.status_code in (200, 400), (r.status_code, r.text)
+    if r.status_code == 400:
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"] and "\n" not in err["message"]
+    else:
+        assert "results" in r.json() or r.json()["verdict"] in ("safe", "unsafe")
 
 
 def test_http_errors(server):
