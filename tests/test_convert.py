@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from pyguard import checkpoint, file, quant
 from pyguard.config import ModelConfig, tensor_plan
-from pyguard.convert import convert
+from pyguard.convert import convert, read_tokenizer
 from pyguard.errors import PyguardError
 from pyguard.model import Model
 from pyguard.safetensors import Checkpoint, SafetensorsFile
@@ -143,6 +144,94 @@ def test_nan_weights_and_failure_midway_leave_no_file(tmp_path):
     w["model.layers.1.mlp.down_proj.weight"][3, 5] = np.nan
     hf = make(tmp_path, weights=w, dtype="F32")
     _expect_error(tmp_path, hf, "NaN")
+
+
+def test_weights_beyond_fp16_scale_range(tmp_path):
+    """|w| / 8 above fp16's 65504 would make an infinite scale (and NaN logits): refused, naming the tensor."""
+    w = checkpoint.random_weights(TINY)
+    w["model.layers.0.self_attn.o_proj.weight"][1, 2] = 6e5
+    _expect_error(tmp_path, make(tmp_path, weights=w, dtype="F32"), "o_proj.weight holds a weight of magnitude 600000")
+    w["model.layers.0.self_attn.o_proj.weight"][1, 2] = quant.MAX_WEIGHT  # the largest that converts
+    w["model.norm.weight"][0] = np.inf
+    _expect_error(tmp_path, make(tmp_path, name="hf2", weights=w, dtype="F32"), "model.norm.weight holds infinite")
+    w["model.norm.weight"][0] = 1e30  # norms stay float32: any finite value converts
+    out = tmp_path / "ok.pg"
+    with pytest.warns(UserWarning, match="tokenizer not converted"):
+        convert(make(tmp_path, name="hf3", weights=w, dtype="F32"), str(out))
+    f = file.load(str(out))
+    assert np.isfinite(f.tensors["layers.0.wo"].scales.astype(np.float32)).all() and file.verify(str(out))
+
+
+HF_CONFIG = checkpoint.hf_config(TINY)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"num_attention_heads": 0}, "num_attention_heads must be an integer"),
+    ({"hidden_size": float("inf")}, "hidden_size must be an integer"),  # JSON 1e400
+    ({"hidden_size": "128"}, "hidden_size must be an integer"),
+    ({"hidden_size": 128.0}, "hidden_size must be an integer"),
+    ({"num_hidden_layers": 10**9}, "num_hidden_layers must be an integer in 1..1024"),
+    ({"num_hidden_layers": True}, "num_hidden_layers must be an integer"),
+    ({"vocab_size": None}, "vocab_size must be an integer"),
+    ({"architectures": 5}, "architectures must be a list"),
+    ({"architectures": [["LlamaForCausalLM"]]}, "architectures must be a list"),
+    ({"head_dim": None, "hidden_size": 130}, "hidden_size 130 is not divisible by num_attention_heads 4"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps must be a finite positive number"),
+    ({"rope_theta": "1e4"}, "rope_theta must be a finite positive number"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"num_key_value_heads": 3}, "4 heads is not a multiple of 3"),
+    ({"max_position_embeddings": 2**40}, "max_position_embeddings must be an integer"),
+    ({"rope_scaling": 5}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "rope scaling 'yarn' not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling lacks low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}}, "rope_scaling low_freq_factor must be below high_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": [8.0], "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}}, "rope_scaling.factor must be a finite positive number"),
+    ({"rope_parameters": [1]}, "rope_parameters must be an object"),
+])
+def test_hostile_config_json(tmp_path, change, match):
+    hf = make(tmp_path)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        json.dump({**HF_CONFIG, **change}, f)
+    _expect_error(tmp_path, hf, "config.json: " + match)
+
+
+@given(st.sampled_from(sorted(HF_CONFIG)), st.sampled_from([None, True, 0, -1, 1.5, 2**70, "x", [], {}, [64], {"a": 1}]))
+@settings(max_examples=80, deadline=None, derandomize=True)
+def test_any_wrong_config_value_is_a_pyguard_error(key, value):
+    """Every field of config.json with any JSON value: a config or one PyguardError, never another exception."""
+    try:
+        ModelConfig.from_hf({**HF_CONFIG, key: value})
+    except PyguardError as e:
+        assert str(e).startswith("config.json")
+
+
+def test_deeply_nested_json_files(tmp_path):
+    deep = "[" * 100000 + "]" * 100000
+    hf = make(tmp_path)
+    with open(os.path.join(hf, "config.json"), "w") as f:
+        f.write(deep)
+    _expect_error(tmp_path, hf, "config.json: cannot parse")
+    hf = make(tmp_path, name="hf2", shards=2)
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        f.write(deep)
+    _expect_error(tmp_path, hf, "index.json: not a valid safetensors index")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # read for the special token names
+        d = tmp_path / name
+        (d / "original").mkdir(parents=True)
+        (d / "original" / "tokenizer.model").write_bytes(b"".join(b"%s %d\n" % (base64.b64encode(bytes([i])), i) for i in range(256)))
+        (d / name).write_text(deep)
+        tok, note = read_tokenizer(str(d))  # the checkpoint then converts without a tokenizer, with a warning
+        assert tok is None and note.endswith(f"{name}: malformed " + ("added_tokens" if name == "tokenizer.json" else "added_tokens_decoder"))
+
+
+@pytest.mark.parametrize("weight_map", [None, 5, [], {"a": 5}, {"a": ["x"]}, {"a": "../model.safetensors"}, {"a": "nope.safetensors"}])
+def test_hostile_safetensors_index(tmp_path, weight_map):
+    hf = make(tmp_path, shards=2)
+    with open(os.path.join(hf, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": weight_map}, f)
+    _expect_error(tmp_path, hf, "model.safetensors.index.json: ")
 
 
 def test_cli_reports_one_line_and_exit_status_2(tmp_path):
