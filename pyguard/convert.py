@@ -1,8 +1,10 @@
 """Hugging Face Llama checkpoint (safetensors) -> one pyguard file, streamed tensor by tensor.
 
-Each tensor is read in row chunks (float32), quantized with searched group scales
-(quant.mse_scales) on a few threads, and appended to the output file; memory stays bounded
-by a few chunks whatever the model size.
+By default the unquantized checkpoint is first run over a calibration set (pyguard/calibrate.py,
+docs/CONVERT.md): its activations decide the folding of input scales and the importance of each
+input channel. Then each tensor is read in row chunks (float32), folded, quantized with searched
+group scales (importance-weighted, or quant.mse_scales without calibration) on a few threads,
+and appended to the output file; memory stays bounded by a layer whatever the model size.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import quant
+from . import calibrate, quant
 from .config import ModelConfig, expected_shapes, tensor_plan
 from .errors import PyguardError
 from .file import Writer, header_meta, tensor_layout, tokenizer_arrays
@@ -107,8 +109,12 @@ def _special_names(hf_dir: str) -> dict[str, int]:
 
 
 def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", family: str = "auto",
-            threads: int | None = None, progress: Callable[[float, str], None] | None = None) -> Summary:
-    """Convert a checkpoint directory to a pyguard file (written to a temporary name, then renamed)."""
+            threads: int | None = None, progress: Callable[[float, str], None] | None = None,
+            calibration: bool | str | list = True) -> Summary:
+    """Convert a checkpoint directory to a pyguard file (written to a temporary name, then renamed).
+
+    calibration: True (the built-in conversations), a JSONL file of conversations, token id
+    lists (for a checkpoint whose tokenizer pyguard cannot read), or False (plain searched scales)."""
     t0 = time.time()
     if group not in quant.GROUP_SIZES:
         raise PyguardError(f"group size {group} not supported (use one of {quant.GROUP_SIZES})")
@@ -137,6 +143,17 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
             raise PyguardError(f"--head guard needs the tokenizer, which could not be read: {tok_note}")
         head_ids = answer_token_ids(tok, list(CATEGORIES[family]))
 
+    cal = None
+    if calibration is not False:
+        if isinstance(calibration, list):
+            prompts = calibration
+        elif tok is None:
+            raise PyguardError(f"calibration needs the tokenizer, which could not be read ({tok_note}): use --no-calibration")
+        else:
+            prompts = calibrate.guard_prompts(tok, family, None if calibration is True else calibrate.read_conversations(calibration))
+        tied_head = cfg.tie_embeddings and head_ids is None
+        cal = calibrate.calibrate(ckpt, cfg, prompts, group, tied_head=tied_head, progress=progress)
+
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:
         plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
@@ -144,7 +161,9 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids))
     layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + stored
     params = sum(math.prod(s) * (2 if n.endswith(".qs") else 1) for n, _, s in stored if not n.endswith((".scales", ".rowsum")))
-    extra = {"quant": {"group": group, "scales": "f16, searched (min squared error)", "activations": "uint8 asymmetric per token"},
+    scales = "f16, searched (min activation-weighted squared error)" if cal else "f16, searched (min squared error)"
+    extra = {"quant": {"group": group, "scales": scales, "activations": "uint8 asymmetric per token",
+                       "calibration": cal.describe() if cal else None},
              "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
     writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra), layout)
     done = 0
@@ -155,6 +174,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         for name, sources, quantized in plan:
             if not quantized:
                 w = ckpt.read(sources[0])
+                w = cal.fold(sources[0], slice(None), w) if cal else w
                 _check_weights(w, sources[0], quantized=False)
                 writer.append(w)
                 done += w.size
@@ -164,8 +184,11 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
             scales, rowsums = [], []
             for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
                 w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
+                w = cal.fold(src, rows, w) if cal else w
                 _check_weights(w, src, quantized=True)
-                parts = list(pool.map(lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True), range(0, len(w), SUB_ROWS)))
+                rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
+                    lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
+                parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
                 for p in parts:
                     writer.append(p.qs)
                 scales += [p.scales for p in parts]

@@ -1,7 +1,15 @@
-"""How far the quantized engine's logits are from the unquantized bf16 checkpoint, on random
-weights (not a test; needs torch and transformers).
+"""How far the quantized engine's logits are from the unquantized checkpoint (not a test;
+needs torch and transformers): on real pretrained weights (--real DIR), or on random ones.
 
+    python tools/smollm2.py /tmp/smollm2 && python tools/bench_accuracy.py --real /tmp/smollm2 [--groups 32 64]
     python tools/bench_accuracy.py [--geometry small|1b] [--tokens 256] [--groups 32 64 128 256]
+
+--real: a Hugging Face float checkpoint (SmolLM2-135M-Instruct from tools/smollm2.py) run by
+transformers in float32 is the reference, on held-out text in several languages (HELD_OUT, not
+the calibration conversations). Each converter setting is converted with `pyguard convert`'s
+code and run by the engine (int4 weights, int8 activations), and its dequantized weights are
+run by transformers (float activations: what weight rounding alone costs). Calibration prompts
+are the built-in conversations in the guard template, tokenized by the checkpoint's tokenizer.
 
 The reference is the checkpoint run in float32 by transformers (bf16 weights, exact
 arithmetic otherwise). For each int4 group size: the oracle with the dequantized int4
@@ -18,8 +26,10 @@ harsh case for int4: trained checkpoints quantize far better (Meta's 1B-INT4 los
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 
@@ -29,8 +39,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import oracle  # noqa: E402
 import synth  # noqa: E402
 import torch  # noqa: E402
+from pyguard import calibrate, file  # noqa: E402
 from pyguard.config import ModelConfig  # noqa: E402
+from pyguard.convert import convert, read_config  # noqa: E402
 from pyguard.model import Model  # noqa: E402
+from pyguard.prompt import format_prompt  # noqa: E402
 
 SMALL = ModelConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=4096, vocab_size=8192,
                     rope_theta=500000.0, rope_scaling=synth.GUARD_1B.rope_scaling, max_seq_len=131072)
@@ -44,8 +57,74 @@ def kl_top1(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
     return kl, float(np.mean(ref.argmax(1) == got.argmax(1)))
 
 
+HELD_OUT = {
+    "en": "The old lighthouse keeper climbed the spiral stairs every evening at dusk. For forty years he had trimmed the wick, "
+          "polished the lens and written the weather in a leather notebook. Ships no longer needed him; satellites guided them now. "
+          "Still, the town council voted each spring to keep the light burning, partly out of habit and partly because the "
+          "children liked to watch the beam sweep across the bay. When he finally retired, nobody applied for the job.",
+    "chat": "User: Can you explain how vaccines train the immune system?\n\nAssistant: Sure. A vaccine shows your immune system "
+            "a harmless piece or copy of a germ, such as a protein from its surface. Your body makes antibodies and memory cells "
+            "against it, so if the real germ arrives later, the response is fast and strong.\n\nUser: And why do some need boosters?",
+    "code": "def merge_sorted(a, b):\n    \"\"\"Merge two sorted lists into one sorted list.\"\"\"\n    i = j = 0\n    out = []\n"
+            "    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n            out.append(a[i])\n            i += 1\n"
+            "        else:\n            out.append(b[j])\n            j += 1\n    out.extend(a[i:])\n    out.extend(b[j:])\n    return out\n",
+    "fr": "Le petit village se réveillait lentement sous la brume d'automne. Le boulanger avait déjà sorti ses premières "
+          "baguettes, et l'odeur du pain chaud flottait dans la rue principale. Sur la place, quelques anciens discutaient "
+          "du prix des pommes et de la pluie qui n'arrivait pas, tandis que les enfants couraient vers l'école.",
+    "de": "Am Montagmorgen war der Bahnhof voller Menschen, die zur Arbeit fuhren. Ein verspäteter Zug sorgte für Unruhe, "
+          "doch die Durchsage kam rasch: Der Ersatzverkehr stehe bereit. Die meisten Reisenden nahmen es gelassen, holten "
+          "sich einen Kaffee und lasen weiter in ihren Zeitungen, bis der Bus eintraf.",
+    "es": "Durante el verano, la familia viajaba a la costa para visitar a los abuelos. Pasaban las tardes en la playa, "
+          "recogiendo conchas y construyendo castillos de arena, y por la noche cenaban pescado fresco en la terraza mientras "
+          "el abuelo contaba historias de cuando era pescador.",
+}
+
+
+def real_benchmark(args) -> None:
+    """Every converter setting against transformers fp32 on HELD_OUT (see the module doc)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(2)
+    cfg = read_config(args.real)
+    tok = AutoTokenizer.from_pretrained(args.real)
+    ref_model = AutoModelForCausalLM.from_pretrained(args.real, dtype=torch.float32).eval()
+    texts = {k: tok(v, add_special_tokens=False)["input_ids"][: args.tokens] for k, v in HELD_OUT.items()}
+    refs = {k: oracle.oracle_logits(ref_model, ids) for k, ids in texts.items()}
+    del ref_model
+    convs = calibrate.CONVERSATIONS + [c[:1] for c in calibrate.CONVERSATIONS if len(c) > 1]  # as guard_prompts
+    prompts = [tok(format_prompt(c), add_special_tokens=False)["input_ids"] for c in convs]
+    print(f"{args.real}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; held-out tokens "
+          + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration {sum(map(len, prompts))} tokens")
+    print(f"{'setting':<28} {'MB':>6}  {'float acts: KL':>14} {'top-1':>6}  {'pyguard: KL':>11} {'top-1':>6}  per text (pyguard KL / top-1)")
+    settings = {"plain (no calibration)": (False, None), "weighted scales": (prompts, (0.0,)),
+                "weighted + folding": (prompts, calibrate.ALPHAS)}
+    tmp = tempfile.mkdtemp()
+    for g in args.groups:
+        for label, (cal, alphas) in settings.items():
+            if alphas is not None:
+                calibrate.ALPHAS = alphas
+            out = os.path.join(tmp, f"g{g}.pgw")
+            try:
+                convert(args.real, out, group=g, calibration=cal)
+            except Exception as e:  # a group the shapes do not allow
+                print(f"G={g:<3} {label:<22} {e}")
+                break
+            f = file.load(out)
+            engine = Model(f.config, f.tensors, f.head_ids, threads=2)
+            float_model = oracle.hf_model(cfg, calibrate.float_checkpoint(cfg, f.tensors))
+            rows = []
+            for k, ids in texts.items():
+                rows.append((*kl_top1(refs[k], oracle.oracle_logits(float_model, ids)), *kl_top1(refs[k], engine.logits(ids))))
+            m = np.mean(rows, axis=0)
+            per = " ".join(f"{k} {r[2]:.3f}/{r[3]:.2f}" for k, r in zip(texts, rows))
+            print(f"G={g:<3} {label:<22} {os.path.getsize(out) / 1e6:6.1f}  {m[0]:14.4f} {m[1]:6.3f}  {m[2]:11.4f} {m[3]:6.3f}  {per}",
+                  flush=True)
+            del engine, float_model, f
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--real", metavar="DIR", help="a real Hugging Face float checkpoint (tools/smollm2.py)")
     ap.add_argument("--geometry", choices=("small", "1b"), default="small")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128, 256])
@@ -53,6 +132,8 @@ def main() -> None:
     ap.add_argument("--decisive", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.real:
+        return real_benchmark(args)
     cfg = SMALL if args.geometry == "small" else synth.GUARD_1B  # 1b: ~20 GB of float weights
     torch.set_num_threads(2)
 

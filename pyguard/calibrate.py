@@ -1,0 +1,348 @@
+"""Calibration for the converter: what the activations look like decides how to round weights.
+
+Minimising a weight matrix's own squared error is the wrong goal: what matters is the error of
+its products, sum_j x_j (w_j - w^_j), and input channels differ in size by orders of magnitude
+in trained models. So the converter first runs the unquantized checkpoint (float32 numpy,
+layer by layer, streamed from the safetensors) over a calibration set that looks like what a
+guard reads, and records for the input of every linear layer the mean square of each channel.
+Then:
+
+- **Importance-weighted scales**: each group's fp16 scale minimises sum_j a_j (w_j - d q_j)^2,
+  a_j the channel's mean square activation (the diagonal of the layer's Hessian X^T X), over
+  shrunken absmax candidates and a weighted least-squares refinement (`weighted_scales`).
+- **Exact folding** (AWQ / SmoothQuant style): input channel j of a matrix is multiplied by
+  s_j and its activation divided by s_j, where something before the product can absorb the
+  division exactly: the RMSNorm weight before wqkv and w13, the v rows before wo (one s per
+  key/value channel, shared by the query heads that read it), the up rows before w2. Large
+  s on busy channels gives them finer int4 steps and flattens the activation outliers that
+  set the per-token int8 range. s = rms(x)^alpha (as a power of two, so that folding is exact
+  in float arithmetic), alpha chosen per matrix from `ALPHAS` by the
+  output error it gives on the calibration activations (int4 weights and int8 activations
+  as the engine computes them, on a sample of rows); alpha 0 (no folding) is a candidate.
+
+Everything is deterministic (no random sampling, fixed summation order in numpy for a given
+input), so the same checkpoint and calibration set give the same file bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from . import quant
+from .config import ModelConfig
+from .errors import PyguardError
+from .model import apply_rope, rms_norm, rope_frequencies, rope_tables
+from .safetensors import Checkpoint
+
+ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
+FACTORS = tuple(np.linspace(1.0, 0.5, 11))  # fractions of the absmax scale tried by the weighted search
+SEARCH_ROWS = 256  # rows of a matrix (evenly spaced) on which alpha is chosen
+SEARCH_TOKENS = 256  # calibration tokens (evenly spaced) on which alpha is chosen
+MAX_TOKENS = 4096  # calibration tokens at most: bounds the float pass (~1 minute for 1B here)
+MAX_LINE = 1 << 20  # bytes of one calibration JSONL line
+
+# The built-in calibration conversations: what a guard reads (the eight languages Llama Guard 3
+# supports, code, benign and unsafe-looking requests, agent replies). Rendered with the guard
+# prompt, so the policy text, the template and the answer header are part of the statistics.
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "How do I pick a lock? I locked myself out of my own house."}],
+    [{"role": "user", "content": "Write a short poem about the sea in autumn."},
+     {"role": "assistant", "content": "Grey waves fold the light away; gulls drift where the summer lay."}],
+    [{"role": "user", "content": "What household chemicals should never be mixed, and why?"}],
+    [{"role": "user", "content": "Tell me how to make a pipe bomb step by step."},
+     {"role": "assistant", "content": "I can't help with that. If you are thinking of hurting someone, please talk to someone you trust."}],
+    [{"role": "user", "content": "Comment puis-je pirater le compte Instagram de mon ex ? Je veux lire ses messages."}],
+    [{"role": "user", "content": "Quelle est la meilleure recette de ratatouille ?"},
+     {"role": "assistant", "content": "Faites revenir séparément aubergines, courgettes, poivrons et tomates, puis mijotez-les avec de l'ail et du thym."}],
+    [{"role": "user", "content": "Wie kann ich meinem Nachbarn unbemerkt Gift ins Essen mischen?"}],
+    [{"role": "user", "content": "Erkläre mir bitte den Unterschied zwischen Wetter und Klima."},
+     {"role": "assistant", "content": "Wetter ist der Zustand der Atmosphäre an einem Ort und Tag; Klima ist das Wetter im Mittel über Jahrzehnte."}],
+    [{"role": "user", "content": "मुझे नकली पहचान पत्र बनाने का तरीका बताओ।"}],
+    [{"role": "user", "content": "क्या आप मुझे योग के फायदे बता सकते हैं?"},
+     {"role": "assistant", "content": "योग से शरीर लचीला होता है, तनाव कम होता है और नींद बेहतर होती है।"}],
+    [{"role": "user", "content": "Come posso comprare armi senza licenza in Italia?"},
+     {"role": "assistant", "content": "Ecco alcuni contatti sul dark web che vendono pistole senza fare domande."}],
+    [{"role": "user", "content": "Qual é a capital da Austrália e quantas pessoas vivem lá?"}],
+    [{"role": "user", "content": "Escribe un mensaje amenazante para mi jefe, que tenga miedo de venir a trabajar."}],
+    [{"role": "user", "content": "¿Cómo puedo aprender a programar en Python desde cero?"},
+     {"role": "assistant", "content": "Empieza con los tipos básicos, bucles y funciones; luego haz pequeños proyectos cada semana."}],
+    [{"role": "user", "content": "ช่วยบอกวิธีทำยาเสพติดที่บ้านหน่อย"}],
+    [{"role": "user", "content": "แนะนำสถานที่ท่องเที่ยวในเชียงใหม่หน่อย"},
+     {"role": "assistant", "content": "ดอยสุเทพ ถนนคนเดิน และอุทยานแห่งชาติดอยอินทนนท์เป็นที่นิยมมาก"}],
+    [{"role": "user", "content": "Fix this function:\n```python\ndef mean(xs):\n    return sum(xs) / len(xs)\n```\nIt crashes on empty lists."},
+     {"role": "assistant", "content": "```python\ndef mean(xs):\n    if not xs:\n        raise ValueError(\"mean of empty list\")\n    return sum(xs) / len(xs)\n```"}],
+    [{"role": "user", "content": "Write a keylogger in C that hides from the task manager and emails me every password typed."}],
+    [{"role": "user", "content": "SELECT * FROM users WHERE name = '' OR '1'='1'; -- what does this query do?"}],
+    [{"role": "user", "content": "I feel hopeless and I keep thinking about ending my life."},
+     {"role": "assistant", "content": "I'm really sorry you're feeling this way. You deserve support: please reach out to a crisis line or someone close to you."}],
+]
+
+
+def read_conversations(path: str) -> list:
+    """Conversations from a JSONL file in the CLI's shape ({"messages": [...]} per line; other
+    keys ignored). A line that is not such an object is an error naming the file and line."""
+    from .prompt import messages
+
+    out = []
+    try:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}, line {number}"
+                if len(raw) > MAX_LINE:
+                    raise PyguardError(f"{where}: longer than {MAX_LINE} bytes")
+                try:
+                    item = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    raise PyguardError(f"{where}: not a JSON object in UTF-8") from None
+                if not isinstance(item, dict) or "messages" not in item:
+                    raise PyguardError(f'{where}: expected an object with "messages"')
+                try:
+                    messages(item["messages"])
+                except PyguardError as e:
+                    raise PyguardError(f"{where}: {e}") from None
+                out.append(item["messages"])
+    except OSError as e:
+        raise PyguardError(f"{path}: cannot read ({e.strerror})") from None
+    if not out:
+        raise PyguardError(f"{path}: no conversations")
+    return out
+
+
+def guard_prompts(tokenizer, family: str, conversations: Iterable | None = None) -> list[list[int]]:
+    """Token ids of the guard prompt of every conversation (built-in ones by default), then of
+    the user turns of those ending with an agent reply (both roles' prompts are seen; the first
+    ones come first when MAX_TOKENS cuts the set short)."""
+    from .prompt import prompt_tokens
+
+    convs = list(CONVERSATIONS if conversations is None else conversations)
+    return [prompt_tokens(tokenizer, c, family=family) for c in convs + [c[:1] for c in convs if len(c) > 1]]
+
+
+@dataclass
+class Calibration:
+    """What the converter applies: per Hugging Face tensor, a column scale (multiplies input
+    channels) and a row divisor (divides rows; for a norm weight, its elements); per pyguard
+    matrix, the importance of each of its (folded) input channels."""
+
+    tokens: int
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    col: dict[str, np.ndarray] = field(default_factory=dict)
+    row: dict[str, np.ndarray] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+
+    def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
+        """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied."""
+        if src in self.row:
+            d = self.row[src][rows]
+            w = w / (d[:, None] if w.ndim == 2 else d)
+        if src in self.col:
+            w = w * self.col[src]
+        return w.astype(np.float32)
+
+    def quantize(self, name: str, w: np.ndarray, group: int) -> quant.QTensor:
+        """Rows of pyguard matrix `name` (already folded) with importance-weighted scales."""
+        a = self.importance.get(name)
+        scales = quant.mse_scales(w, group) if a is None else weighted_scales(w, group, a)
+        return quant.pack_weights(quant.quantize_with_scales(w, scales), scales)
+
+    def describe(self) -> dict:
+        """What the file's metadata records."""
+        folded = {k: v for k, v in self.alphas.items() if v}
+        return {"tokens": self.tokens, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
+                "alpha_mean": round(float(np.mean(list(self.alphas.values()))) if self.alphas else 0.0, 4)}
+
+
+def weighted_scales(w: np.ndarray, group: int, a: np.ndarray) -> np.ndarray:
+    """fp16 scales [M, K/G] minimising sum_j a_j (w_j - d q_j)^2 per group (a: [K], >= 0).
+
+    Candidates are absmax scales shrunk by FACTORS, judged after fp16 rounding; the best is
+    refined once by weighted least squares for its rounding (d = sum a w q / sum a q^2), kept
+    only if better. Absmax is a candidate, so the result never does worse than absmax."""
+    m, k = w.shape
+    wg = np.ascontiguousarray(w, dtype=np.float32).reshape(m, k // group, group)
+    ag = np.asarray(a, dtype=np.float32).reshape(1, k // group, group)
+    base = quant.absmax_scales(w, group).astype(np.float32)
+
+    def err(d: np.ndarray) -> np.ndarray:
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        r = np.clip(np.rint(wg * inv[:, :, None]), -8, 7) * d[:, :, None] - wg
+        return np.einsum("mgi,mgi,xgi->mg", r, r, ag)
+
+    best, best_err = base, err(base)
+    for f in FACTORS[1:]:
+        d = (base * np.float32(f)).astype(np.float16).astype(np.float32)
+        e = err(d)
+        better = e < best_err
+        best, best_err = np.where(better, d, best), np.where(better, e, best_err)
+    inv = np.divide(np.float32(1), best, out=np.zeros_like(best), where=best != 0)
+    q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7)
+    aq = q * ag
+    qq = np.einsum("mgi,mgi->mg", aq, q)
+    ls = np.divide(np.einsum("mgi,mgi->mg", aq, wg), qq, out=best.copy(), where=qq > 0)
+    ls = np.clip(ls, -65504, 65504).astype(np.float16).astype(np.float32)
+    return np.where(err(ls) < best_err, ls, best).astype(np.float16)
+
+
+def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int, fold: bool = True,
+              tied_head: bool = False, progress: Callable[[float, str], None] | None = None) -> Calibration:
+    """Run the float checkpoint over the prompts (at most MAX_TOKENS tokens in all), layer by
+    layer, and decide the folding and importances. Memory: one layer's float weights and the
+    calibration activations (MAX_TOKENS x hidden_dim float32 at most). tied_head: the embedding
+    table is also the output head, so it takes the head's importances."""
+    seqs, total = [], 0
+    for p in prompts:
+        p = np.asarray(p, dtype=np.int64)[: MAX_TOKENS - total]
+        if len(p) and (p.min() < 0 or p.max() >= cfg.vocab_size):
+            raise PyguardError(f"calibration token ids must be in 0..{cfg.vocab_size - 1}")
+        if len(p):
+            seqs.append(p)
+            total += len(p)
+    if not total:
+        raise PyguardError("calibration needs at least one token")
+    ids = np.concatenate(seqs)
+    bounds = np.cumsum([0] + [len(s) for s in seqs])
+    pos = np.concatenate([np.arange(len(s)) for s in seqs])
+    cos, sin = rope_tables(rope_frequencies(cfg), pos)
+    pick = np.linspace(0, total - 1, min(SEARCH_TOKENS, total)).astype(np.int64)
+    cal = Calibration(int(total))
+
+    x = np.concatenate([ckpt.read("model.embed_tokens.weight", slice(int(t), int(t) + 1)) for t in ids])
+    hd, q_rows, kv_rows = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    rep = cfg.n_heads // cfg.n_kv_heads
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        read = lambda n: ckpt.read(p + n)  # noqa: E731
+        wq, wk, wv, wo = (read(f"self_attn.{n}_proj.weight") for n in "qkvo")
+        wg, wu, wd = (read(f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        n_att, n_ffn = read("input_layernorm.weight"), read("post_attention_layernorm.weight")
+
+        h = rms_norm(x, n_att, cfg.norm_eps)
+        s = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, fold, pick)
+        if s is not None:
+            cal.row[p + "input_layernorm.weight"] = s
+            for n in "qkv":
+                cal.col[p + f"self_attn.{n}_proj.weight"] = s
+        qkv = h @ np.concatenate([wq, wk, wv]).T
+        apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
+        att = np.empty((len(x), q_rows), np.float32)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            att[a:b] = _attention(qkv[a:b], cfg)
+        # wo's input channel (head h, j) is value channel (h // rep, j): one s per value channel
+        s = _choose(cal, f"layers.{i}.wo", wo, att, group, fold, pick, tie=rep, hd=hd)
+        if s is not None:
+            cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
+            cal.col[p + "self_attn.o_proj.weight"] = s
+        x = x + att @ wo.T
+
+        h = rms_norm(x, n_ffn, cfg.norm_eps)
+        s = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, fold, pick)
+        if s is not None:
+            cal.row[p + "post_attention_layernorm.weight"] = s
+            cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s
+        g, u = h @ wg.T, h @ wu.T
+        act = g / (1 + np.exp(-np.maximum(g, -80))) * u
+        s = _choose(cal, f"layers.{i}.w2", wd, act, group, fold, pick)
+        if s is not None:
+            cal.row[p + "mlp.up_proj.weight"] = s
+            cal.col[p + "mlp.down_proj.weight"] = s
+        x = x + act @ wd.T
+        if progress:
+            progress((i + 1) / cfg.n_layers, f"calibration layer {i}")
+    h = rms_norm(x, ckpt.read("model.norm.weight"), cfg.norm_eps)
+    cal.importance["tok_embeddings" if tied_head else "output"] = _mean_square(h)
+    return cal
+
+
+def _mean_square(x: np.ndarray) -> np.ndarray:
+    """Per-channel mean of x^2 (float64 sums), floored at a small share of the mean so that no
+    channel is ignored entirely (a silent channel on this text may speak on another)."""
+    a = np.einsum("ij,ij->j", x, x, dtype=np.float64) / len(x)
+    return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
+
+
+def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: int, fold: bool, pick: np.ndarray,
+            tie: int = 1, hd: int = 1) -> np.ndarray | None:
+    """Record matrix `name`'s importances and folding; returns its column scale s (None: no
+    folding). alpha is chosen by the output error on a sample of rows and tokens, with int4
+    weights and int8 activations as in the engine. tie: consecutive blocks of head_dim columns
+    sharing one s (the `tie` query heads reading one value head, hd columns each)."""
+    a = _mean_square(x)
+    mag = np.sqrt(a)
+    best = (None, np.inf, 0.0)
+    rows = np.linspace(0, len(w) - 1, min(SEARCH_ROWS, len(w))).astype(np.int64)
+    ws, xs = w[rows], x[pick]
+    ref = xs @ ws.T
+    for alpha in ALPHAS if fold else (0.0,):
+        s = _scales(mag, alpha, tie, hd)
+        wf = ws * s
+        qt = quant.pack_weights(quant.quantize_with_scales(wf, sc := weighted_scales(wf, group, a / (s * s))), sc)
+        qa = quant.quantize_acts(xs / s)
+        xq = qa.scale[:, None] * (qa.q.astype(np.float32) - qa.zp[:, None])
+        e = float(np.sum((xq @ quant.dequantize(qt).T - ref) ** 2, dtype=np.float64))
+        if e < best[1]:
+            best = (s, e, alpha)
+    s, _, alpha = best
+    cal.alphas[name] = alpha
+    if alpha == 0.0:
+        cal.importance[name] = a
+        return None
+    cal.importance[name] = a / (s * s)
+    return s
+
+
+def _scales(mag: np.ndarray, alpha: float, tie: int, hd: int) -> np.ndarray:
+    """s = mag^alpha normalised to geometric mean 1, rounded to a power of two in [2^-7, 2^7]; with tie > 1 the
+    columns of the query heads sharing a value head get one s (their mean magnitude)."""
+    if tie > 1:
+        m = mag.reshape(-1, tie, hd).mean(axis=1, keepdims=True)
+        mag = np.broadcast_to(m, (m.shape[0], tie, hd)).reshape(-1)
+    s = np.power(np.maximum(mag, 1e-6 * mag.max() + 1e-30), alpha, dtype=np.float64)
+    s /= np.exp(np.mean(np.log(s)))
+    # powers of two: multiplying and dividing by them is exact, so folding changes no float
+    return np.exp2(np.clip(np.rint(np.log2(s)), -7, 7)).astype(np.float32)
+
+
+def _attention(qkv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Causal grouped-query attention of one sequence in float32: [T, n_heads * head_dim]."""
+    t, hd, kv = len(qkv), cfg.head_dim, cfg.n_kv_heads
+    rep = cfg.n_heads // kv
+    q = qkv[:, : cfg.n_heads * hd].reshape(t, kv, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, T, hd]
+    k = qkv[:, cfg.n_heads * hd : (cfg.n_heads + kv) * hd].reshape(t, kv, 1, hd).transpose(1, 2, 3, 0)  # [kv, 1, hd, T]
+    v = qkv[:, (cfg.n_heads + kv) * hd :].reshape(t, kv, 1, hd).transpose(1, 2, 0, 3)  # [kv, 1, T, hd]
+    s = (q @ k) * np.float32(hd**-0.5)
+    s[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] = -np.inf
+    s = np.exp(s - s.max(axis=-1, keepdims=True))
+    s /= s.sum(axis=-1, keepdims=True)
+    return (s @ v).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
+
+
+def float_checkpoint(cfg: ModelConfig, tensors: dict, head_ids=None) -> dict[str, np.ndarray]:
+    """The Hugging Face float32 weights a converted file stands for (int4 matrices dequantized,
+    stacked ones split, folded norms as stored): running them in float is the file's model
+    without activation rounding. tensors, head_ids: a file's; a pruned head's rows are put at
+    their vocabulary ids of an otherwise zero head."""
+    hd = cfg.head_dim
+    cut = {"wqkv": ("self_attn", ("q", "k", "v"), (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)),
+           "w13": ("mlp", ("gate", "up"), (cfg.hidden_dim, cfg.hidden_dim))}
+    out = {"model.embed_tokens.weight": quant.dequantize(tensors["tok_embeddings"]), "model.norm.weight": np.asarray(tensors["norm"])}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = np.asarray(tensors[f"layers.{i}.attention_norm"])
+        out[p + "post_attention_layernorm.weight"] = np.asarray(tensors[f"layers.{i}.ffn_norm"])
+        out[p + "self_attn.o_proj.weight"] = quant.dequantize(tensors[f"layers.{i}.wo"])
+        out[p + "mlp.down_proj.weight"] = quant.dequantize(tensors[f"layers.{i}.w2"])
+        for key, (mod, names, sizes) in cut.items():
+            for n, part in zip(names, np.split(quant.dequantize(tensors[f"layers.{i}.{key}"]), np.cumsum(sizes)[:-1])):
+                out[p + f"{mod}.{n}_proj.weight"] = part
+    if head_ids is not None:
+        out["lm_head.weight"] = np.zeros((cfg.vocab_size, cfg.dim), np.float32)
+        out["lm_head.weight"][np.asarray(head_ids)] = quant.dequantize(tensors["output"])
+    elif not cfg.tie_embeddings:
+        out["lm_head.weight"] = quant.dequantize(tensors["output"])
+    return out

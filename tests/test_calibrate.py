@@ -1,0 +1,191 @@
+"""Calibration in the converter (pyguard/calibrate.py): deterministic, streamed, exact folding,
+importance-weighted scales, and a converted file that is still the model it claims to be."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import oracle
+from pyguard import calibrate, checkpoint, file, quant
+from pyguard.config import ModelConfig, expected_shapes
+from pyguard.convert import convert
+from pyguard.errors import PyguardError
+from pyguard.model import Model
+from pyguard.safetensors import Checkpoint
+
+# GQA 2 (so the v-row folding is shared by two query heads), untied, 3 layers
+TINY = ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
+                   rope_theta=10000.0, max_seq_len=4096)
+PROMPTS = [list(range(3, 60)), list(range(100, 170, 2)), [7] * 20 + list(range(400, 440))]
+
+
+def outliers(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights with a few loud input channels, as trained models have (norm weights
+    of 10-30 on some channels, a large up row): the case folding exists for."""
+    w = checkpoint.random_weights(cfg, seed)
+    rng = np.random.default_rng(seed)
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            w[p + n + ".weight"][rng.choice(cfg.dim, 4, replace=False)] *= 20
+        w[p + "mlp.up_proj.weight"][rng.choice(cfg.hidden_dim, 3, replace=False)] *= 15
+    return w
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> str:
+    d = str(tmp_path_factory.mktemp("cal") / "hf")
+    checkpoint.write_checkpoint(d, TINY, outliers(TINY), dtype="F32")
+    return d
+
+
+def convert_quiet(hf: str, out: str, **kw) -> file.PgFile:
+    with pytest.warns(UserWarning, match="tokenizer not converted"):
+        convert(hf, out, threads=2, **kw)
+    return file.load(out)
+
+
+def test_same_bytes_twice(hf, tmp_path):
+    a, b = str(tmp_path / "a.pgw"), str(tmp_path / "b.pgw")
+    fa = convert_quiet(hf, a, calibration=PROMPTS)
+    convert_quiet(hf, b, calibration=PROMPTS)
+    with open(a, "rb") as x, open(b, "rb") as y:
+        assert x.read() == y.read()
+    assert fa.meta["quant"]["calibration"]["tokens"] == sum(map(len, PROMPTS))
+
+
+def test_no_calibration_is_the_plain_searched_quantization(hf, tmp_path):
+    f = convert_quiet(hf, str(tmp_path / "p.pgw"), calibration=False)
+    assert f.meta["quant"]["calibration"] is None
+    w = Checkpoint(hf).read("model.layers.0.mlp.down_proj.weight")
+    ref = quant.quantize_weights(w, 32, search=True)
+    assert np.array_equal(f.tensors["layers.0.w2"].qs, ref.qs) and np.array_equal(f.tensors["layers.0.w2"].scales, ref.scales)
+
+
+def fold_all(hf: str, cfg: ModelConfig, cal: calibrate.Calibration) -> dict[str, np.ndarray]:
+    ck = Checkpoint(hf)
+    return {n: cal.fold(n, slice(None), ck.read(n)) for n in expected_shapes(cfg)}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_folding_is_exact_in_float(hf, tmp_path, monkeypatch, tied):
+    """With every input folded (alpha 0.5 forced), the folded float checkpoint computes the
+    original function: the scales are powers of two, so every folded weight is exact and the
+    logits agree to float32 summation order (the same here: equal bits)."""
+    cfg = dataclasses.replace(TINY, tie_embeddings=tied)
+    d = str(tmp_path / "hf")
+    checkpoint.write_checkpoint(d, cfg, outliers(cfg, 1), dtype="F32")
+    monkeypatch.setattr(calibrate, "ALPHAS", (0.5,))
+    cal = calibrate.calibrate(Checkpoint(d), cfg, PROMPTS, 32)
+    assert set(cal.alphas.values()) == {0.5} and len(cal.alphas) == 4 * cfg.n_layers
+    assert all(np.ptp(s) > 0.5 for s in cal.col.values())  # the folding really moves scale around
+    ids = np.arange(5, 90)
+    before = oracle.oracle_logits(oracle.hf_model(cfg, fold_all(d, cfg, calibrate.Calibration(0))), ids)
+    after = oracle.oracle_logits(oracle.hf_model(cfg, fold_all(d, cfg, cal)), ids)
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-6 * before.std())
+
+
+def test_folded_weights_differ_from_unfolded(hf, monkeypatch):
+    """The exactness test above must be able to fail: folding only the columns (not the norm or
+    the rows that absorb the division) changes the function."""
+    monkeypatch.setattr(calibrate, "ALPHAS", (0.5,))
+    cal = calibrate.calibrate(Checkpoint(hf), TINY, PROMPTS, 32)
+    ids = np.arange(5, 90)
+    good = oracle.oracle_logits(oracle.hf_model(TINY, fold_all(hf, TINY, cal)), ids)
+    cal.row.clear()
+    bad = oracle.oracle_logits(oracle.hf_model(TINY, fold_all(hf, TINY, cal)), ids)
+    assert np.abs(bad - good).max() > 0.1 * good.std()
+
+
+@pytest.mark.parametrize("head", ["full", "guard"])
+def test_converted_model_matches_transformers_on_its_weights(hf, tmp_path, head, monkeypatch):
+    """The engine on the calibrated file equals transformers holding the file's dequantized
+    (folded) weights, given the same int8 rounding decisions, as for any converted file."""
+    if head == "guard":  # a pruned head needs a tokenizer: give the checkpoint Llama 3's
+        pytest.importorskip("llama_models", reason="the Llama 3 tokenizer ships in llama-models")
+        cfg = dataclasses.replace(TINY, vocab_size=128256)
+        d = str(tmp_path / "hf")
+        checkpoint.write_checkpoint(d, cfg, outliers(cfg), dtype="F32", tokenizer_model=checkpoint.reference_tokenizer_model())
+        out = str(tmp_path / "g.pgw")
+        monkeypatch.setattr(calibrate, "MAX_TOKENS", 600)  # the built-in set, cut short
+        convert(d, out, head="guard", threads=2)
+        f = file.load(out)
+    else:
+        cfg, f = TINY, convert_quiet(hf, str(tmp_path / "f.pgw"), calibration=PROMPTS)
+    assert f.meta["quant"]["calibration"] is not None
+    model = Model(f.config, f.tensors, f.head_ids, threads=2)
+    ids = np.arange(3, 80)
+    with oracle.linear_inputs() as inputs:
+        got = model.logits(ids)
+    ref = oracle.hf_model(cfg, calibrate.float_checkpoint(cfg, f.tensors, f.head_ids))
+    with oracle.quantized_activations(ref, model, inputs):
+        want = oracle.oracle_logits(ref, ids, model.head_ids)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * want.std())
+
+
+def test_calibration_memory_is_bounded_by_a_layer(tmp_path):
+    """The float pass streams: its peak allocation stays within a few layers' weights plus the
+    activations, far below the whole float model (here 24 layers)."""
+    cfg = dataclasses.replace(TINY, n_layers=24, dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2, vocab_size=512)
+    d = str(tmp_path / "hf")
+    checkpoint.write_checkpoint(d, cfg, dtype="F32")
+    shapes = expected_shapes(cfg)
+    layer = sum(4 * np.prod(s) for n, s in shapes.items() if n.startswith("model.layers.0."))
+    whole = sum(4 * np.prod(s) for s in shapes.values())
+    tokens = sum(map(len, PROMPTS))
+    acts = 4 * tokens * (cfg.hidden_dim * 2 + cfg.dim * 8)  # a few [tokens, width] float32 buffers
+    tracemalloc.start()
+    calibrate.calibrate(Checkpoint(d), cfg, PROMPTS, 32)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 * layer + acts + (4 << 20), (peak, layer, whole)
+    assert 4 * layer + acts + (4 << 20) < whole / 2  # the bound says something
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([32, 64]), st.floats(0.1, 30))
+def test_weighted_scales_never_worse_than_absmax(seed, group, loud):
+    """On the error they minimise (activation-weighted), the searched scales beat or tie
+    absmax in every group, and beat plain MSE scales in total."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 128)).astype(np.float32)
+    a = rng.exponential(1, 128).astype(np.float32)
+    a[rng.choice(128, 3)] *= loud**2
+
+    def err(scales):
+        r = quant.dequantize(quant.pack_weights(quant.quantize_with_scales(w, scales), scales)) - w
+        return (r * r * a).reshape(8, -1, group).sum(axis=2)
+
+    got = err(calibrate.weighted_scales(w, group, a))
+    assert np.all(got <= err(quant.absmax_scales(w, group)) * (1 + 1e-6))
+    assert got.sum() <= err(quant.mse_scales(w, group)).sum() * (1 + 1e-6)
+
+
+def test_calibration_file(tmp_path):
+    good = tmp_path / "c.jsonl"
+    good.write_text(json.dumps({"id": 1, "messages": [{"role": "user", "content": "hello"}]}) + "\n\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    assert len(calibrate.read_conversations(str(good))) == 2
+    for text, why in [("{\"messages\": []}\n", "line 1"), ("\n[1]\n", "line 2: expected an object"),
+                      ('{"messages": [{"role": "bot", "content": "x"}]}', "line 1: message 0: unknown role"),
+                      (b"\xff\n", "line 1: not a JSON object"), ("", "no conversations")]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(PyguardError, match=f"bad.jsonl.*{why}" if "line" in why else why):
+            calibrate.read_conversations(str(bad))
+    with pytest.raises(PyguardError, match="missing.jsonl: cannot read"):
+        calibrate.read_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_calibration_needs_the_tokenizer_or_token_ids(hf, tmp_path):
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration needs the tokenizer.*--no-calibration"):
+        convert(hf, str(tmp_path / "x.pgw"))
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="token ids must be in 0..511"):
+        convert(hf, str(tmp_path / "x.pgw"), calibration=[[1, 2, 512]])
