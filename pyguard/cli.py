@@ -7,6 +7,7 @@ that a failure never reads as a verdict). Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -66,8 +67,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     try:
         summary = convert(a.hf_dir, a.out_file, group=a.group, head=a.head, family=a.family, threads=a.threads,
                           progress=Progress("converting"))
-    except OSError as e:
-        if e.filename != a.out_file + ".part":
+    except OSError as e:  # the temporary file, or a full disk or file size limit while writing it (no name)
+        if e.filename != a.out_file + ".part" and not (e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)):
             raise
         raise PyguardError(f"{a.out_file}: cannot write ({e.strerror})") from None  # the name typed, not the temporary one
     print(summary.text())

@@ -320,6 +320,16 @@ def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, m
     assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
 
 
+def test_convert_names_the_path_typed_on_a_full_disk(model, tmp_path):
+    import resource
+
+    hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
+    # a file size limit stands in for a full disk: writes fail with EFBIG, an error without a file name
+    r = subprocess.run([sys.executable, "-m", "pyguard.cli", "convert", hf, out], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"pyguard: error: {out}: cannot write (File too large)", r.stderr
+
+
 def test_verify_progress_is_a_percentage(model):
     r = run("verify", model)
     assert r.returncode == 0 and "all checksums match" in r.out, r.err
