@@ -13,12 +13,13 @@ Llama Guard 3 1B (guard head, made in /tmp/pyguard-guard-bench on first use).
    throughput, p50/p99 latency of the answered (200) requests, the share of 429s and their
    p99 latency, 5xx count, and the server's RSS.
 3. --soak SECONDS: 80% of capacity for that long, RSS sampled every 10 s (flat = no leak).
-4. --gguf FILE: llama.cpp's server (`python -m llama_cpp.server` from --venv, which needs
-   `pip install 'llama-cpp-python[server]'`) on a Q4_0 GGUF of the same model with its real
-   tokenizer, sent the same conversations as the Llama Guard prompt text on /v1/completions
-   (greedy, up to 10 tokens: the verdict): its capacity and the same open-loop levels. The
-   GGUFs tools/bench.py writes have a placeholder vocabulary (they are fed token ids), so
-   they cannot serve text; convert a real checkpoint (llama.cpp's convert_hf_to_gguf.py).
+4. --llama-cpp: llama.cpp's server (`python -m llama_cpp.server` from --venv, which needs
+   `pip install 'llama-cpp-python[server]'`) on the Q4_0 GGUF of the same int4 weights
+   (tools/bench.py's writer, here with the real Llama 3 vocabulary: byte-level BPE, merges
+   rebuilt from the tiktoken ranks, so llama.cpp tokenizes text into pyguard's very tokens;
+   or --gguf FILE), sent the same conversations as the Llama Guard prompt text on
+   /v1/completions (greedy, up to 10 tokens: the verdict, the prompt computed whole each
+   time, as llama.cpp's server does for a new prompt): its capacity and the same levels.
 
 Each request is one conversation from tools/bench_guard.py's set (one- and two-turn).
 """
@@ -40,6 +41,80 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list of a tiktoken vocabulary: tiktoken joins any two adjacent parts whose
+    concatenation is a token, lowest token rank first, so every split of a token into two
+    tokens is a merge of that token's rank (as Hugging Face's tiktoken converter lists them)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:i], token[i:]) for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks]
+        merges += sorted(splits, key=lambda ab: (ranks[ab[0]], ranks[ab[1]]))
+    return merges
+
+
+def write_text_gguf(pgw: str, tokenizer_model: str, out: str) -> None:
+    """tools/bench.py's Q4_0 GGUF of a pyguard file (full head), with the real vocabulary in
+    place of bench.py's placeholder (its writer calls are redirected: it stays the one GGUF
+    writer). Runs in the llama-cpp-python environment (the gguf package)."""
+    import base64
+
+    import bench
+    import gguf
+
+    from pyguard import file
+    from pyguard.tokenizer import Tokenizer
+
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in open(tokenizer_model) if line.strip())}
+    special = Tokenizer.from_file(tokenizer_model).special_tokens
+    byte_char = {b: chr(c) for b, c in zip(*_bytes_to_unicode())}
+    text = lambda b: "".join(byte_char[x] for x in b)
+    tokens = [text(t) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    tokens += [name for name, _ in sorted(special.items(), key=lambda kv: kv[1])]
+    types = [1] * len(ranks) + [3] * len(special)
+    merges = [f"{text(a)} {text(b)}" for a, b in bpe_merges(ranks)]
+
+    class Writer(gguf.GGUFWriter):
+        def add_tokenizer_model(self, model: str) -> None:
+            super().add_tokenizer_model("gpt2")
+            super().add_tokenizer_pre("llama-bpe")
+
+        def add_token_list(self, _) -> None:
+            super().add_token_list(tokens)
+            super().add_token_merges(merges)
+
+        def add_token_scores(self, _) -> None:
+            pass
+
+        def add_token_types(self, _) -> None:
+            super().add_token_types(types)
+
+        def add_bos_token_id(self, _) -> None:
+            super().add_bos_token_id(special["<|begin_of_text|>"])
+
+        def add_eos_token_id(self, _) -> None:
+            super().add_eos_token_id(special["<|eot_id|>"])
+
+    f = file.load(pgw)
+    plain, gguf.GGUFWriter = gguf.GGUFWriter, Writer
+    try:
+        bench.write_gguf(out + ".part", f.config, f.tensors)
+    finally:
+        gguf.GGUFWriter = plain
+    os.replace(out + ".part", out)
+
+
+def _bytes_to_unicode() -> tuple[list[int], list[int]]:
+    """GPT-2's printable stand-ins for bytes, as byte-level BPE vocabularies spell tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return bs, cs
 
 
 def rss_mb(pid: int) -> float:
@@ -174,17 +249,23 @@ def main() -> None:
     ap.add_argument("--max-requests", type=int, default=3000, help="requests per level at most (default 3000)")
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.8, 1.0, 2.0])
     ap.add_argument("--soak", type=float, default=0, help="seconds at 80%% of capacity, RSS sampled (default 0: none)")
-    ap.add_argument("--gguf", help="a Q4_0 GGUF of the same model with its real tokenizer, for llama.cpp's server")
+    ap.add_argument("--llama-cpp", action="store_true", help="compare with llama.cpp's server")
+    ap.add_argument("--gguf", help="llama.cpp's model (default: the same weights written by write_text_gguf)")
+    ap.add_argument("--write-gguf", nargs=3, metavar=("PGW", "TOKENIZER", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--venv", default="/tmp/benchenv", help="the environment with llama-cpp-python[server]")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
+    if args.write_gguf:  # the child in llama-cpp-python's environment
+        write_text_gguf(*args.write_gguf)
+        return
     args.clients = args.max_queue  # closed loop: never more waiting than the queue holds (no 429s)
 
     import bench_guard
 
     one, two = bench_guard.conversations()
     convs = one + two
-    model = args.model or bench_guard.prepare(args)["files"]["guard"]
+    setup = None if args.model else bench_guard.prepare(args)
+    model = args.model or setup["files"]["guard"]
     out = {}
     cmd = [sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", "0", "--threads", str(args.threads),
            "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
@@ -194,17 +275,34 @@ def main() -> None:
         out["pyguard"] = run("pyguard serve", server, server.url, pyguard_request, convs, args)
     finally:
         server.stop()
-    if args.gguf:
+    if args.llama_cpp:
         from pyguard import Guard, format_prompt
+
+        venv_py = str(pathlib.Path(args.venv) / "bin" / "python")
+        if not args.gguf:
+            if setup is None:
+                raise SystemExit("--llama-cpp with --model needs --gguf (a GGUF of that model)")
+            args.gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}-vocab.gguf")
+            if not os.path.exists(args.gguf):
+                tok = str(pathlib.Path(setup["hf"]) / "original" / "tokenizer.model")
+                subprocess.run([venv_py, __file__, "--write-gguf", setup["files"]["full"], tok, args.gguf], check=True)
 
         guard = Guard.load(model, threads=1)
         text = lambda conv: format_prompt(conv, family=guard.family)
         port = 18000 + random.Random().randrange(1000)
-        cmd = [str(pathlib.Path(args.venv) / "bin" / "python"), "-m", "llama_cpp.server", "--model", args.gguf,
+        cmd = [venv_py, "-m", "llama_cpp.server", "--model", args.gguf,
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "2048"]
         ready = lambda line: f"http://127.0.0.1:{port}" if "Uvicorn running" in line else None
         server = Process(cmd, ready)
         try:
+            import httpx
+
+            from pyguard.prompt import prompt_tokens
+
+            got = httpx.post(server.url + "/extras/tokenize", json={"input": text(convs[0])}, timeout=60).json()["tokens"]
+            want = prompt_tokens(guard.tokenizer, convs[0], family=guard.family)
+            print(f"llama.cpp tokenizes the prompt into {len(got)} tokens, pyguard {len(want)}"
+                  f"{' (the same)' if got == want else ' (DIFFERENT: the comparison is off)'}", file=sys.stderr)
             out["llama.cpp"] = run("llama.cpp server", server, server.url, llama_request(text), convs, args)
         finally:
             server.stop()
