@@ -125,19 +125,25 @@ class Checkpoint:
             shards = {"model.safetensors": SafetensorsFile(single)}
         else:
             raise PyguardError(f"{directory}: no model.safetensors or model.safetensors.index.json")
-        self.where = {t: s for s in shards.values() for t in s.tensors}
+        self.directory = directory
+        self.where: dict[str, SafetensorsFile] = {}
+        for s in shards.values():
+            for t in s.tensors:
+                if t in self.where:  # which one would be meant?
+                    raise PyguardError(f"{s.path}: tensor {t} is also in {self.where[t].path}")
+                self.where[t] = s
 
     def require(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Check that every tensor the architecture needs is present, float, with its shape."""
         for name, shape in shapes.items():
             s = self.where.get(name)
             if s is None:
-                raise PyguardError(f"checkpoint lacks tensor {name}")
+                raise PyguardError(f"{self.directory}: checkpoint lacks tensor {name}")
             t = s.tensors[name]
             if t.dtype not in DTYPES:
-                raise PyguardError(f"tensor {name} has dtype {t.dtype}; supported: {', '.join(DTYPES)}")
+                raise PyguardError(f"{s.path}: tensor {name} has dtype {t.dtype}; supported: {', '.join(DTYPES)}")
             if t.shape != tuple(shape):
-                raise PyguardError(f"tensor {name} has shape {list(t.shape)}, the config implies {list(shape)}")
+                raise PyguardError(f"{s.path}: tensor {name} has shape {list(t.shape)}, the config implies {list(shape)}")
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
         return self.where[name].read(name, rows)

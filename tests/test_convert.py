@@ -234,6 +234,29 @@ def test_hostile_safetensors_index(tmp_path, weight_map):
     _expect_error(tmp_path, hf, "model.safetensors.index.json: ")
 
 
+def test_tensor_in_two_shards_and_unsupported_dtype(tmp_path):
+    from pyguard import safetensors
+
+    hf = make(tmp_path, shards=2, dtype="F32")
+    shard1, shard2 = (os.path.join(hf, f"model-0000{i}-of-00002.safetensors") for i in (1, 2))
+    f1, f2 = SafetensorsFile(shard1), SafetensorsFile(shard2)
+    extra = next(iter(f1.tensors))
+    specs = [(n, t.shape) for n, t in f2.tensors.items()] + [(extra, f1.tensors[extra].shape)]
+    data = {n: (f2 if n in f2.tensors else f1).read(n) for n, _ in specs}
+    safetensors.write(shard2, specs, data.__getitem__, "F32")
+    _expect_error(tmp_path, hf, f"model-00002-of-00002.safetensors: tensor {extra} is also in .*model-00001")
+
+    hf = make(tmp_path, name="hf2", dtype="F32")
+    path = os.path.join(hf, "model.safetensors")
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["model.norm.weight"]["dtype"] = "I32"  # same item size: only the dtype check can object
+    head = json.dumps(header).encode()
+    open(path, "wb").write(len(head).to_bytes(8, "little") + head + raw[8 + n :])
+    _expect_error(tmp_path, hf, "model.safetensors: tensor model.norm.weight has dtype I32")
+
+
 def test_cli_reports_one_line_and_exit_status_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pyguard.cli", "convert", str(tmp_path / "nope"), str(tmp_path / "o.pg")],
                        capture_output=True, text=True, cwd=ROOT)
