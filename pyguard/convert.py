@@ -147,12 +147,16 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     if calibration is not False:
         if isinstance(calibration, list):
             prompts = calibration
-        elif tok is None:
-            raise PyguardError(f"calibration needs the tokenizer, which could not be read ({tok_note}): use --no-calibration")
+        elif tok is None:  # no guard prompts to run: the file serves token ids only anyway
+            if calibration is not True:
+                raise PyguardError(f"calibration needs the tokenizer, which could not be read ({tok_note})")
+            warnings.warn("no calibration without a tokenizer: plain searched scales", stacklevel=2)
+            prompts = None
         else:
             prompts = calibrate.guard_prompts(tok, family, None if calibration is True else calibrate.read_conversations(calibration))
-        tied_head = cfg.tie_embeddings and head_ids is None
-        cal = calibrate.calibrate(ckpt, cfg, prompts, group, tied_head=tied_head, progress=progress)
+        if prompts is not None:
+            tied_head = cfg.tie_embeddings and head_ids is None
+            cal = calibrate.calibrate(ckpt, cfg, prompts, group, tied_head=tied_head, progress=progress)
 
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:

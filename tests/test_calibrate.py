@@ -185,7 +185,12 @@ def test_calibration_file(tmp_path):
 
 
 def test_calibration_needs_the_tokenizer_or_token_ids(hf, tmp_path):
-    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration needs the tokenizer.*--no-calibration"):
+    """Without a tokenizer the built-in set cannot be rendered: plain scales, with a warning and
+    the metadata saying so; a calibration file cannot be read either: an error."""
+    with pytest.warns(UserWarning, match="no calibration without a tokenizer"):
         convert(hf, str(tmp_path / "x.pgw"))
+    assert file.load(str(tmp_path / "x.pgw")).meta["quant"]["calibration"] is None
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration needs the tokenizer"):
+        convert(hf, str(tmp_path / "y.pgw"), calibration="c.jsonl")
     with pytest.warns(UserWarning), pytest.raises(PyguardError, match="token ids must be in 0..511"):
         convert(hf, str(tmp_path / "x.pgw"), calibration=[[1, 2, 512]])
