@@ -57,7 +57,7 @@ def messages(conversation: Conversation) -> list[tuple[str, str]]:
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
             raise PyguardError(f"message {i}: expected a mapping with 'role' and 'content'")
         role, text = m["role"], m["content"]
-        if role not in _NAMES:
+        if not isinstance(role, str) or role not in _NAMES:
             raise PyguardError(f"message {i}: unknown role {role!r} (roles are 'user' and 'assistant')")
         if role != ("user", "assistant")[i % 2]:
             raise PyguardError(f"message {i}: roles must alternate user, assistant, user, ... starting with user; found {role!r}")
@@ -144,7 +144,7 @@ def _tokens(tokenizer, msgs: list[tuple[str, str]], cats: Mapping[str, str]) -> 
 def policy_prefix(tokenizer, role: str = "user", categories: Mapping[str, str] | None = None,
                   exclude: Iterable[str] = (), family: str = "llama-guard-3-1b") -> list[int]:
     """The prefix ids shared by every conversation whose last message has this role."""
-    if role not in _NAMES:
+    if not isinstance(role, str) or role not in _NAMES:
         raise PyguardError(f"unknown role {role!r} (roles are 'user' and 'assistant')")
     msgs = [("user", "")] + ([("assistant", "")] if role == "assistant" else [])  # the prefix holds no message
     return _tokens(tokenizer, msgs, categories_of(categories, exclude, family))[0]

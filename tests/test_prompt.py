@@ -227,6 +227,7 @@ def test_8b_family():
     ([_user("a"), _agent("b"), _agent("c")], "message 2: roles must alternate"),
     ([{"role": "system", "content": "a"}], "unknown role 'system'"),
     ([{"role": "User", "content": "a"}], "unknown role 'User'"),
+    ([{"role": ["user"], "content": "a"}], r"unknown role \['user'\]"),  # unhashable: no TypeError
     ([_user(3)], "content must be a str, not int"),
     ([_user(None)], "content must be a str"),
     ([_user([{"type": "text", "text": "hi"}])], "content must be a str, not list"),
