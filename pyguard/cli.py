@@ -117,8 +117,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
         raise PyguardError("give either a TEXT to classify or --jsonl FILE")
     if a.jsonl is not None:
         return _jsonl_command(a)
-    if a.out or a.resume:
-        raise PyguardError("--out and --resume go with --jsonl")
+    if a.out or a.resume or a.ray is not None:
+        raise PyguardError("--out, --resume and --ray go with --jsonl")
     for what, text in (("TEXT", a.text), ("--response", a.response)):
         if text is not None and not text.strip():
             raise PyguardError(f"{what} is empty: there is nothing to judge (an unset shell variable?)")
@@ -141,6 +141,12 @@ def _jsonl_command(a: argparse.Namespace) -> int:
         check_output(a.out, "--out")
         if a.jsonl != "-" and os.path.exists(a.out) and os.path.exists(a.jsonl) and os.path.samefile(a.out, a.jsonl):
             raise PyguardError(f"--out {a.out}: the same file as --jsonl {a.jsonl} (it would be overwritten as it is read)")
+    if a.ray is not None:
+        if a.resume or a.jsonl == "-":
+            raise PyguardError("--ray reads IN as a file and writes OUT whole: no stdin, no --resume")
+        from .ray import run_cli  # the optional `ray` extra
+
+        return run_cli(a.model, a.jsonl, a.out, a.ray or None, a.threads, _options(a))
     done = done_results(a.out) if a.resume else None
     options = _options(a)
     try:
@@ -386,7 +392,10 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--exclude", help="category codes to leave out, e.g. S6,S7")
     k.add_argument("--categories", metavar="JSON", help='file with {"code": "description"} replacing the default categories')
     k.add_argument("--threshold", type=float, help="unsafe when the score reaches this (default: greedy answer)")
-    k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores)")
+    k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores; with --ray: per worker, 1)")
+    k.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="classify --jsonl IN on a Ray cluster (at ADDRESS, else a local one), a worker per core; "
+                        "IN and OUT are Parquet when named *.parquet (pip install 'pyguard[ray]', docs/RAY.md)")
     k.set_defaults(run=cmd_classify)
     d = sub.add_parser("demo", help="end to end on a random-weight model (no download needed)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

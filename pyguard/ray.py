@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 try:
@@ -102,15 +103,19 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
     output is consumed or written).
 
     path: the pyguard file, at this path on every node (or on shared storage); concurrency:
-    actors (None: the cluster's CPUs / threads_per_worker); threads_per_worker: each actor's
-    kernel threads and the CPUs it reserves; batch_size: rows per actor call, classified
-    together. categories, exclude, threshold: as Guard.classify. When the file is present
-    here, it and the policy are checked before the job starts."""
+    actors (None: the cluster's CPUs less one, / threads_per_worker); threads_per_worker: each
+    actor's kernel threads and the CPUs it reserves; batch_size: rows per actor call,
+    classified together. categories, exclude, threshold: as Guard.classify. When the file is
+    present here, it and the policy are checked before the job starts.
+
+    Actors holding every CPU leave none for Ray Data's read and write tasks, and the job
+    waits forever: the default leaves one CPU to them; to give the actors every core, read
+    with num_cpus=0 (ray.data.read_json(..., num_cpus=0): reading is light)."""
     threshold = _threshold(threshold)
     _integer(threads_per_worker, "threads_per_worker", 1)
     _integer(batch_size, "batch_size", 1)
     if concurrency is None:
-        concurrency = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+        concurrency = max(1, (_cpus() - 1) // threads_per_worker)
     _integer(concurrency, "concurrency", 1)
     exclude = tuple(exclude)
     if os.path.exists(path):
@@ -123,6 +128,10 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           # a dead actor is restarted and its batch retried, without limit (Ray Data's
                           # defaults too, stated here because exactly-once output depends on them)
                           max_restarts=-1, max_task_retries=-1)
+
+
+def _cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
 
 
 def counts(results: ray.data.Dataset) -> dict[str, int]:
@@ -154,10 +163,13 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
         # a local cluster of this machine's cores, or the one at ADDRESS ("auto": this node's)
         ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    if not os.path.exists(src):
-        raise PyguardError(f"--jsonl {src}: no such file or directory")
-    ds = ray.data.read_parquet(src) if src.endswith(".parquet") else ray.data.read_json(src, lines=True)
-    results = classify(ds, model, threads_per_worker=threads or 1, **options)
+    for what, name in (("-m", model), ("--jsonl", src)):
+        if address is None and not os.path.exists(name):  # a local cluster reads them here
+            raise PyguardError(f"{what} {name}: no such file or directory")
+    # the read takes no CPU so that the actors can have them all (classify's docstring)
+    read = ray.data.read_parquet if src.endswith(".parquet") else partial(ray.data.read_json, lines=True)
+    threads = threads or 1
+    results = classify(read(src, num_cpus=0), model, concurrency=max(1, _cpus() // threads), threads_per_worker=threads, **options)
     rows = unsafe = errors = 0
     writer = None
     sink = open(out, "wb") if out else sys.stdout.buffer
