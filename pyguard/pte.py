@@ -440,10 +440,10 @@ def config_from_params(p: dict, rope_factor: float | None) -> ModelConfig:
 
     def num(key: str, kind=int, default=None):
         v = p.get(key, default)
-        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             raise PyguardError(f"params.json: {key} must be a number, not {v!r}")
-        if not (math.isfinite(v) and 0 < v < 1 << 31):
-            raise PyguardError(f"params.json: {key} = {v} is out of range")
+        if not (math.isfinite(v) and 0 < v < 1 << 31) or (kind is int and v != int(v)):
+            raise PyguardError(f"params.json: {key} = {v} is out of range or not an integer")
         return kind(v)
 
     dim, heads = num("dim"), num("n_heads")
