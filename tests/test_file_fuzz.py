@@ -33,22 +33,24 @@ JUNK = [None, True, False, 0, -1, 1.5, float("inf"), 2**64, 10**9, "", "x", "f16
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _base(path: str, head: str, group: int) -> str:
-    tensors, _ = synth.quantize_checkpoint(CFG, checkpoint.random_weights(CFG), group)
+def _base(path: str, head: str, group: int, cfg: ModelConfig = CFG, tokenizer: Tokenizer | None = TOKENIZER) -> str:
+    tensors, _ = synth.quantize_checkpoint(cfg, checkpoint.random_weights(cfg), group)
     head_ids = None
     if head == "guard":  # a pruned head: ids of some byte tokens and <|eot_id|>
         head_ids = [ord(c) for c in "safeun\n,S0123456789"] + [TOKENIZER.special("<|eot_id|>")]
         t = tensors["output"]
         tensors["output"] = quant.QTensor(t.qs[head_ids], t.scales[head_ids], t.rowsum[head_ids], group)
-    file.save(path, CFG, tensors, head_ids, "llama-guard-3-1b", TOKENIZER, {"head": head})
+    file.save(path, cfg, tensors, head_ids, "llama-guard-3-1b", tokenizer, {"head": head})
     return path
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, str]:
-    """Paths of two valid files with a tokenizer: a full head at group 32, a pruned head at group 64."""
+    """Paths of valid files: with a tokenizer, a full head at group 32 and a pruned head at group
+    64; without one, tied embeddings (no `output` array)."""
     d = tmp_path_factory.mktemp("bases")
-    return {"full": _base(str(d / "full.pgw"), "full", 32), "guard": _base(str(d / "guard.pgw"), "guard", 64)}
+    return {"full": _base(str(d / "full.pgw"), "full", 32), "guard": _base(str(d / "guard.pgw"), "guard", 64),
+            "tied": _base(str(d / "tied.pgw"), "full", 32, dataclasses.replace(CFG, tie_embeddings=True), None)}
 
 
 def unpack(path: str) -> tuple[dict, bytes]:
@@ -122,8 +124,13 @@ def test_bases_load_and_run(bases, engine, tmp_path):
         path = tmp_path / f"{head}.pgw"
         path.write_bytes(pack(*unpack(base)))
         f = file.load(str(path))
-        assert file.verify(str(path)) == len(f.meta["arrays"]) and f.tokenizer().special_tokens == TOKENIZER.special_tokens
-        assert engine.run(str(path)).startswith("classified")
+        assert file.verify(str(path)) == len(f.meta["arrays"])
+        if head == "tied":
+            assert "output" not in f.tensors and f.tokenizer_ranks is None
+            assert engine.run(str(path)).startswith("error") and "holds no tokenizer" in engine.run(str(path))
+        else:
+            assert f.tokenizer().special_tokens == TOKENIZER.special_tokens
+            assert engine.run(str(path)).startswith("classified")
 
 
 def _retype(e: dict, dtype: str) -> None:
@@ -266,9 +273,9 @@ def _mutate(draw, meta: dict) -> None:
     arrays = meta.get("arrays")
     kind = draw(st.sampled_from(["dtype", "shape", "offset", "nbytes", "count", "junk", "config", "group", "head_ids",
                                  "specials"]))
-    parts = {"config": meta.get("config"), "quant": meta.get("quant"), "specials": meta.get("special_tokens")}
+    needs = {"junk": ("config", "quant"), "config": ("config",), "group": ("quant",), "specials": ("special_tokens",)}
     if not isinstance(arrays, list) or not arrays or not all(isinstance(x, dict) for x in arrays) \
-            or not all(isinstance(x, dict) and x for x in parts.values()):
+            or not all(isinstance(meta.get(k), dict) and meta[k] for k in needs.get(kind, ())):
         return
     e = arrays[draw(st.integers(0, len(arrays) - 1))]
     number = st.sampled_from(INTERESTING)
@@ -317,7 +324,7 @@ def _mutate(draw, meta: dict) -> None:
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(st.data(), st.sampled_from(["full", "guard"]), st.integers(1, 3))
+@given(st.data(), st.sampled_from(["full", "guard", "tied"]), st.integers(1, 3))
 def test_fuzzed_structure(bases, engine, tmp_path, data, head, n_mutations):
     meta, arrays = unpack(bases[head])
     for _ in range(n_mutations):
