@@ -226,6 +226,27 @@ def test_deeply_nested_json_files(tmp_path):
         assert tok is None and note.endswith(f"{name}: malformed " + ("added_tokens" if name == "tokenizer.json" else "added_tokens_decoder"))
 
 
+@pytest.mark.parametrize("name, content", [
+    ("tokenizer.json", {"added_tokens": [{"content": "<|x|>", "id": True}]}),
+    ("tokenizer.json", {"added_tokens": [{"content": "<|x|>", "id": float("inf")}]}),  # JSON 1e400
+    ("tokenizer.json", {"added_tokens": [{"content": "<|x|>", "id": "3e2"}]}),
+    ("tokenizer.json", {"added_tokens": [{"content": ["<|x|>"], "id": 300}]}),
+    ("tokenizer.json", {"added_tokens": 5}),
+    ("tokenizer.json", [1]),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"300": {"content": 5}}}),
+    ("tokenizer_config.json", {"added_tokens_decoder": {"x": {"content": "<|x|>"}}}),
+    ("tokenizer_config.json", {"added_tokens_decoder": [1]}),
+])
+def test_malformed_special_token_names(tmp_path, name, content):
+    """The special token names a checkpoint declares: ids must be integers or decimal strings
+    (tokenizer_config.json's keys are strings); anything else leaves the tokenizer out, saying why."""
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "tokenizer.model").write_bytes(b"".join(b"%s %d\n" % (base64.b64encode(bytes([i])), i) for i in range(256)))
+    (tmp_path / name).write_text(json.dumps(content))
+    tok, note = read_tokenizer(str(tmp_path))
+    assert tok is None and f"{name}: malformed added_tokens" in note
+
+
 @pytest.mark.parametrize("weight_map", [None, 5, [], {"a": 5}, {"a": ["x"]}, {"a": "../model.safetensors"}, {"a": "nope.safetensors"}])
 def test_hostile_safetensors_index(tmp_path, weight_map):
     hf = make(tmp_path, shards=2)
