@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import PyguardError
@@ -42,14 +42,12 @@ class ModelConfig:
         """The inverse of to_dict, validated: unknown or missing fields and wrong types raise PyguardError."""
         if not isinstance(d, dict):
             raise PyguardError(f"config: not an object but {type(d).__name__}")
-        names = [f.name for f in fields(cls)]
+        names = {f.name: f.default is MISSING for f in fields(cls)}  # name: required?
         unknown = [k for k in d if k not in names]
-        if unknown:
-            raise PyguardError(f"config: unknown field {unknown[0]!r}")
-        try:
-            cfg = cls(**d)
-        except TypeError:  # a required field is missing
-            raise PyguardError(f"config: missing field (needs {', '.join(names[:7])})") from None
+        missing = [k for k, required in names.items() if required and k not in d]
+        if unknown or missing:
+            raise PyguardError(f"config: unknown field {unknown[0]!r:.40}" if unknown else f"config: missing field {missing[0]}")
+        cfg = cls(**d)
         cfg.validate()
         return cfg
 
