@@ -1,6 +1,6 @@
 """`pyguard serve` under open-loop load, beside llama.cpp's server (not a test).
 
-    python tools/bench_serve.py [--model FILE] [--threads 2] [--duration 10] [--max-requests 3000]
+    python tools/bench_serve.py [--model FILE] [--threads 2] [--duration 30] [--max-requests 3000]
         [--loads 0.25,0.5,0.8,1,2] [--soak SECONDS] [--gguf FILE --venv /tmp/benchenv]
 
 Loopback only; every run is bounded in time (--duration per load level, --soak) and in count
@@ -214,6 +214,11 @@ async def open_loop(url: str, make, convs: list, rate: float, duration: float, c
 
 
 def run(name: str, server: Process, url: str, make, convs: list, args) -> dict:
+    import httpx
+
+    for c in convs[:2]:  # warm-up: pyguard's policy-prefix cache, llama.cpp's first allocations
+        path, body = make(c)
+        httpx.post(url + path, json=body, timeout=300).raise_for_status()
     cap = asyncio.run(closed_loop(url, make, convs, args.clients, args.duration, args.max_requests))
     print(f"{name}: capacity {cap:.1f} req/s (closed loop, {args.clients} clients); RSS {rss_mb(server.proc.pid):.0f} MB",
           file=sys.stderr)
@@ -245,7 +250,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
-    ap.add_argument("--duration", type=float, default=10, help="seconds per load level (default 10)")
+    ap.add_argument("--duration", type=float, default=30, help="seconds per load level (default 30)")
     ap.add_argument("--max-requests", type=int, default=3000, help="requests per level at most (default 3000)")
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.8, 1.0, 2.0])
     ap.add_argument("--soak", type=float, default=0, help="seconds at 80%% of capacity, RSS sampled (default 0: none)")
