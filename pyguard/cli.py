@@ -49,10 +49,11 @@ def check_output(path: str, what: str) -> None:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    p.add_argument("hf_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer), or Meta's "
+                                  "ExecuTorch layout (a .pte, params.json, tokenizer.model: Llama Guard 3-1B-INT4)")
     p.add_argument("out_file", help="pyguard file to write")
-    p.add_argument("--group", type=int, default=32, choices=(32, 64, 128, 256), help="weights per int4 scale (default 32)")
-    p.add_argument("--head", choices=("full", "guard"), default="full",
+    p.add_argument("--group", type=int, default=None, choices=(32, 64, 128, 256), help="weights per int4 scale (default 32)")
+    p.add_argument("--head", choices=("full", "guard"), default=None,
                    help="output head: the whole vocabulary, or only the tokens of a Llama Guard answer (default full)")
     p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b"),
                    help="prompt template and categories (auto: by model size)")
@@ -62,11 +63,19 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def cmd_convert(a: argparse.Namespace) -> int:
     from .convert import convert
     from .progress import Progress
+    from .pte import convert_pte, is_pte_dir
 
     check_output(a.out_file, "OUT_FILE")
     try:
-        summary = convert(a.hf_dir, a.out_file, group=a.group, head=a.head, family=a.family, threads=a.threads,
-                          progress=Progress("converting"))
+        if is_pte_dir(a.hf_dir):  # the program decides the group sizes and the head
+            if a.group is not None or a.head is not None:
+                raise PyguardError(f"{a.hf_dir} is an ExecuTorch program: its group size and head are taken as they are "
+                                   "(leave out --group and --head)")
+            family = "llama-guard-3-1b" if a.family == "auto" else a.family
+            summary = convert_pte(a.hf_dir, a.out_file, family=family, progress=Progress("converting"))
+        else:
+            summary = convert(a.hf_dir, a.out_file, group=a.group or 32, head=a.head or "full", family=a.family,
+                              threads=a.threads, progress=Progress("converting"))
     except OSError as e:  # the temporary file, or a full disk or file size limit while writing it (no name)
         if e.filename != a.out_file + ".part" and not (e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)):
             raise

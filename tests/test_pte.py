@@ -115,6 +115,17 @@ def test_converted_file_holds_the_program(exported):
     assert pyguard.file.verify(str(out)) > 0
 
 
+def test_cli_converts_the_meta_layout(exported, tmp_path, capsys):
+    """`pyguard convert DIR OUT` recognises Meta's layout; --group / --head do not apply to it."""
+    from pyguard import cli
+
+    d, out, _ = exported(32)
+    assert cli.main(["convert", str(d), str(tmp_path / "cli.pgw")]) == 0
+    assert open(tmp_path / "cli.pgw", "rb").read() == open(out, "rb").read()
+    assert cli.main(["convert", str(d), str(tmp_path / "no.pgw"), "--group", "256"]) == 2
+    assert "leave out --group and --head" in capsys.readouterr().err and not os.path.exists(tmp_path / "no.pgw")
+
+
 def test_int4_values_are_taken_as_stored(exported):
     """Every weight value and scale equals the program's, in pyguard's layout (q/k rows moved
     from Meta's interleaved rotary order to Hugging Face's)."""
