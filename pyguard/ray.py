@@ -19,7 +19,6 @@ import json
 import math
 import os
 import sys
-from functools import partial
 from typing import Any, Mapping, Sequence
 
 try:
@@ -54,7 +53,7 @@ def judge(guard: Guard, conversations: Sequence[Any], options: Mapping[str, Any]
     for i, c in enumerate(conversations):
         try:
             if _missing(c):
-                raise PyguardError('no "messages"')
+                raise PyguardError('expected an object with "messages"')  # the CLI's words
             guard.prepare(c, options["categories"], options["exclude"])
             ok.append(i)
         except PyguardError as e:
@@ -108,9 +107,8 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
     classified together. categories, exclude, threshold: as Guard.classify. When the file is
     present here, it and the policy are checked before the job starts.
 
-    Actors holding every CPU leave none for Ray Data's read and write tasks, and the job
-    waits forever: the default leaves one CPU to them; to give the actors every core, read
-    with num_cpus=0 (ray.data.read_json(..., num_cpus=0): reading is light)."""
+    Actors holding every CPU leave none for Ray Data's own tasks (listing files, reading,
+    writing) and the job waits forever: the default leaves one CPU to them."""
     threshold = _threshold(threshold)
     _integer(threads_per_worker, "threads_per_worker", 1)
     _integer(batch_size, "batch_size", 1)
@@ -123,7 +121,7 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
         Guard.load(path, threads=1).prepare("x", categories, exclude)  # a bad file or policy fails here, not per row
     options = {"categories": categories, "exclude": exclude, "threshold": threshold}
     return ds.map_batches(Classifier, fn_constructor_args=(path, threads_per_worker, options, batch_size),
-                          batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency,
+                          batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                           num_cpus=threads_per_worker, udf_modifying_row_count=False,
                           # a dead actor is restarted and its batch retried, without limit (Ray Data's
                           # defaults too, stated here because exactly-once output depends on them)
@@ -161,15 +159,13 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
     Exit status as the CLI's: 2 if any row has an error, else 1 if any is unsafe, else 0."""
     if not ray.is_initialized():
         # a local cluster of this machine's cores, or the one at ADDRESS ("auto": this node's)
-        ray.init(address=address, include_dashboard=False) if address is None else ray.init(address=address)
+        ray.init("local", include_dashboard=False) if address is None else ray.init(address=address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     for what, name in (("-m", model), ("--jsonl", src)):
         if address is None and not os.path.exists(name):  # a local cluster reads them here
             raise PyguardError(f"{what} {name}: no such file or directory")
-    # the read takes no CPU so that the actors can have them all (classify's docstring)
-    read = ray.data.read_parquet if src.endswith(".parquet") else partial(ray.data.read_json, lines=True)
-    threads = threads or 1
-    results = classify(read(src, num_cpus=0), model, concurrency=max(1, _cpus() // threads), threads_per_worker=threads, **options)
+    ds = ray.data.read_parquet(src) if src.endswith(".parquet") else ray.data.read_json(src, lines=True)
+    results = classify(ds, model, threads_per_worker=threads or 1, **options)
     rows = unsafe = errors = 0
     writer = None
     sink = open(out, "wb") if out else sys.stdout.buffer
