@@ -142,12 +142,14 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
          tokenizer=None, extra: dict | None = None) -> None:
     """Write in-memory tensors (names of config.tensor_plan; `output` is not stored when the
     embeddings are tied and the head is full) as a pyguard file; tokenizer: a Tokenizer or None."""
-    group = next(t.group for t in tensors.values() if isinstance(t, QTensor))
-    layout = tensor_layout(config, group, None if head_ids is None else len(head_ids))
+    qtensors = {name: t for name, t in tensors.items() if isinstance(t, QTensor)}
+    group = max(sorted({t.group for t in qtensors.values()}), key=[t.group for t in qtensors.values()].count)  # the most common
+    groups = {name: t.group for name, t in qtensors.items() if t.group != group}
+    layout = tensor_layout(config, group, None if head_ids is None else len(head_ids), groups)
     parts = {n: a for name, t in tensors.items() for n, a in _arrays_of(name, t)}
     arrays = tokenizer_arrays(tokenizer) if tokenizer is not None else []
     arrays += [(name, parts[name]) for name, _, _ in layout]
-    w = Writer(path, header_meta(config, group, head_ids, family, tokenizer, extra), [(n, _dtype_name(a), a.shape) for n, a in arrays])
+    w = Writer(path, header_meta(config, group, head_ids, family, tokenizer, extra, groups), [(n, _dtype_name(a), a.shape) for n, a in arrays])
     try:
         for _, a in arrays:
             w.append(a)
@@ -157,8 +159,9 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
         raise
 
 
-def header_meta(config: ModelConfig, group: int, head_ids, family, tokenizer, extra=None) -> dict[str, Any]:
-    meta = {"config": config.to_dict(), "quant": {"group": group}, "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
+def header_meta(config: ModelConfig, group: int, head_ids, family, tokenizer, extra=None, groups=None) -> dict[str, Any]:
+    """groups: {tensor name: group size} of the tensors whose group is not `group`."""
+    meta = {"config": config.to_dict(), "quant": {"group": group, **({"groups": dict(groups)} if groups else {})}, "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
     meta["special_tokens"] = None if tokenizer is None else dict(tokenizer.special_tokens)
     meta["tokenizer_pattern"] = None if tokenizer is None else tokenizer.pattern
     meta.update(extra or {})
@@ -174,24 +177,26 @@ def tokenizer_arrays(tokenizer) -> list[tuple[str, np.ndarray]]:
     return [("tokenizer.bytes", np.frombuffer(b"".join(b for b, _ in by_rank), np.uint8)), ("tokenizer.offsets", offsets)]
 
 
-def tensor_layout(config: ModelConfig, group: int, head_rows: int | None) -> list[tuple[str, str, tuple[int, ...]]]:
+def tensor_layout(config: ModelConfig, group: int, head_rows: int | None,
+                  groups: dict[str, int] | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
     """(array name, dtype name, shape) of every tensor's arrays, in file order. head_rows: rows
     of a pruned output head; None for a full head, which is left out when the embeddings are
-    tied (the embedding table serves as the head)."""
-    for k in (config.dim, config.n_heads * config.head_dim, config.hidden_dim):
-        check_shape(k, group)
+    tied (the embedding table serves as the head). groups: tensors whose group size is not
+    `group` (e.g. Meta's INT4 program: a group-32 embedding beside group-256 layers)."""
+    groups = groups or {}
     shapes, out = expected_shapes(config), []
     for name, sources, quantized in tensor_plan(config):
         k = shapes[sources[0]][-1]
         if not quantized:
             out.append((name, "f32", (k,)))
             continue
-        rows = sum(shapes[s][0] for s in sources)
+        rows, g = sum(shapes[s][0] for s in sources), groups.get(name, group)
+        check_shape(k, g)
         if name == "output":
             if head_rows is None and config.tie_embeddings:
                 continue
             rows = config.vocab_size if head_rows is None else head_rows
-        out += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // group)), (f"{name}.rowsum", "f32", (rows,))]
+        out += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // g)), (f"{name}.rowsum", "f32", (rows,))]
     return out
 
 
@@ -242,6 +247,7 @@ class _Checked:
 
     config: ModelConfig
     group: int
+    groups: dict[str, int]  # tensors whose group is not `group`
     head_ids: list[int] | None
     family: str | None
     entries: list[_Entry]
@@ -266,6 +272,10 @@ def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
     group = quant.get("group") if isinstance(quant, dict) else None
     if type(group) is not int or group not in GROUP_SIZES:
         raise bad(f"quant.group {group!r:.40} is not one of {GROUP_SIZES}")
+    groups = quant.get("groups", {})
+    quantized = {name for name, _, q in tensor_plan(config) if q}
+    if not isinstance(groups, dict) or not all(k in quantized and type(g) is int and g in GROUP_SIZES for k, g in groups.items()):
+        raise bad(f"quant.groups must map quantized tensor names to one of {GROUP_SIZES}")
     head_ids, family = meta.get("head_ids"), meta.get("family")
     if head_ids is not None:
         if not isinstance(head_ids, list) or not 1 <= len(head_ids) <= config.vocab_size \
@@ -306,7 +316,7 @@ def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
             raise bad(f"tokenizer of {n} tokens (needs the 256 single bytes, at most the vocabulary of {config.vocab_size})")
         _check_specials(specials, meta.get("tokenizer_pattern"), n, config.vocab_size, bad)
     try:
-        layout += tensor_layout(config, group, None if head_ids is None else len(head_ids))
+        layout += tensor_layout(config, group, None if head_ids is None else len(head_ids), groups)
     except PyguardError as e:
         raise bad(str(e)) from None
     if len(entries) != len(layout):
@@ -314,7 +324,7 @@ def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
     for e, (name, dtype, shape) in zip(entries, layout):
         if (e.name, e.dtype, e.shape) != (name, dtype, tuple(shape)):
             raise bad(f"array {e.name!r:.80} is {e.dtype} {list(e.shape)}, expected {name!r} {dtype} {list(shape)}")
-    return _Checked(config, group, head_ids, family, entries)
+    return _Checked(config, group, groups, head_ids, family, entries)
 
 
 def _check_specials(specials: Any, pattern: Any, n_ranks: int, vocab: int, bad: Callable[[str], PyguardError]) -> None:
@@ -340,7 +350,7 @@ def _tensors(m: mmap.mmap, checked: _Checked) -> dict[str, QTensor | np.ndarray]
     for name, a in arrays.items():
         if name.endswith(".qs"):
             base = name[:-3]
-            out[base] = QTensor(a, arrays[base + ".scales"], arrays[base + ".rowsum"], checked.group)
+            out[base] = QTensor(a, arrays[base + ".scales"], arrays[base + ".rowsum"], checked.groups.get(base, checked.group))
         elif not name.startswith("tokenizer.") and not name.endswith((".scales", ".rowsum")):
             out[name] = a
     return out

@@ -682,7 +682,6 @@ class PteSummary:
     bytes: int
     seconds: float
     head_rows: int
-    group: int
     embedding_group: int
     linear_group: int
     scales_note: str
@@ -690,10 +689,9 @@ class PteSummary:
 
     def text(self) -> str:
         bits = 8 * self.bytes / max(self.parameters, 1)
-        regroup = "" if self.group == self.linear_group else f" (linear layers' group {self.linear_group} scales repeated, lossless)"
         return (f"wrote {self.tensors} tensors, {self.parameters / 1e6:.1f} M parameters, {self.bytes / 1e6:.1f} MB "
-                f"({bits:.2f} bits per parameter) from an ExecuTorch program: int4 values as stored, file group size "
-                f"{self.group}{regroup}, embedding group {self.embedding_group}, head of {self.head_rows} rows; "
+                f"({bits:.2f} bits per parameter) from an ExecuTorch program: int4 values as stored, group sizes "
+                f"{self.linear_group} (layers and head), {self.embedding_group} (embedding), head of {self.head_rows} rows; "
                 f"scales: {self.scales_note}; rope: {self.rope_note}; {self.seconds:.1f} s")
 
 
@@ -710,6 +708,14 @@ def is_pte_dir(path: str) -> bool:
         return os.path.isfile(os.path.join(path, "params.json")) and any(f.endswith(".pte") for f in os.listdir(path))
     except OSError:
         return False
+
+
+def _stored_group(g: int) -> int:
+    """The group a tensor of group g is stored with: g, or the largest pyguard group dividing it."""
+    fits = [s for s in quant.GROUP_SIZES if g % s == 0]
+    if not fits:
+        raise PyguardError(f"group size {g} is not a multiple of any pyguard group size {quant.GROUP_SIZES}")
+    return max(fits)
 
 
 def _fp16_scales(s: np.ndarray) -> tuple[np.ndarray, int, float]:
@@ -740,20 +746,20 @@ def convert_pte(src_dir: str, out_path: str, family: str = "llama-guard-3-1b",
     tok = Tokenizer.from_file(tok_path)
     if tok.vocab_size > cfg.vocab_size:
         raise PyguardError(f"the tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
-    # pyguard files carry one group size: the smaller one, the other tensors' scales repeated
-    # (lossless; a coarser group cannot express a finer one)
-    group = min(x.linear_group, x.embedding_group)
-    for g in (x.linear_group, x.embedding_group):
-        if group not in quant.GROUP_SIZES or g % group:
-            raise PyguardError(f"group sizes {x.linear_group} (linear) and {x.embedding_group} (embedding) are not supported (pyguard: {quant.GROUP_SIZES})")
+    # each tensor keeps its group (a group-32 embedding beside group-256 layers, as Meta exports
+    # it); a group pyguard has no kernel for is stored as the largest one dividing it, its scales
+    # repeated (lossless)
+    group, emb_group = _stored_group(x.linear_group), _stored_group(x.embedding_group)
+    groups = {"tok_embeddings": emb_group} if emb_group != group else {}
     plan = [p[0] for p in tensor_plan(cfg)]
     layout = []
     for name in plan:
         t = x.tensors[name]
         if isinstance(t, tuple):
             m, k = t[0].shape
-            quant.check_shape(k, group)
-            layout += [(f"{name}.qs", "u8", (m, k // 2)), (f"{name}.scales", "f16", (m, k // group)), (f"{name}.rowsum", "f32", (m,))]
+            g = groups.get(name, group)
+            quant.check_shape(k, g)
+            layout += [(f"{name}.qs", "u8", (m, k // 2)), (f"{name}.scales", "f16", (m, k // g)), (f"{name}.rowsum", "f32", (m,))]
         else:
             layout.append((name, "f32", t.shape))
     tok_arrays = tokenizer_arrays(tok)
@@ -770,12 +776,12 @@ def convert_pte(src_dir: str, out_path: str, family: str = "llama-guard-3-1b",
         inexact[kind] += bad
         worst[kind] = max(worst[kind], rel)
         n_scales += h.size
-        packed[name] = np.repeat(h, (q.shape[1] // h.shape[1]) // group, axis=1)
+        packed[name] = np.repeat(h, (q.shape[1] // h.shape[1]) // groups.get(name, group), axis=1)
     notes = []
     for kind, src in (("linear", "bf16"), ("embedding", str(x.tensors["tok_embeddings"][1].dtype))):
         notes.append(f"{kind} -> fp16 " + ("exact" if not inexact[kind] else f"{inexact[kind]} rounded (max relative change {worst[kind]:.2g})"))
     scales_note = ", ".join(notes)
-    extra = {"quant": {"group": group, "scales": f"f16 from the ExecuTorch program ({scales_note})", "activations": "uint8 asymmetric per token"},
+    extra = {"quant": {"group": group, **({"groups": groups} if groups else {}), "scales": f"f16 from the ExecuTorch program ({scales_note})", "activations": "uint8 asymmetric per token"},
              "head": "guard" if x.head_ids is not None else "full", "source": os.path.basename(os.path.abspath(src_dir)),
              "tokenizer_note": "tokenizer.model", "pte": {"linear_group": x.linear_group, "embedding_group": x.embedding_group, "rope": x.rope_note}}
     writer = Writer(out_path, header_meta(cfg, group, x.head_ids, family, tok, extra), layout)
@@ -802,5 +808,5 @@ def convert_pte(src_dir: str, out_path: str, family: str = "llama-guard-3-1b",
         writer.abort()
         raise
     return PteSummary(len(plan), params_total, os.path.getsize(out_path), time.time() - t0,
-                      len(x.head_ids) if x.head_ids is not None else cfg.vocab_size, group, x.embedding_group,
+                      len(x.head_ids) if x.head_ids is not None else cfg.vocab_size, x.embedding_group,
                       x.linear_group, scales_note, x.rope_note)

@@ -180,6 +180,11 @@ def test_u8_scales_of_the_right_shape(bases, engine, tmp_path):
     (("quant", "group"), 48, "quant.group 48"),
     (("quant", "group"), 0, "quant.group 0"),
     (("quant", "group"), 64, "expected 'tok_embeddings.scales' f16 \\[320, 1\\]"),
+    (("quant", "groups"), {"tok_embeddings": 64}, "expected 'tok_embeddings.scales' f16 \\[320, 1\\]"),
+    (("quant", "groups"), {"tok_embeddings": 48}, "quant.groups must map"),
+    (("quant", "groups"), {"norm": 32}, "quant.groups must map"),
+    (("quant", "groups"), {"tok_embeddings": True}, "quant.groups must map"),
+    (("quant", "groups"), [32], "quant.groups must map"),
     (("head_ids",), [0, 1], "head does not match head_ids"),
     (("head",), "guard", "head does not match head_ids"),
     (("head_ids",), [True] * 320, "head_ids must be"),
@@ -425,3 +430,21 @@ def test_deeply_nested_safetensors_header(tmp_path):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw)
     with pytest.raises(PyguardError, match="not valid JSON"):
         safetensors.SafetensorsFile(str(path))
+
+
+def test_per_tensor_group_sizes(tmp_path):
+    """A tensor may keep its own group (Meta's INT4 program: a group-32 embedding beside
+    group-256 layers): saved in quant.groups, loaded with it, computed with it."""
+    from pyguard.model import Model
+
+    cfg = dataclasses.replace(CFG, dim=256, head_dim=128, hidden_dim=256)
+    weights = checkpoint.random_weights(cfg)
+    tensors = synth.quantize_checkpoint(cfg, weights, 64)[0]
+    tensors["tok_embeddings"] = synth.quantize_checkpoint(cfg, weights, 32)[0]["tok_embeddings"]
+    path = str(tmp_path / "mixed.pgw")
+    file.save(path, cfg, tensors)
+    f = file.load(path)
+    assert f.meta["quant"] == {"group": 64, "groups": {"tok_embeddings": 32}} and file.verify(path) > 0
+    assert f.tensors["tok_embeddings"].group == 32 and f.tensors["layers.0.w2"].group == 64
+    ids = [5, 70, 300, 2]
+    assert np.array_equal(Model(cfg, f.tensors).logits(ids), Model(cfg, tensors).logits(ids))

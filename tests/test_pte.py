@@ -111,6 +111,8 @@ def test_converted_file_holds_the_program(exported):
     assert (f.config.n_layers, f.config.dim, f.config.hidden_dim) == (cfg.n_layers, cfg.dim, cfg.hidden_dim)  # 768 from ffn_dim_multiplier
     assert f.config.rope_scaling["factor"] == 32 and f.family == "llama-guard-3-1b"
     assert summary.linear_group == 256 and summary.embedding_group == 32
+    assert f.meta["quant"]["group"] == 256 and f.meta["quant"]["groups"] == {"tok_embeddings": 32}
+    assert f.tensors["tok_embeddings"].group == 32 and f.tensors["layers.0.wqkv"].group == 256
     assert "exact" in summary.scales_note and "head of 20 rows" in summary.text()
     assert pyguard.file.verify(str(out)) > 0
 
