@@ -1,0 +1,185 @@
+"""pyguard.ray on a real local Ray: a one-node cluster (ray.init) and a two-node cluster on this
+machine (ray.cluster_utils.Cluster), against the CLI's results for the same conversations."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+import pyguard.ray as pgray
+from pyguard import PyguardError, cli
+from synth import SAMPLES, decisive_guard
+
+N = 200  # good conversations; the bad rows below come on top
+BAD = {
+    "no-messages": {},
+    "wrong-roles": {"messages": [{"role": "assistant", "content": "Hi"}]},
+    "over-long": {"messages": [{"role": "user", "content": "word " * 9000}]},
+    "empty": {"messages": [{"role": "user", "content": "  "}]},
+}
+OPTIONS = {"threshold": 0.5, "exclude": ("S1",)}
+FIELDS = ("verdict", "categories", "category_names", "score", "answer", "prompt_tokens")
+
+
+def rows() -> list[dict]:
+    out = []
+    for i in range(N):  # the samples, each made distinct so that no two prompts are the same
+        c = SAMPLES[i % len(SAMPLES)]
+        c = [{"role": "user", "content": c}] if isinstance(c, str) else [dict(m) for m in c]
+        c[-1]["content"] += f" ({i})"
+        out.append({"id": f"c{i:04d}", "messages": c})
+    bad = [{"id": k, **v} for k, v in BAD.items()]
+    return out[:50] + bad[:2] + out[50:] + bad[2:]  # bad rows inside and at the end
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The model, the input file, and the CLI's results for it: {id: result dict} and {id: error}."""
+    d = tmp_path_factory.mktemp("ray")
+    model = decisive_guard(str(d))
+    src = d / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    ids = [r["id"] for r in rows()]
+    refs = {}
+    for name, extra in (("default", []), ("options", ["--threshold", "0.5", "--exclude", "S1"])):
+        out, err = d / f"cli-{name}.jsonl", io.StringIO()
+        with contextlib.redirect_stderr(err):
+            assert cli.main(["classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--threads", "2", *extra]) == 2
+        results = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        errors = {ids[int(n) - 1]: msg for n, msg in re.findall(r"^pyguard: .*?: line (\d+): (.*)$", err.getvalue(), re.M)}
+        assert len(results) == N and sorted(errors) == sorted(BAD)
+        refs[name] = (results, errors)
+    return {"dir": d, "model": model, "src": str(src), "refs": refs}
+
+
+def check(out: list[dict], ref: tuple[dict, dict]) -> None:
+    """Every row once, with the CLI's result or its error, and its input columns intact."""
+    results, errors = ref
+    by_id = {r["id"]: r for r in out}
+    assert len(out) == len(by_id) == len(results) + len(errors)  # each row exactly once
+    inputs = {r["id"]: r for r in rows()}
+    unsafe = 0
+    for i, r in by_id.items():
+        if i in errors:
+            assert r["error"] == errors[i] and all(r[f] is None for f in FIELDS)
+            continue
+        assert r["error"] is None and r["messages"] == inputs[i]["messages"]
+        assert {f: r[f] for f in FIELDS} == {f: results[i][f] for f in FIELDS}  # scores bit for bit
+        unsafe += r["verdict"] == "unsafe"
+    assert 0 < unsafe < len(results)  # the decisive model: both verdicts occur
+
+
+def read(data) -> "ray.data.Dataset":
+    return ray.data.read_json(data["src"], lines=True)
+
+
+def workers() -> list[int]:
+    """Pids of this machine's pyguard actors (Ray names their processes after the class)."""
+    pids = []
+    for p in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                if b"MapBatches(Classifier)" in f.read():
+                    pids.append(int(p))
+        except (OSError, ValueError):
+            pass
+    return pids
+
+
+@pytest.fixture(scope="module")
+def local():
+    ray.init("local", num_cpus=3, include_dashboard=False)  # 2 actors and a CPU for Ray Data's own tasks
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def test_local_cluster_gives_the_cli_results(data, local):
+    out = pgray.classify(read(data), data["model"], concurrency=2, batch_size=8).materialize()
+    rows_out = out.take_all()
+    check(rows_out, data["refs"]["default"])
+    results, errors = data["refs"]["default"]
+    unsafe = sum(r["verdict"] == "unsafe" for r in results.values())
+    assert pgray.counts(out) == {"rows": N + len(BAD), "unsafe": unsafe, "errors": len(errors)}
+
+
+def test_a_killed_actor_loses_no_row(data, local):
+    for _ in range(60):  # the previous job's actors are gone: the ones found below are this job's
+        if not workers():
+            break
+        time.sleep(0.5)
+    assert not workers()
+    out, killed = [], None
+    job = pgray.classify(read(data), data["model"], concurrency=2, batch_size=4, **OPTIONS)
+    for b in job.iter_batches(batch_size=None, batch_format="pyarrow"):  # each block as it comes
+        out += b.to_pylist()
+        if killed is None:  # the first results are in, most rows are not: kill one actor
+            killed, done = workers()[0], len(out)
+            os.kill(killed, signal.SIGKILL)
+    assert killed is not None and done < N // 2
+    check(out, data["refs"]["options"])
+
+
+def test_arguments_fail_before_the_job(data, local):
+    ds = read(data)
+    for kw, what in (({"concurrency": 0}, "concurrency"), ({"threads_per_worker": 1.5}, "threads_per_worker"),
+                     ({"batch_size": 0}, "batch_size"), ({"threshold": 2}, "threshold"),
+                     ({"exclude": ["S99"]}, "S99"), ({"categories": {"X1": "Bad."}}, "X1")):
+        with pytest.raises(PyguardError, match=what):
+            pgray.classify(ds, data["model"], **{"concurrency": 1, **kw})
+    # absent here (a path on the nodes, say): the actors' PyguardError ends the job, no hang
+    with pytest.raises(ray.exceptions.RayError, match="nope.pgw: cannot read"):
+        pgray.classify(ds, str(data["dir"] / "nope.pgw"), concurrency=1).take_all()
+
+
+def test_result_columns_in_the_input_are_refused(data, local):
+    ds = ray.data.from_items([{"messages": [{"role": "user", "content": "hi"}], "score": 1}])
+    with pytest.raises(Exception, match="already has result columns"):
+        pgray.classify(ds, data["model"], concurrency=1).take_all()
+
+
+def test_the_cli_on_a_local_cluster(data, local, capsys):
+    out = data["dir"] / "ray.jsonl"
+    assert cli.main(["classify", "-m", data["model"], "--jsonl", data["src"], "--out", str(out), "--ray"]) == 2
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [r["id"] for r in rows()]  # input order
+    check(lines, data["refs"]["default"])
+    assert f"{N + len(BAD)} rows" in capsys.readouterr().err
+    for argv in (["--ray", "--resume"], ["--ray", "--jsonl", "-"]):
+        assert cli.main(["classify", "-m", data["model"], "--jsonl", data["src"], "--out", str(out), *argv]) == 2
+
+
+@pytest.fixture(scope="module")
+def two_nodes(local):
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    # 2 + 2 CPUs: the CLI's pool of 3 actors (a CPU left to Ray Data) cannot fit in one node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_two_nodes_through_the_cli_with_parquet(data, two_nodes, capsys):
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    src, out = data["dir"] / "in.parquet", data["dir"] / "out.parquet"
+    pq.write_table(pa.Table.from_pylist(rows()), src)  # the row without messages: null
+    argv = ["classify", "-m", data["model"], "--jsonl", str(src), "--out", str(out), "--threshold", "0.5", "--exclude", "S1"]
+    assert cli.main([*argv, "--ray", two_nodes.address]) == 2
+    lines = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in lines] == [r["id"] for r in rows()]
+    check(lines, data["refs"]["options"])
