@@ -403,7 +403,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--threshold", type=float, help="unsafe when the score reaches this (default: greedy answer)")
     k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores; with --ray: per worker, 1)")
     k.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                   help="classify --jsonl IN on a Ray cluster (at ADDRESS, else a local one), a worker per core; "
+                   help="classify --jsonl IN on a Ray cluster (at ADDRESS, else a local one), a worker per core but one; "
                         "IN and OUT are Parquet when named *.parquet (pip install 'pyguard[ray]', docs/RAY.md)")
     k.set_defaults(run=cmd_classify)
     d = sub.add_parser("demo", help="end to end on a random-weight model (no download needed)")
