@@ -166,13 +166,18 @@ def weighted_scales(w: np.ndarray, group: int, a: np.ndarray) -> np.ndarray:
     only if better. Absmax is a candidate, so the result never does worse than absmax."""
     m, k = w.shape
     wg = np.ascontiguousarray(w, dtype=np.float32).reshape(m, k // group, group)
-    ag = np.asarray(a, dtype=np.float32).reshape(1, k // group, group)
+    ag = np.asarray(a, dtype=np.float32).reshape(k // group, group)
     base = quant.absmax_scales(w, group).astype(np.float32)
 
-    def err(d: np.ndarray) -> np.ndarray:
+    def err(d: np.ndarray) -> np.ndarray:  # in place: this loop is most of the converter's time
         inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-        r = np.clip(np.rint(wg * inv[:, :, None]), -8, 7) * d[:, :, None] - wg
-        return np.einsum("mgi,mgi,xgi->mg", r, r, ag)
+        r = wg * inv[:, :, None]
+        np.rint(r, out=r)
+        np.clip(r, -8, 7, out=r)
+        r *= d[:, :, None]
+        r -= wg
+        r *= r
+        return np.einsum("mgi,gi->mg", r, ag)
 
     best, best_err = base, err(base)
     for f in FACTORS[1:]:
@@ -189,7 +194,7 @@ def weighted_scales(w: np.ndarray, group: int, a: np.ndarray) -> np.ndarray:
     return np.where(err(ls) < best_err, ls, best).astype(np.float16)
 
 
-def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int, fold: bool = True,
+def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int,
               tied_head: bool = False, progress: Callable[[float, str], None] | None = None) -> Calibration:
     """Run the float checkpoint over the prompts (at most MAX_TOKENS tokens in all), layer by
     layer, and decide the folding and importances. Memory: one layer's float weights and the
@@ -223,7 +228,7 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         n_att, n_ffn = read("input_layernorm.weight"), read("post_attention_layernorm.weight")
 
         h = rms_norm(x, n_att, cfg.norm_eps)
-        s = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, fold, pick)
+        s = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, pick)
         if s is not None:
             cal.row[p + "input_layernorm.weight"] = s
             for n in "qkv":
@@ -234,20 +239,20 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         for a, b in zip(bounds[:-1], bounds[1:]):
             att[a:b] = _attention(qkv[a:b], cfg)
         # wo's input channel (head h, j) is value channel (h // rep, j): one s per value channel
-        s = _choose(cal, f"layers.{i}.wo", wo, att, group, fold, pick, tie=rep, hd=hd)
+        s = _choose(cal, f"layers.{i}.wo", wo, att, group, pick, tie=rep, hd=hd)
         if s is not None:
             cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
             cal.col[p + "self_attn.o_proj.weight"] = s
         x = x + att @ wo.T
 
         h = rms_norm(x, n_ffn, cfg.norm_eps)
-        s = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, fold, pick)
+        s = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, pick)
         if s is not None:
             cal.row[p + "post_attention_layernorm.weight"] = s
             cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s
         g, u = h @ wg.T, h @ wu.T
         act = g / (1 + np.exp(-np.maximum(g, -80))) * u
-        s = _choose(cal, f"layers.{i}.w2", wd, act, group, fold, pick)
+        s = _choose(cal, f"layers.{i}.w2", wd, act, group, pick)
         if s is not None:
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
@@ -266,7 +271,7 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
 
 
-def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: int, fold: bool, pick: np.ndarray,
+def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: int, pick: np.ndarray,
             tie: int = 1, hd: int = 1) -> np.ndarray | None:
     """Record matrix `name`'s importances and folding; returns its column scale s (None: no
     folding). alpha is chosen by the output error on a sample of rows and tokens, with int4
@@ -278,8 +283,11 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
     rows = np.linspace(0, len(w) - 1, min(SEARCH_ROWS, len(w))).astype(np.int64)
     ws, xs = w[rows], x[pick]
     ref = xs @ ws.T
-    for alpha in ALPHAS if fold else (0.0,):
+    peak = np.abs(w).max(axis=0)
+    for alpha in ALPHAS:
         s = _scales(mag, alpha, tie, hd)
+        if alpha and (peak * s).max() > quant.MAX_WEIGHT:  # folded weights must stay within fp16 scales
+            continue
         wf = ws * s
         qt = quant.pack_weights(quant.quantize_with_scales(wf, sc := weighted_scales(wf, group, a / (s * s))), sc)
         qa = quant.quantize_acts(xs / s)

@@ -194,3 +194,17 @@ def test_calibration_needs_the_tokenizer_or_token_ids(hf, tmp_path):
         convert(hf, str(tmp_path / "y.pgw"), calibration="c.jsonl")
     with pytest.warns(UserWarning), pytest.raises(PyguardError, match="token ids must be in 0..511"):
         convert(hf, str(tmp_path / "x.pgw"), calibration=[[1, 2, 512]])
+
+
+def test_folding_keeps_weights_within_fp16_scales(tmp_path, monkeypatch):
+    """A weight near the largest int4 x fp16 value on a loud channel: folding would push it
+    beyond (and the conversion would refuse the checkpoint), so that input is not folded
+    (alpha 0.5 forced everywhere else)."""
+    monkeypatch.setattr(calibrate, "ALPHAS", (0.5,))
+    w = outliers(TINY)
+    loud = int(np.argmax(w["model.layers.0.post_attention_layernorm.weight"]))
+    w["model.layers.0.mlp.gate_proj.weight"][1, loud] = 0.9 * quant.MAX_WEIGHT  # a row alpha's search does not sample
+    d = str(tmp_path / "hf")
+    checkpoint.write_checkpoint(d, TINY, w, dtype="F32")
+    f = convert_quiet(d, str(tmp_path / "m.pgw"), calibration=PROMPTS)
+    assert f.meta["quant"]["calibration"]["folded"].startswith(f"{4 * TINY.n_layers - 1} of {4 * TINY.n_layers} ")

@@ -94,7 +94,7 @@ def real_benchmark(args) -> None:
     convs = calibrate.CONVERSATIONS + [c[:1] for c in calibrate.CONVERSATIONS if len(c) > 1]  # as guard_prompts
     prompts = [tok(format_prompt(c), add_special_tokens=False)["input_ids"] for c in convs]
     print(f"{args.real}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; held-out tokens "
-          + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration {sum(map(len, prompts))} tokens")
+          + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration {min(sum(map(len, prompts)), calibrate.MAX_TOKENS)} tokens")
     print(f"{'setting':<28} {'MB':>6}  {'float acts: KL':>14} {'top-1':>6}  {'pyguard: KL':>11} {'top-1':>6}  per text (pyguard KL / top-1)")
     settings = {"plain (no calibration)": (False, None), "weighted scales": (prompts, (0.0,)),
                 "weighted + folding": (prompts, calibrate.ALPHAS)}
