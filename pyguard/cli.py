@@ -58,6 +58,11 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b"),
                    help="prompt template and categories (auto: by model size)")
     p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: all cores)")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument("--calibration", metavar="FILE.jsonl",
+                   help='conversations ({"messages": [...]} lines, as for classify --jsonl) to calibrate the int4 rounding on, '
+                        "instead of the built-in set")
+    c.add_argument("--no-calibration", action="store_true", help="no calibration pass: plain searched scales")
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -68,6 +73,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
     check_output(a.out_file, "OUT_FILE")
     try:
         if is_pte_dir(a.hf_dir):  # the program decides the group sizes and the head
+            if a.calibration or a.no_calibration:
+                raise PyguardError(f"{a.hf_dir} is an ExecuTorch program, already quantized: no calibration options")
             if a.group is not None or a.head is not None:
                 raise PyguardError(f"{a.hf_dir} is an ExecuTorch program: its group size and head are taken as they are "
                                    "(leave out --group and --head)")
@@ -75,7 +82,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
             summary = convert_pte(a.hf_dir, a.out_file, family=family, progress=Progress("converting"))
         else:
             summary = convert(a.hf_dir, a.out_file, group=a.group or 32, head=a.head or "full", family=a.family,
-                              threads=a.threads, progress=Progress("converting"))
+                              threads=a.threads, progress=Progress("converting"),
+                              calibration=False if a.no_calibration else a.calibration or True)
     except OSError as e:  # the temporary file, or a full disk or file size limit while writing it (no name)
         if e.filename != a.out_file + ".part" and not (e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)):
             raise

@@ -208,3 +208,28 @@ def test_folding_keeps_weights_within_fp16_scales(tmp_path, monkeypatch):
     checkpoint.write_checkpoint(d, TINY, w, dtype="F32")
     f = convert_quiet(d, str(tmp_path / "m.pgw"), calibration=PROMPTS)
     assert f.meta["quant"]["calibration"]["folded"].startswith(f"{4 * TINY.n_layers - 1} of {4 * TINY.n_layers} ")
+
+
+def test_cli_calibration_options(tmp_path, capsys):
+    """--calibration FILE replaces the built-in set (a bad line is one error naming file and
+    line, exit 2, no file left); --no-calibration writes plain scales; not both."""
+    from pyguard import cli
+
+    pytest.importorskip("llama_models", reason="the Llama 3 tokenizer ships in llama-models")
+    cfg = dataclasses.replace(TINY, vocab_size=128256, n_layers=1)
+    d = str(tmp_path / "hf")
+    checkpoint.write_checkpoint(d, cfg, dtype="F32", tokenizer_model=checkpoint.reference_tokenizer_model())
+    conv = tmp_path / "cal.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "Wie spät ist es?"}]}) + "\n")
+    out = str(tmp_path / "a.pgw")
+    assert cli.main(["convert", d, out, "--calibration", str(conv)]) == 0
+    assert 0 < file.load(out).meta["quant"]["calibration"]["tokens"] < 400  # one prompt, not the built-in set
+    assert cli.main(["convert", d, out, "--no-calibration"]) == 0
+    assert file.load(out).meta["quant"]["calibration"] is None
+    conv.write_text(conv.read_text() + "{oops\n")
+    capsys.readouterr()
+    assert cli.main(["convert", d, str(tmp_path / "b.pgw"), "--calibration", str(conv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cal.jsonl, line 2: not a JSON object" in err and not list(tmp_path.glob("b.pgw*"))
+    with pytest.raises(SystemExit):
+        cli.main(["convert", d, out, "--calibration", str(conv), "--no-calibration"])
