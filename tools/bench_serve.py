@@ -130,6 +130,7 @@ class Process:
     def __init__(self, cmd: list[str], ready, timeout: float = 300):
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
+        self.url = None
         found = threading.Event()
 
         def read():
@@ -141,7 +142,7 @@ class Process:
                     found.set()
             found.set()
         threading.Thread(target=read, daemon=True).start()
-        if not found.wait(timeout) or self.proc.poll() is not None:
+        if not found.wait(timeout) or self.url is None:
             self.stop()
             raise SystemExit("server did not start:\n" + "\n".join(self.lines[-20:]))
 
@@ -263,6 +264,13 @@ def main() -> None:
     if args.write_gguf:  # the child in llama-cpp-python's environment
         write_text_gguf(*args.write_gguf)
         return
+    venv_py = str(pathlib.Path(args.venv) / "bin" / "python")
+    if args.llama_cpp and (not os.path.exists(venv_py)
+                           or subprocess.run([venv_py, "-c", "import gguf, llama_cpp.server"]).returncode):
+        raise SystemExit(f"--llama-cpp needs llama-cpp-python's server and gguf in {args.venv} (~15 minutes: it compiles "
+                         f"llama.cpp): python -m venv {args.venv} && CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON "
+                         f"-DGGML_FMA=ON -DGGML_F16C=ON' {args.venv}/bin/pip install numpy cffi tiktoken gguf "
+                         "'llama-cpp-python[server]'")
     args.clients = args.max_queue  # closed loop: never more waiting than the queue holds (no 429s)
 
     import bench_guard
@@ -283,7 +291,6 @@ def main() -> None:
     if args.llama_cpp:
         from pyguard import Guard, format_prompt
 
-        venv_py = str(pathlib.Path(args.venv) / "bin" / "python")
         if not args.gguf:
             if setup is None:
                 raise SystemExit("--llama-cpp with --model needs --gguf (a GGUF of that model)")
