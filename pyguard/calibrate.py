@@ -195,11 +195,12 @@ def weighted_scales(w: np.ndarray, group: int, a: np.ndarray) -> np.ndarray:
 
 
 def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int,
-              tied_head: bool = False, progress: Callable[[float, str], None] | None = None) -> Calibration:
+              progress: Callable[[float, str], None] | None = None) -> Calibration:
     """Run the float checkpoint over the prompts (at most MAX_TOKENS tokens in all), layer by
     layer, and decide the folding and importances. Memory: one layer's float weights and the
-    calibration activations (MAX_TOKENS x hidden_dim float32 at most). tied_head: the embedding
-    table is also the output head, so it takes the head's importances."""
+    calibration activations (MAX_TOKENS x hidden_dim float32 at most). A tied embedding table
+    is also the output head, so it takes the head's importances (whichever head the file keeps:
+    a pruned head's rows are then exactly the full head's)."""
     seqs, total = [], 0
     for p in prompts:
         p = np.asarray(p, dtype=np.int64)[: MAX_TOKENS - total]
@@ -260,7 +261,9 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         if progress:
             progress((i + 1) / cfg.n_layers, f"calibration layer {i}")
     h = rms_norm(x, ckpt.read("model.norm.weight"), cfg.norm_eps)
-    cal.importance["tok_embeddings" if tied_head else "output"] = _mean_square(h)
+    cal.importance["output"] = _mean_square(h)
+    if cfg.tie_embeddings:
+        cal.importance["tok_embeddings"] = cal.importance["output"]
     return cal
 
 
