@@ -221,12 +221,17 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
     x = np.concatenate([ckpt.read("model.embed_tokens.weight", slice(int(t), int(t) + 1)) for t in ids])
     hd, q_rows, kv_rows = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     rep = cfg.n_heads // cfg.n_kv_heads
+    def read(name: str) -> np.ndarray:  # a damaged tensor is named, not blamed on what follows it
+        w = ckpt.read(name)
+        if not np.isfinite(w).all():
+            raise PyguardError(f"tensor {name} holds infinite or NaN values")
+        return w
+
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        read = lambda n: ckpt.read(p + n)  # noqa: E731
-        wq, wk, wv, wo = (read(f"self_attn.{n}_proj.weight") for n in "qkvo")
-        wg, wu, wd = (read(f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
-        n_att, n_ffn = read("input_layernorm.weight"), read("post_attention_layernorm.weight")
+        wq, wk, wv, wo = (read(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
+        wg, wu, wd = (read(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        n_att, n_ffn = read(p + "input_layernorm.weight"), read(p + "post_attention_layernorm.weight")
 
         h = rms_norm(x, n_att, cfg.norm_eps)
         s = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, pick)
@@ -258,9 +263,11 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
         x = x + act @ wd.T
+        if not np.isfinite(x).all():
+            raise PyguardError(f"calibration: the float model overflows at layer {i} (convert with --no-calibration)")
         if progress:
             progress((i + 1) / cfg.n_layers, f"calibration layer {i}")
-    h = rms_norm(x, ckpt.read("model.norm.weight"), cfg.norm_eps)
+    h = rms_norm(x, read("model.norm.weight"), cfg.norm_eps)
     cal.importance["output"] = _mean_square(h)
     if cfg.tie_embeddings:
         cal.importance["tok_embeddings"] = cal.importance["output"]

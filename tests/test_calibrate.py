@@ -233,3 +233,16 @@ def test_cli_calibration_options(tmp_path, capsys):
     assert err.count("\n") == 1 and "cal.jsonl, line 2: not a JSON object" in err and not list(tmp_path.glob("b.pgw*"))
     with pytest.raises(SystemExit):
         cli.main(["convert", d, out, "--calibration", str(conv), "--no-calibration"])
+
+
+def test_float_overflow_is_an_error(tmp_path):
+    """A checkpoint whose float forward overflows (a norm weight of 1e30: attention scores
+    beyond float32) cannot be calibrated: an error saying where, not statistics of NaN that
+    would silently fall back to absmax scales for every later layer."""
+    w = outliers(TINY)
+    w["model.layers.1.input_layernorm.weight"][:] = 1e30
+    d = str(tmp_path / "hf")
+    checkpoint.write_checkpoint(d, TINY, w, dtype="F32")
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration: the float model overflows at layer 1"):
+        convert(d, str(tmp_path / "m.pgw"), calibration=PROMPTS)
+    assert not list(tmp_path.glob("m.pgw*"))
