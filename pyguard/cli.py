@@ -129,13 +129,26 @@ def _summary(r) -> str:
     return f"{r.verdict}{' ' + cats if cats else ''}  score {r.score:.3f}  ({r.prompt_tokens} tokens, {r.timings['total']:.2f} s)"
 
 
+def _positive(value: str) -> int:
+    """argparse type of a count: a usage error (exit 2) before any work."""
+    if not value.strip().isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {value!r}")
+    return int(value)
+
+
 def cmd_classify(a: argparse.Namespace) -> int:
     if (a.text is None) == (a.jsonl is None):
         raise PyguardError("give either a TEXT to classify or --jsonl FILE")
     if a.jsonl is not None:
+        if a.stream:
+            raise PyguardError("--stream judges one reply to TEXT, read from stdin: not with --jsonl")
         return _jsonl_command(a)
     if a.out or a.resume or a.ray is not None:
         raise PyguardError("--out, --resume and --ray go with --jsonl")
+    if a.every is not None and not a.stream:
+        raise PyguardError("--every goes with --stream")
+    if a.stream and a.response is not None:
+        raise PyguardError("--stream reads the reply from stdin: no --response")
     for what, text in (("TEXT", a.text), ("--response", a.response)):
         if text is not None and not text.strip():
             raise PyguardError(f"{what} is empty: there is nothing to judge (an unset shell variable?)")
@@ -143,9 +156,32 @@ def cmd_classify(a: argparse.Namespace) -> int:
     conversation = [{"role": "user", "content": a.text}]
     if a.response is not None:
         conversation.append({"role": "assistant", "content": a.response})
+    if a.stream:
+        return _stream_command(a, conversation, options)
     r = _load_guard(a).classify(conversation, **options)
     print(json.dumps(r.to_dict(), ensure_ascii=False) if a.json else _summary(r))
     return EXIT_UNSAFE if r.unsafe else EXIT_SAFE
+
+
+def _stream_command(a: argparse.Namespace, conversation: list, options: dict) -> int:
+    """classify --stream: the reply to TEXT from stdin as it arrives, a line per check, exit 1 at
+    the first unsafe one (the rest of the reply is not read)."""
+    s = _load_guard(a).stream(conversation, every=a.every or 32, **options)
+
+    def report(r, final: bool) -> bool:
+        if a.json:
+            print(json.dumps({"final": final, "reply_tokens": s.tokens, "reply_bytes": len(s.text.encode()), **r.to_dict()},
+                             ensure_ascii=False), flush=True)
+        else:
+            print(f"{'final' if final else 'check'} at {s.tokens} reply tokens: {_summary(r)}", flush=True)
+        return r.unsafe
+
+    fd = sys.stdin.fileno()
+    while chunk := os.read(fd, 1 << 16):  # what has arrived, without waiting for more
+        r = s.feed(chunk)
+        if r is not None and report(r, False):
+            return EXIT_UNSAFE
+    return EXIT_UNSAFE if report(s.finish(), True) else EXIT_SAFE
 
 
 def _jsonl_command(a: argparse.Namespace) -> int:
@@ -405,6 +441,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--out", help="write the --jsonl results here (default stdout)")
     k.add_argument("--resume", action="store_true",
                    help="continue an interrupted --jsonl run: keep the results in --out, skip the ids already there")
+    k.add_argument("--stream", action="store_true", help="judge the reply to TEXT read from stdin as it is generated: "
+                   "a line per check, exit 1 at the first unsafe one")
+    k.add_argument("--every", type=_positive, help="with --stream: check every N new reply tokens (default 32)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
     k.add_argument("--exclude", help="category codes to leave out, e.g. S6,S7")
     k.add_argument("--categories", metavar="JSON", help='file with {"code": "description"} replacing the default categories')

@@ -1,9 +1,12 @@
 """Llama Guard classification: conversation in, verdict out.
 
-Per request: build the prompt's tokens, start from the cached key/value state of its policy
-prefix (computed once per role, categories and exclusions), prefill the conversation and the
-instructions plus the "\\n\\n" every answer starts with, then decode greedily within the
-answer grammar until the answer is decided.
+Per request: build the prompt's tokens, restore the key/value state of their longest prefix held
+in the guard's token-prefix cache (the policy prefix at least, once computed; the whole earlier
+conversation when it was checked before, as turns are added or a reply streams), prefill the rest
+and the "\\n\\n" every answer starts with, then decode greedily within the answer grammar until
+the answer is decided. The state at the end of the conversation goes into the cache for the next
+request. Restoring is exact (a position's state depends only on the tokens up to it), so a result
+does not depend on what the cache held.
 """
 
 from __future__ import annotations
@@ -13,21 +16,24 @@ import os
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .cache import PrefixCache
 from .errors import PyguardError
-from .model import Model, Snapshot
-from .prompt import CATEGORIES, Conversation, categories_of, messages, prompt_parts
+from .model import Model
+from .prompt import CATEGORIES, Conversation, categories_of, conversation_text, messages, prompt_parts
+from .stream import Stream
 from .tokenizer import Tokenizer
 from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
 
 # Guards alive in this process: after os.fork() the child gets fresh locks (one held by a
 # parent thread at the fork would never be released in the child, where that thread is gone).
 _LIVE: "weakref.WeakSet[Guard]" = weakref.WeakSet()
+# The token-prefix cache's default budget: 4,096 positions of the 1B model (64 KiB each), 1,024 of 8B.
+CACHE_BYTES = 256 << 20
 
 
 def _after_fork_in_child() -> None:
@@ -58,6 +64,21 @@ def _threshold(value: Any) -> float | None:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A validated request (Guard.prepare): its prompt's tokens, then the answer start."""
+
+    ids: np.ndarray  # int64 [n]
+    policy: int  # tokens of the policy prefix (role, categories, exclusions)
+    conversation: int  # tokens up to the end of the conversation: what the next turn shares
+    categories: dict[str, str]
+
+    @property
+    def budget(self) -> int:
+        """Positions of the longest answer the policy allows."""
+        return Grammar(self.categories).budget()
+
+
 @dataclass
 class Result:
     verdict: str  # "safe" or "unsafe"
@@ -66,7 +87,7 @@ class Result:
     score: float  # probability of "unsafe" as the first answer token
     answer: str  # the model's answer text after "\n\n"
     prompt_tokens: int
-    cached_tokens: int  # prompt tokens taken from the policy-prefix cache
+    cached_tokens: int  # prompt tokens restored from the token-prefix cache
     generated_tokens: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill, decode, total
     # {code: P(unsafe) x P(code is the first category named)}, when asked for or unsafe (Guard._code_step)
@@ -87,13 +108,13 @@ class Guard:
     guards its prefix and decoder caches), separate guards run in parallel. Fork-safe."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, family: str = "llama-guard-3-1b", max_tokens: int = 8192,
-                 prefix_cache: int = 8):
+                 cache_bytes: int = CACHE_BYTES):
         """max_tokens: the most positions a request may take, prompt and answer budget
-        (longer conversations raise PyguardError); prefix_cache: how many policy prefixes
-        (role x categories x exclusions) to keep."""
+        (longer conversations raise PyguardError); cache_bytes: memory for the key/value states
+        of recent prompts' prefixes (0: none kept), least recently used dropped first."""
         _integer(max_tokens, "max_tokens", 1)
         self.model, self.tokenizer, self.family = model, tokenizer, family
-        self.prefix_cache = _integer(prefix_cache, "prefix_cache", 0)
+        self.cache = PrefixCache(_integer(cache_bytes, "cache_bytes", 0))
         self.max_tokens = min(max_tokens, model.config.max_seq_len)
         self.eot_id = tokenizer.special("<|eot_id|>")
         self.start_ids = tokenizer.encode(ANSWER_START)
@@ -102,7 +123,6 @@ class Guard:
         self._head_text = head_text
         self._decoders: dict[tuple[str, ...], AnswerDecoder] = {}
         self._code_steps: dict[tuple[str, ...], tuple[list[int], list[int | None]]] = {}
-        self._prefixes: OrderedDict[tuple, Snapshot] = OrderedDict()
         self._lock = threading.Lock()
         _LIVE.add(self)
         cats = categories_of(None, (), family)  # the shortest request: the default policy, one word
@@ -171,37 +191,25 @@ class Guard:
         p = dict(zip(kept, np.exp(z - z.max()) / np.exp(z - z.max()).sum()))
         return {c: score * float(p[r]) if r is not None else 0.0 for c, r in zip(cats, rows)}
 
-    def _prefix(self, key: tuple, ids: list[int]) -> Snapshot:
-        """The cached state after the policy prefix (least recently used ones are dropped)."""
-        snap = self._prefixes.get(key)
-        if snap is None:
-            state = self.model.new_state(len(ids))
-            self.model.prefill(state, ids)
-            snap = state.snapshot()
-            if self.prefix_cache > 0:
-                self._prefixes[key] = snap
-                while len(self._prefixes) > self.prefix_cache:
-                    self._prefixes.popitem(last=False)
-        else:
-            self._prefixes.move_to_end(key)
-        return snap
-
-    def prepare(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = ()):
-        """(prefix key, prefix ids, remaining ids incl. the answer start, kept categories) of a
-        request, validated: a prompt that with the policy's answer budget exceeds max_tokens,
-        or a policy whose codes the model cannot spell, raises PyguardError."""
+    def prepare(self, conversation: Conversation, categories: Mapping[str, str] | None = None,
+                exclude: Sequence[str] = ()) -> Request:
+        """A request, validated: a prompt that with the policy's answer budget exceeds
+        max_tokens, or a policy whose codes the model cannot spell, raises PyguardError."""
         msgs = messages(conversation)
         cats = categories_of(categories, exclude, self.family)
         self._decoder(tuple(cats))
         prefix, rest = prompt_parts(self.tokenizer, conversation, cats)
-        rest = rest + self.start_ids
-        n, budget = len(prefix) + len(rest), Grammar(cats).budget()
+        ids = np.array(prefix + rest + self.start_ids, np.int64)
+        n, budget = len(ids), Grammar(cats).budget()
         if n + budget > self.max_tokens:
             raise PyguardError(f"the prompt is {n} tokens, over the limit of {self.max_tokens - budget} "
                                f"(max_tokens {self.max_tokens} minus {budget} for this policy's longest answer): "
                                "shorten the conversation")
-        key = (msgs[-1][0], tuple(cats.items()))
-        return key, prefix, rest, cats
+        # where the conversation's tokens end: those it shares with the prompt (the last piece of
+        # text may merge with the instructions after it)
+        conv = self.tokenizer.encode(conversation_text(msgs))[: len(rest)]
+        shared = next((i for i, (a, b) in enumerate(zip(conv, rest)) if a != b), len(conv))
+        return Request(ids, len(prefix), len(prefix) + shared, cats)
 
     def classify(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
                  threshold: float | None = None, category_scores: bool = False) -> Result:
@@ -215,6 +223,15 @@ class Guard:
         with self._lock:
             return self._classify([self.prepare(conversation, categories, exclude)], _threshold(threshold), 1, False,
                                   _flag(category_scores))[0]
+
+    def stream(self, conversation: Conversation, every: int = 32, categories: Mapping[str, str] | None = None,
+               exclude: Sequence[str] = (), threshold: float | None = None) -> Stream:
+        """Moderate the assistant's reply to a conversation (ending with a user message) while it
+        is generated: `feed(text)` checks once `every` new reply tokens arrived, `check()` now,
+        `finish()` at the end. Each check's Result is `classify(conversation + [{"role":
+        "assistant", "content": reply so far}], categories, exclude, threshold)`, bit for bit;
+        the token-prefix cache makes it cost the new tokens, not the whole reply."""
+        return Stream(self, conversation, _integer(every, "every", 1), categories, exclude, _threshold(threshold))
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
                       exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16,
@@ -246,23 +263,29 @@ class Guard:
             out += self._batch(requests[i : i + batch_size], threshold, i if named else None, category_scores)
         return out
 
-    def _batch(self, requests: list, threshold: float | None, first: int | None, category_scores: bool) -> list[Result]:
+    def _batch(self, requests: list[Request], threshold: float | None, first: int | None,
+               category_scores: bool) -> list[Result]:
         """Results of requests first, first + 1, ... (None: not named in errors)."""
         t0 = time.perf_counter()
-        states, rests, cached = [], [], []
-        for key, prefix, rest, cats in requests:
-            cached.append(len(prefix) if key in self._prefixes else 0)
-            state = self.model.new_state(len(prefix) + len(rest) + Grammar(cats).budget())
-            state.restore(self._prefix(key, prefix))
+        states, cached = [], []
+        for r in requests:
+            state = self.model.new_state(len(r.ids) + r.budget)
+            if self.cache.restore(state, r.ids, len(r.ids) - 1) < r.policy and self.cache.budget:
+                # a policy prefix not held yet: completed alone, so that the batch shares it
+                self.model.prefill(state, r.ids[state.pos : r.policy])
+                self.cache.insert(r.ids[: r.policy], state)
+                self.cache.restore(state, r.ids, len(r.ids) - 1)
+            cached.append(state.pos)
             states.append(state)
-            rests.append(rest)
-        logits = list(self.model.prefill_many(states, rests))
+        logits = list(self.model.prefill_many(states, [r.ids[state.pos :] for r, state in zip(requests, states)]))
+        for r, state in zip(requests, states):
+            self.cache.insert(r.ids[: r.conversation], state)
         t1 = time.perf_counter()
         for k, x in enumerate(logits):
             self._check_finite(x, first, k)
         scores = [self.score(x) for x in logits]
         force = [None if threshold is None else UNSAFE if s >= threshold else SAFE for s in scores]
-        decoders = [self._decoder(tuple(cats)) for *_, cats in requests]
+        decoders = [self._decoder(tuple(r.categories)) for r in requests]
         texts, tokens = [""] * len(requests), [[] for _ in requests]
         active = list(range(len(requests)))
         while active:  # every unfinished answer advances by a choice (and what it forces) per pass
@@ -282,18 +305,19 @@ class Guard:
         code_scores: list[dict[str, float]] = [{} for _ in requests]
         if scored:
             for k in scored:  # back to the end of the prompt (positions after it are overwritten)
-                states[k].pos = len(requests[k][1]) + len(requests[k][2])
-            fed_ids = [self._code_step(tuple(requests[k][3]))[0] for k in scored]
+                states[k].pos = len(requests[k].ids)
+            fed_ids = [self._code_step(tuple(requests[k].categories))[0] for k in scored]
             for k, x in zip(scored, self.model.prefill_many([states[k] for k in scored], fed_ids)):
-                code_scores[k] = self._code_scores(scores[k], self._check_finite(x, first, k), requests[k][3])
+                code_scores[k] = self._code_scores(scores[k], self._check_finite(x, first, k), requests[k].categories)
         t2 = time.perf_counter()
         results = []
-        for k, (_, prefix, rest, cats) in enumerate(requests):
+        for k, r in enumerate(requests):
+            cats = r.categories
             verdict = UNSAFE if texts[k].startswith(UNSAFE) else SAFE
             if force[k] not in (None, verdict):  # the decoder imposes it: never a silent disagreement
                 raise PyguardError(f"the answer {texts[k]!r} contradicts the threshold's verdict {force[k]!r}")
             codes = decoders[k].grammar.categories(texts[k])
-            results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(prefix) + len(rest),
+            results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(r.ids),
                                   cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0},
                                   code_scores[k]))
         return results

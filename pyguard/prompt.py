@@ -109,8 +109,12 @@ def _texts(msgs: list[tuple[str, str]], cats: Mapping[str, str]) -> tuple[str, s
     """The user turn's text as (policy prefix, conversation and instructions)."""
     role = _NAMES[msgs[-1][0]]
     prefix = _TASK.format(role=role) + "".join(f"{k}: {v}\n" for k, v in cats.items()) + _CONVERSATION
-    rest = "".join(f"{_NAMES[r]}: {t}\n\n" for r, t in msgs) + _INSTRUCTIONS.format(role=role)
-    return prefix, rest
+    return prefix, conversation_text(msgs) + _INSTRUCTIONS.format(role=role)
+
+
+def conversation_text(msgs: Sequence[tuple[str, str]]) -> str:
+    """The conversation's part of the prompt, for validated (role, text) pairs (`messages`)."""
+    return "".join(f"{_NAMES[r]}: {t}\n\n" for r, t in msgs)
 
 
 def format_prompt(conversation: Conversation, categories: Mapping[str, str] | None = None,

@@ -55,8 +55,7 @@ def test_score_is_the_unsafe_row_of_the_head(guards, singles):
     safe row would give about 1 - score, which mid-range scores tell apart."""
     full, pruned = guards["full"], guards["guard"]
     for c, rf, rp in zip(SAMPLES, singles["full"], singles["guard"]):
-        _, prefix, rest, _ = full.prepare(c)
-        ids = prefix + rest
+        ids = full.prepare(c).ids
         z = full.model.prefill(full.model.new_state(len(ids)), ids).astype(np.float64)
         p = np.exp(z - z.max())
         assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9)
@@ -96,35 +95,13 @@ def test_threshold_in_batches(guards):
     assert [key(r) for r in g.classify_many(SAMPLES, threshold=0.5, batch_size=5)] == [key(r) for r in alone]
 
 
-def test_prefix_cache_eviction(paths):
-    reference = Guard.load(paths["guard"], prefix_cache=0)
-    policies = [("hello", ()), (AGENT, ()), ("hello", ("S1",)), ("hello", ()), ("hello", ()), (AGENT, ()), ("hello", ("S1",))]
-    expected = [reference.classify(c, exclude=e) for c, e in policies]
-    assert all(r.cached_tokens == 0 for r in expected)
-    for size in (1, 2):
-        g, lru = Guard.load(paths["guard"], prefix_cache=size), []
-        for (c, e), want in zip(policies, expected):
-            k = (isinstance(c, str), e)
-            r = g.classify(c, exclude=e)
-            assert key(r) == key(want)
-            assert r.cached_tokens == (len(g.prepare(c, exclude=e)[1]) if k in lru else 0)
-            lru = ([x for x in lru if x != k] + [k])[-size:]
-        assert len(g._prefixes) == size
-    # within one batch too: a size-1 cache alternating between two roles never hits
-    g = Guard.load(paths["guard"], prefix_cache=1)
-    rs = g.classify_many(["hello", AGENT, "hello", AGENT], batch_size=4)
-    assert [r.cached_tokens for r in rs] == [0, 0, 0, 0]
-    assert [key(r) for r in rs] == [key(reference.classify(c)) for c in ["hello", AGENT, "hello", AGENT]]
-
-
 def test_max_tokens_boundary(paths, guards):
-    _, prefix, rest, cats = guards["guard"].prepare("hello there")
-    need = len(prefix) + len(rest) + len("unsafe\n" + ",".join(cats)) + 1
+    r = guards["guard"].prepare("hello there")
+    need = len(r.ids) + len("unsafe\n" + ",".join(r.categories)) + 1
     assert Guard.load(paths["guard"], max_tokens=need).classify("hello there").verdict in ("safe", "unsafe")
     with pytest.raises(PyguardError, match=f"over the limit of {need - 1 - 50}"):
         Guard.load(paths["guard"], max_tokens=need - 1).classify("hello there")
-    _, p, r, _ = guards["guard"].prepare("x")
-    least = len(p) + len(r) + 50
+    least = len(guards["guard"].prepare("x").ids) + 50
     Guard.load(paths["guard"], max_tokens=least)
     with pytest.raises(PyguardError, match=f"max_tokens {least - 1} is too small for any prompt.*{least} tokens"):
         Guard.load(paths["guard"], max_tokens=least - 1)
@@ -170,7 +147,7 @@ def test_bad_arguments(guards):
         g.classify_many(["a", [3]])
     with pytest.raises(PyguardError, match="^message 0: empty content$"):
         g.classify("")
-    for kw in ({"max_tokens": 1.5}, {"max_tokens": True}, {"prefix_cache": -1}):
+    for kw in ({"max_tokens": 1.5}, {"max_tokens": True}, {"cache_bytes": -1}):
         with pytest.raises(PyguardError, match=f"{next(iter(kw))} must be an integer"):
             Guard(g.model, g.tokenizer, g.family, **kw)
 
