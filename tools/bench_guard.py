@@ -18,6 +18,19 @@ Each peer runs in its own process, one after the other, so that none shares the 
 inflates another's peak RSS. pyguard and llama.cpp take turns for --rounds rounds and each
 figure is the best of its rounds (the virtual machines here have slow spells of minutes;
 taking turns exposes both to them alike); transformers, at minutes a run, runs once.
+
+    python tools/bench_guard.py --int4 DIR [--threads 2] [--rounds 2]
+
+Meta's Llama Guard 3-1B-INT4 instead (12 layers, MLP 6400, head pruned to 20 tokens): DIR is
+laid out like Meta's repository (a .pte, params.json, tokenizer.model; a random-weight one:
+`python tools/export_pte.py DIR --geometry guard-1b-int4 --max-seq-length 8192`). pyguard runs
+its conversion (`pyguard convert DIR`, made in --workdir once), ExecuTorch (test-only
+dependency) runs the .pte itself, in turns. Both do the same forward passes: those pyguard's
+classify makes for each one-turn prompt (the prompt, then the answer tokens, recorded once
+here) are replayed on both engines, from position 0 and after the policy prefix kept in the
+key/value cache (pyguard's classify does that by itself; ExecuTorch's cache holds it too
+when each request starts at the prefix's end). Prefill and decode rates: a whole prompt
+from position 0, then single tokens.
 """
 
 from __future__ import annotations
@@ -71,6 +84,11 @@ BATCHES = (1, 8, 64)
 # left alone it would use AVX-512 / AMX bf16 units where the CPU has them.
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 DECODE_STEPS = 2
+LATENCIES = ("one", "two", "classify", "replay_full", "replay_kept")
+# A one-turn prompt used only to warm up (and build the policy prefix): the timed ones then
+# share the prefix with it, not their own text.
+WARM_UP = [{"role": "user", "content": "Is it safe to leave a candle burning overnight in a closed room?"}]
+DECODE_TOKENS = 16  # single-token steps timed for the decode rate
 
 
 def conversations() -> tuple[list, list]:
@@ -220,6 +238,196 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict | str:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------- Meta's INT4 .pte: pyguard beside ExecuTorch
+
+
+def prepare_int4(args) -> dict:
+    """The pyguard file of DIR's .pte (converted once), and for every one-turn prompt the
+    forward passes pyguard's classify makes: [(position, token ids)], the prompt first."""
+    from pyguard import Guard, pte
+
+    if not pte.is_pte_dir(args.int4):
+        sys.exit(f"{args.int4}: no .pte with params.json (make a random-weight one with: python tools/export_pte.py "
+                 f"{args.int4} --geometry guard-1b-int4 --max-seq-length 8192)")
+    program = pte.find_pte(args.int4)
+    st = os.stat(program)
+    pgw = str(pathlib.Path(args.workdir) / f"int4-{st.st_size}-{int(st.st_mtime)}.pgw")
+    if not os.path.exists(pgw):
+        print(f"converting {program} ...", file=sys.stderr)
+        pte.convert_pte(args.int4, pgw)
+    guard = Guard.load(pgw, threads=args.threads)
+    passes: list = []
+
+    def recorded(name):  # every token the model is given passes through one of these
+        real = getattr(guard.model, name)
+
+        def call(state_or_states, tokens, *a, **kw):
+            states, lists = (state_or_states, tokens) if name == "prefill_many" else ([state_or_states], [tokens])
+            passes.extend((s.pos, [int(t) for t in np.atleast_1d(ids)]) for s, ids in zip(states, lists))
+            return real(state_or_states, tokens, *a, **kw)
+        setattr(guard.model, name, call)
+
+    for name in ("prefill", "prefill_many", "decode"):
+        recorded(name)
+    guard.classify(WARM_UP)
+    one, _ = conversations()
+    prompts = []
+    for c in one:
+        passes.clear()
+        r = guard.classify(c)
+        ids = [int(t) for t in guard.prepare(c).ids]
+        assert passes[0] == (r.cached_tokens, ids[r.cached_tokens:]), "classify's first pass is not its prompt's rest"
+        prompts.append({"ids": ids, "policy": r.cached_tokens, "passes": passes[1:], "answer": r.answer})
+    # ExecuTorch keeps the policy prefix only if every prompt starts at the same place after it
+    assert len({p["policy"] for p in prompts}) == 1, "the prompts share more than the policy prefix"
+    return {"program": program, "pgw": pgw, "pgw_mb": os.path.getsize(pgw) / 1e6, "pte_mb": st.st_size / 1e6,
+            "prompts": prompts, "warm_up": [int(t) for t in guard.prepare(WARM_UP).ids]}
+
+
+def replay_runs(forward, prompts: list, policy_kept: bool) -> dict:
+    """Latencies of each prompt's passes through forward(position, ids) -> the last position's
+    vocabulary logits (argmax: the first answer token), from
+    position 0, or from the policy prefix's end when the cache already holds it (the answer
+    passes as recorded in both cases)."""
+    times, last = [], []
+    for p in prompts:
+        start = p["policy"] if policy_kept else 0
+        t0 = time.perf_counter()
+        logits = forward(start, p["ids"][start:])
+        for pos, ids in p["passes"]:
+            forward(pos, ids)
+        times.append(time.perf_counter() - t0)
+        last.append(int(np.argmax(logits)))
+    return {**latency(times), "argmax": last}
+
+
+def rates(forward, prompts: list) -> dict:
+    """Prefill tok/s over whole prompts from position 0; decode tok/s over DECODE_TOKENS single tokens after one."""
+    t0 = time.perf_counter()
+    for p in prompts:
+        forward(0, p["ids"])
+    prefill = sum(len(p["ids"]) for p in prompts) / (time.perf_counter() - t0)
+    n = len(prompts[0]["ids"])
+    t0 = time.perf_counter()
+    for i in range(DECODE_TOKENS):
+        forward(n + i, [prompts[0]["ids"][-1]])
+    return {"prefill_tok_s": prefill, "decode_tok_s": DECODE_TOKENS / (time.perf_counter() - t0)}
+
+
+def int4_pyguard(setup: dict, threads: int) -> dict:
+    from pyguard import Guard, kernels
+
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    guard = Guard.load(setup["pgw"], threads=threads)
+    res = {"load_s": time.perf_counter() - t0, "isa": kernels.isa(), "threads": threads}
+    guard.classify(WARM_UP)
+    one, _ = conversations()
+    times = []
+    for c, p in zip(one, setup["prompts"]):
+        t0 = time.perf_counter()
+        r = guard.classify(c)
+        times.append(time.perf_counter() - t0)
+        assert (r.cached_tokens, r.answer) == (p["policy"], p["answer"]), "classify differs from the recorded run"
+    res["classify"] = latency(times)
+    model = guard.model
+    state = model.new_state(max(len(p["ids"]) + DECODE_TOKENS + 64 for p in setup["prompts"]))
+
+    def forward(pos: int, ids: list[int]) -> np.ndarray:
+        state.pos = pos  # later positions are overwritten, as in ExecuTorch's cache
+        logits = np.full(model.config.vocab_size, -np.inf, np.float32)  # ExecuTorch's scatter, for argmax
+        logits[model.head_ids] = model.prefill(state, ids)
+        return logits
+
+    forward(0, setup["warm_up"])
+    res["replay_full"] = replay_runs(forward, setup["prompts"], False)
+    res.update(rates(forward, setup["prompts"]))
+    forward(0, setup["prompts"][0]["ids"][: setup["prompts"][0]["policy"]])
+    res["replay_kept"] = replay_runs(forward, setup["prompts"], True)
+    res["peak_rss_mb"], res["base_rss_mb"] = peak_rss_mb(), base
+    return res
+
+
+def executorch_child(args) -> None:
+    import torch
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_4bit)
+    from executorch.extension.pybindings import portable_lib as et
+
+    setup = json.loads(pathlib.Path(args.setup).read_text())
+    et._unsafe_reset_threadpool(args.threads)  # XNNPACK's and the custom ops' pool
+    torch.set_num_threads(args.threads)
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    module = et._load_for_executorch(setup["program"])
+    res = {"load_s": time.perf_counter() - t0, "threads": et._threadpool_get_thread_count()}
+
+    def forward(pos: int, ids: list[int]) -> np.ndarray:
+        out = module.forward((torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
+        return out.numpy().reshape(-1)
+
+    forward(0, setup["warm_up"])
+    res["replay_full"] = replay_runs(forward, setup["prompts"], False)
+    res.update(rates(forward, setup["prompts"]))
+    forward(0, setup["prompts"][0]["ids"][: setup["prompts"][0]["policy"]])
+    res["replay_kept"] = replay_runs(forward, setup["prompts"], True)
+    res["peak_rss_mb"], res["base_rss_mb"] = peak_rss_mb(), base
+    print(json.dumps(res))
+
+
+def int4_main(args) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setup = prepare_int4(args)
+    setup_path = pathlib.Path(args.workdir) / "setup-int4.json"
+    setup_path.write_text(json.dumps(setup))
+    common = ["--threads", str(args.threads), "--workdir", args.workdir, "--setup", str(setup_path), "--int4", args.int4]
+    me = str(pathlib.Path(__file__).resolve())
+    load = os.getloadavg()
+    runs = take_turns({"pyguard": [sys.executable, me, "--pyguard", *common],
+                       "ExecuTorch": [sys.executable, me, "--executorch", *common]}, args.rounds)
+    report_int4(setup, runs, args, load)
+
+
+def report_int4(setup: dict, runs: dict, args, load: tuple) -> None:
+    from pyguard import kernels
+
+    pg, et = runs["pyguard"], runs["ExecuTorch"]
+    if isinstance(pg, str):
+        sys.exit(f"pyguard {pg}")
+    if isinstance(et, str):
+        sys.exit(f"ExecuTorch {et}")
+    ps = setup["prompts"]
+    n = [len(p["ids"]) for p in ps]
+    print(f"Meta's Llama Guard 3-1B-INT4 geometry ({setup['program']}, {setup['pte_mb']:.0f} MB; pyguard file "
+          f"{setup['pgw_mb']:.0f} MB), {len(ps)} one-turn prompts of {min(n)}-{max(n)} tokens ({ps[0]['policy']} of them "
+          f"the policy prefix), answers {sorted({p['answer'] for p in ps})} in {statistics.mean(len(p['passes']) + 1 for p in ps):.1f} "
+          f"passes on average")
+    print(f"CPU: {kernels.cpu_model()}; pyguard kernels {pg['isa']}, {pg['threads']} threads; ExecuTorch {et['threads']} "
+          f"threads; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; best of {args.rounds} rounds")
+    def agree(x: dict, y: dict) -> str:
+        return f"{sum(a == b for a, b in zip(x['argmax'], y['argmax']))} of {len(x['argmax'])}"
+    print(f"{'':40}{'pyguard':>10}{'ExecuTorch':>12}{'ratio':>8}")
+    rows = [("one-turn from position 0, median (s)", pg["replay_full"]["median"], et["replay_full"]["median"]),
+            ("one-turn from position 0, p95 (s)", pg["replay_full"]["p95"], et["replay_full"]["p95"]),
+            ("one-turn, policy prefix kept, median (s)", pg["replay_kept"]["median"], et["replay_kept"]["median"]),
+            ("one-turn, policy prefix kept, p95 (s)", pg["replay_kept"]["p95"], et["replay_kept"]["p95"]),
+            ("Guard.classify, median (s)", pg["classify"]["median"], None),
+            ("prefill (tok/s)", pg["prefill_tok_s"], et["prefill_tok_s"]),
+            ("decode (tok/s)", pg["decode_tok_s"], et["decode_tok_s"]),
+            ("peak RSS (MB)", pg["peak_rss_mb"], et["peak_rss_mb"]),
+            ("  of which before loading (MB)", pg["base_rss_mb"], et["base_rss_mb"])]
+    for label, a, b in rows:
+        higher = label.endswith("(tok/s)")
+        ratio = None if b is None else (a / b if higher else b / a)
+        print(f"{label:40}{_fmt(a):>10}{_fmt(b):>12}{_fmt(ratio, 'x'):>8}")
+    print("ratio: how many times better pyguard is; Guard.classify: the whole request (tokenizing, prompt, prefix "
+          "cache, answer decoding) on the same prompts")
+    print(f"load: pyguard {pg['load_s']:.2f} s, ExecuTorch {et['load_s']:.2f} s; same first answer token: pyguard and "
+          f"ExecuTorch {agree(pg['replay_full'], et['replay_full'])} prompts, ExecuTorch with the prefix kept and from "
+          f"position 0 {agree(et['replay_kept'], et['replay_full'])}")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -234,7 +442,9 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--transformers-runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="turns pyguard and llama.cpp take; figures are the best of them")
+    ap.add_argument("--int4", metavar="DIR", help="Meta's INT4 .pte directory: pyguard beside ExecuTorch instead")
     ap.add_argument("--llama-cpp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--executorch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--transformers", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
     ap.add_argument("--pyguard", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
@@ -243,11 +453,16 @@ def main() -> None:
         return llama_cpp_child(args)
     if args.transformers:
         return transformers_child(args)
+    if args.executorch:
+        return executorch_child(args)
     if args.pyguard:
-        print(json.dumps(bench_pyguard(json.loads(pathlib.Path(args.setup).read_text()), args.threads)))
+        setup = json.loads(pathlib.Path(args.setup).read_text())
+        print(json.dumps(int4_pyguard(setup, args.threads) if args.int4 else bench_pyguard(setup, args.threads)))
         return
 
     os.makedirs(args.workdir, exist_ok=True)
+    if args.int4:
+        return int4_main(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         setup = prepare(args)
@@ -260,17 +475,21 @@ def main() -> None:
     if not args.no_llama_cpp:
         turns["llama.cpp"] = [str(py), me, "--llama-cpp", *common] if py.exists() else \
             f"no {py}: run tools/bench.py once to create it"
-    results = {name: [] for name in turns}
-    for r in range(args.rounds):
-        print(f"round {r + 1} of {args.rounds} ...", file=sys.stderr)
-        for name, cmd in turns.items():
-            results[name].append(run_child(cmd) if isinstance(cmd, list) else cmd)
-    runs = {name: best_of(rs) for name, rs in results.items()}
+    runs = take_turns(turns, args.rounds)
     if not args.no_transformers:
         for dt in ("bf16", "fp32"):
             runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
                                                     str(args.transformers_runs), *common], AVX2_ONLY)
     report(runs, args)
+
+
+def take_turns(turns: dict, rounds: int) -> dict:
+    results = {name: [] for name in turns}
+    for r in range(rounds):
+        print(f"round {r + 1} of {rounds} ...", file=sys.stderr)
+        for name, cmd in turns.items():
+            results[name].append(run_child(cmd) if isinstance(cmd, list) else cmd)
+    return {name: best_of(rs) for name, rs in results.items()}
 
 
 def best_of(runs: list) -> dict | str:
@@ -281,9 +500,9 @@ def best_of(runs: list) -> dict | str:
         return runs[0]
     best = dict(ok[0])
     for key in best:
-        if key in ("one", "two"):
+        if key in LATENCIES:
             best[key] = min((r[key] for r in ok), key=lambda v: v["median"])
-        elif key.startswith("batch_"):
+        elif key.startswith("batch_") or key.endswith("_tok_s"):
             best[key] = max(r[key] for r in ok)
     return best
 
