@@ -11,23 +11,27 @@ Llama Guard 3 1B (guard head, made in /tmp/pyguard-guard-bench on first use).
 2. Open loop at fractions of that capacity (--loads): requests sent at Poisson arrival times
    whatever the answers (a client that does not wait, as real traffic); per level:
    throughput, p50/p99 latency of the answered (200) requests, the share of 429s and their
-   p99 latency, 5xx count, and the server's RSS.
-3. --soak SECONDS: 80% of capacity for that long, RSS sampled every 10 s (flat = no leak).
+   p99 latency, 5xx count, and the server's RSS (sampled every 10 s).
+3. --soak SECONDS: 80% of capacity for that long (one open loop), the same figures (flat RSS:
+   no leak). pyguard only.
 4. --llama-cpp: llama.cpp's server (`python -m llama_cpp.server` from --venv, which needs
    `pip install 'llama-cpp-python[server]'`) on the Q4_0 GGUF of the same int4 weights
    (tools/bench.py's writer, here with the real Llama 3 vocabulary: byte-level BPE, merges
    rebuilt from the tiktoken ranks, so llama.cpp tokenizes text into pyguard's very tokens;
    or --gguf FILE), sent the same conversations as the Llama Guard prompt text on
-   /v1/completions (greedy, up to 10 tokens: the verdict, the prompt computed whole each
-   time, as llama.cpp's server does for a new prompt): its capacity and the same levels.
+   /v1/completions (greedy, two tokens: a real model's `safe` and <|eot_id|>; its server
+   reuses the previous prompt's common prefix, the policy): its capacity and the levels up
+   to 1 (beyond, its unbounded queue only grows).
 
-Each request is one conversation from tools/bench_guard.py's set (one- and two-turn).
+Each request is one conversation from tools/bench_guard.py's set (one- and two-turn), made
+unique by a number at the start of its first message (no server answers a repeat from a cache).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import pathlib
@@ -155,13 +159,27 @@ class Process:
             return self.proc.wait()
 
 
+_serial = itertools.count()
+
+
+def unique(conv: list) -> list:
+    """The conversation with a request number at the start of its first message: live traffic
+    repeats the policy, not the messages, so neither server may answer a repeat from a cache
+    (pyguard's token-prefix cache would skip a repeated conversation's prefill)."""
+    first = dict(conv[0], content=f"[{next(_serial)}] {conv[0]['content']}")
+    return [first, *conv[1:]]
+
+
 def pyguard_request(conv) -> tuple[str, dict]:
-    return "/v1/classify", {"messages": conv}
+    return "/v1/classify", {"messages": unique(conv)}
 
 
 def llama_request(prompt_text):
+    """The Llama Guard prompt and "\n\n" (the assistant header's end, as Llama 3's chat
+    template ends it), two greedy tokens: a real model's safe answer, `safe` and <|eot_id|>
+    (one decode step: the stop token is never evaluated). Random weights do not stop early."""
     def make(conv) -> tuple[str, dict]:
-        return "/v1/completions", {"prompt": prompt_text(conv), "max_tokens": 10, "temperature": 0}
+        return "/v1/completions", {"prompt": prompt_text(unique(conv)) + "\n\n", "max_tokens": 2, "temperature": 0}
     return make
 
 
@@ -214,31 +232,46 @@ async def open_loop(url: str, make, convs: list, rate: float, duration: float, c
             "dropped": sum(st == 0 for st, _ in out), "other": sorted({st for st, _ in out} - {0, 200, 429} - set(range(500, 600)))}
 
 
-def run(name: str, server: Process, url: str, make, convs: list, args) -> dict:
+def level(name: str, url: str, make, convs: list, rate: float, duration: float, cap: int, pid: int) -> dict:
+    """open_loop, the server's RSS sampled every 10 s meanwhile."""
+    rss, stop = [rss_mb(pid)], threading.Event()
+
+    def sample():
+        while not stop.wait(10):
+            rss.append(rss_mb(pid))
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        r = asyncio.run(open_loop(url, make, convs, rate, duration, cap))
+    finally:
+        stop.set()
+        t.join()
+    r["rss_mb"] = rss + [rss_mb(pid)]
+    print(f"  {name}: {r['sent']:5d} sent, {r['throughput']:6.2f} req/s, p50 {r['p50_ms']:7.0f} ms, "
+          f"p99 {r['p99_ms']:7.0f} ms, 429 {100 * r['share_429']:4.1f}% (p99 {r['p99_429_ms']:.1f} ms), "
+          f"5xx {r['5xx']}, dropped {r['dropped']}, other {r['other']}, "
+          f"RSS {r['rss_mb'][0]:.0f} .. {max(r['rss_mb']):.0f} .. {r['rss_mb'][-1]:.0f} MB", file=sys.stderr, flush=True)
+    return r
+
+
+def run(name: str, server: Process, url: str, make, convs: list, args, loads: list[float], soak: float) -> dict:
     import httpx
 
-    for c in convs[:2]:  # warm-up: pyguard's policy-prefix cache, llama.cpp's first allocations
+    for c in convs[:2]:  # warm-up: first allocations
         path, body = make(c)
         httpx.post(url + path, json=body, timeout=300).raise_for_status()
+    pid = server.proc.pid
     cap = asyncio.run(closed_loop(url, make, convs, args.clients, args.duration, args.max_requests))
-    print(f"{name}: capacity {cap:.1f} req/s (closed loop, {args.clients} clients); RSS {rss_mb(server.proc.pid):.0f} MB",
-          file=sys.stderr)
+    print(f"{name}: capacity {cap:.2f} req/s (closed loop, {args.clients} clients); RSS {rss_mb(pid):.0f} MB",
+          file=sys.stderr, flush=True)
     levels = []
-    for f in args.loads:
-        r = asyncio.run(open_loop(url, make, convs, f * cap, args.duration, args.max_requests))
-        r["load"], r["rss_mb"] = f, rss_mb(server.proc.pid)
-        print(f"  {f:4.2f} x: {r['sent']:5d} sent, {r['throughput']:6.1f} req/s, p50 {r['p50_ms']:7.1f} ms, "
-              f"p99 {r['p99_ms']:7.1f} ms, 429 {100 * r['share_429']:4.1f}% (p99 {r['p99_429_ms']:.1f} ms), "
-              f"5xx {r['5xx']}, dropped {r['dropped']}, RSS {r['rss_mb']:.0f} MB", file=sys.stderr)
+    for f in loads:
+        r = level(f"{f:4.2f} x", url, make, convs, f * cap, args.duration, args.max_requests, pid)
+        r["load"] = f
         levels.append(r)
     res = {"capacity": cap, "levels": levels}
-    if args.soak:
-        rss, stop = [], time.perf_counter() + args.soak
-        while time.perf_counter() < stop:
-            asyncio.run(open_loop(url, make, convs, 0.8 * cap, min(10, args.soak), args.max_requests))
-            rss.append(rss_mb(server.proc.pid))
-        res["soak_rss_mb"] = rss
-        print(f"  soak at 0.8 x for {args.soak:.0f} s: RSS {rss[0]:.0f} .. {max(rss):.0f} .. {rss[-1]:.0f} MB", file=sys.stderr)
+    if soak:
+        res["soak"] = level(f"soak 0.80 x {soak:.0f} s", url, make, convs, 0.8 * cap, soak, 1 << 30, pid)
     return res
 
 
@@ -285,7 +318,7 @@ def main() -> None:
     ready = lambda line: line.split(" on ")[1].split()[0] if line.startswith("pyguard serve:") and " on http://" in line else None
     server = Process(cmd, ready)
     try:
-        out["pyguard"] = run("pyguard serve", server, server.url, pyguard_request, convs, args)
+        out["pyguard"] = run("pyguard serve", server, server.url, pyguard_request, convs, args, args.loads, args.soak)
     finally:
         server.stop()
     if args.llama_cpp:
@@ -303,7 +336,7 @@ def main() -> None:
         text = lambda conv: format_prompt(conv, family=guard.family)
         port = 18000 + random.Random().randrange(1000)
         cmd = [venv_py, "-m", "llama_cpp.server", "--model", args.gguf,
-               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "2048"]
+               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048"]
         ready = lambda line: f"http://127.0.0.1:{port}" if "Uvicorn running" in line else None
         server = Process(cmd, ready)
         try:
@@ -311,11 +344,13 @@ def main() -> None:
 
             from pyguard.prompt import prompt_tokens
 
-            got = httpx.post(server.url + "/extras/tokenize", json={"input": text(convs[0])}, timeout=60).json()["tokens"]
-            want = prompt_tokens(guard.tokenizer, convs[0], family=guard.family)
+            got = httpx.post(server.url + "/extras/tokenize", json={"input": text(convs[0]) + "\n\n"}, timeout=60).json()["tokens"]
+            got = got[1:] if got[:1] == got[1:2] else got  # this endpoint adds a BOS; /v1/completions does not
+            want = prompt_tokens(guard.tokenizer, convs[0], family=guard.family) + guard.start_ids
             print(f"llama.cpp tokenizes the prompt into {len(got)} tokens, pyguard {len(want)}"
                   f"{' (the same)' if got == want else ' (DIFFERENT: the comparison is off)'}", file=sys.stderr)
-            out["llama.cpp"] = run("llama.cpp server", server, server.url, llama_request(text), convs, args)
+            out["llama.cpp"] = run("llama.cpp server", server, server.url, llama_request(text), convs, args,
+                                   [f for f in args.loads if f <= 1], 0)
         finally:
             server.stop()
         print(f"capacity ratio pyguard / llama.cpp: {out['pyguard']['capacity'] / out['llama.cpp']['capacity']:.1f}",
