@@ -33,7 +33,7 @@ except ImportError as e:
     raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
 
 from pyguard.errors import PyguardError
-from pyguard.guard import Guard, Result, _integer, _threshold
+from pyguard.guard import Guard, Result
 
 # The columns added to the input's; `error` is null for a judged row, the others for a failed one.
 RESULTS = pa.schema([("verdict", pa.string()), ("categories", pa.list_(pa.string())),
@@ -109,12 +109,15 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
 
     Actors holding every CPU leave none for Ray Data's own tasks (listing files, reading,
     writing) and the job waits forever: the default leaves one CPU to them."""
-    threshold = _threshold(threshold)
-    _integer(threads_per_worker, "threads_per_worker", 1)
-    _integer(batch_size, "batch_size", 1)
+    # checked here, not by each actor: a bad value would otherwise fail the job, or every row
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold <= 1):  # NaN fails the range too
+        raise PyguardError(f"threshold must be a number from 0 to 1 (or None), not {threshold!r:.60}")
+    _positive(threads_per_worker, "threads_per_worker")
+    _positive(batch_size, "batch_size")
     if concurrency is None:
         concurrency = max(1, (_cpus() - 1) // threads_per_worker)
-    _integer(concurrency, "concurrency", 1)
+    _positive(concurrency, "concurrency")
     exclude = tuple(exclude)
     if os.path.exists(path):
         path = os.path.abspath(path)  # the workers' working directory is not ours
@@ -126,6 +129,11 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           # a dead actor is restarted and its batch retried, without limit (Ray Data's
                           # defaults too, stated here because exactly-once output depends on them)
                           max_restarts=-1, max_task_retries=-1)
+
+
+def _positive(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PyguardError(f"{name} must be an integer of at least 1, not {value!r:.60}")
 
 
 def _cpus() -> int:

@@ -133,7 +133,9 @@ def test_a_killed_actor_loses_no_row(data, local):
 def test_arguments_fail_before_the_job(data, local):
     ds = read(data)
     for kw, what in (({"concurrency": 0}, "concurrency"), ({"threads_per_worker": 1.5}, "threads_per_worker"),
-                     ({"batch_size": 0}, "batch_size"), ({"threshold": 2}, "threshold"),
+                     ({"batch_size": 0}, "batch_size"), ({"batch_size": True}, "batch_size"),
+                     ({"threshold": 2}, "threshold"), ({"threshold": float("nan")}, "threshold"),
+                     ({"threshold": True}, "threshold"), ({"threshold": "0.5"}, "threshold"),
                      ({"exclude": ["S99"]}, "S99"), ({"categories": {"X1": "Bad."}}, "X1")):
         with pytest.raises(PyguardError, match=what):
             pgray.classify(ds, data["model"], **{"concurrency": 1, **kw})
