@@ -38,7 +38,8 @@ from pyguard.guard import Guard, Result
 # The columns added to the input's; `error` is null for a judged row, the others for a failed one.
 RESULTS = pa.schema([("verdict", pa.string()), ("categories", pa.list_(pa.string())),
                      ("category_names", pa.list_(pa.string())), ("score", pa.float64()), ("answer", pa.string()),
-                     ("prompt_tokens", pa.int64()), ("error", pa.string())])
+                     ("prompt_tokens", pa.int64()), ("category_scores", pa.map_(pa.string(), pa.float64())),
+                     ("error", pa.string())])
 
 
 def _missing(conversation: Any) -> bool:
@@ -158,7 +159,10 @@ def _errors(b: pa.Table) -> int:
 
 def _json_row(row: dict) -> dict:
     # a value missing from a JSON lines input comes back from Ray's (pandas) reader as NaN
-    return {k: None if _missing(v) else v for k, v in row.items()}
+    out = {k: None if _missing(v) else v for k, v in row.items()}
+    if out["category_scores"] is not None:  # an Arrow map comes back as (key, value) pairs
+        out["category_scores"] = dict(out["category_scores"])
+    return out
 
 
 def run_cli(model: str, src: str, out: str | None, address: str | None, threads: int | None, options: dict) -> int:

@@ -28,7 +28,7 @@ BAD = {
     "empty": {"messages": [{"role": "user", "content": "  "}]},
 }
 OPTIONS = {"threshold": 0.5, "exclude": ("S1",)}
-FIELDS = ("verdict", "categories", "category_names", "score", "answer", "prompt_tokens")
+FIELDS = ("verdict", "categories", "category_names", "score", "answer", "prompt_tokens", "category_scores")
 
 
 def rows() -> list[dict]:
@@ -74,7 +74,9 @@ def check(out: list[dict], ref: tuple[dict, dict]) -> None:
             assert r["error"] == errors[i] and all(r[f] is None for f in FIELDS)
             continue
         assert r["error"] is None and r["messages"] == inputs[i]["messages"]
-        assert {f: r[f] for f in FIELDS} == {f: results[i][f] for f in FIELDS}  # scores bit for bit
+        got = r | {"category_scores": dict(r["category_scores"])}  # a JSON object, or Arrow's (key, value) pairs
+        assert {f: got[f] for f in FIELDS} == {f: results[i][f] for f in FIELDS}  # scores bit for bit
+        assert bool(got["category_scores"]) == (r["verdict"] == "unsafe")
         unsafe += r["verdict"] == "unsafe"
     assert 0 < unsafe < len(results)  # the decisive model: both verdicts occur
 
