@@ -32,8 +32,9 @@ from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_
 # Guards alive in this process: after os.fork() the child gets fresh locks (one held by a
 # parent thread at the fork would never be released in the child, where that thread is gone).
 _LIVE: "weakref.WeakSet[Guard]" = weakref.WeakSet()
-# The token-prefix cache's default budget: 4,096 positions of the 1B model (64 KiB each), 1,024 of 8B.
-CACHE_BYTES = 256 << 20
+# The token-prefix cache's default budget, in positions: 256 MiB for the 1B model (64 KiB a
+# position), 1 GiB for 8B; a streamed reply of a few thousand tokens stays in it.
+CACHE_POSITIONS = 4096
 
 
 def _after_fork_in_child() -> None:
@@ -108,12 +109,15 @@ class Guard:
     guards its prefix and decoder caches), separate guards run in parallel. Fork-safe."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, family: str = "llama-guard-3-1b", max_tokens: int = 8192,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int | None = None):
         """max_tokens: the most positions a request may take, prompt and answer budget
         (longer conversations raise PyguardError); cache_bytes: memory for the key/value states
-        of recent prompts' prefixes (0: none kept), least recently used dropped first."""
+        of recent prompts' prefixes (None: CACHE_POSITIONS positions' worth; 0: none kept),
+        least recently used dropped first."""
         _integer(max_tokens, "max_tokens", 1)
         self.model, self.tokenizer, self.family = model, tokenizer, family
+        if cache_bytes is None:
+            cache_bytes = CACHE_POSITIONS * model.new_state(1).kv.nbytes
         self.cache = PrefixCache(_integer(cache_bytes, "cache_bytes", 0))
         self.max_tokens = min(max_tokens, model.config.max_seq_len)
         self.eot_id = tokenizer.special("<|eot_id|>")

@@ -88,6 +88,10 @@ def test_cache_restores_exactly_what_was_stored(sequences, positions):
         assert cache.restore(State(TINY, 13), inserted[-1], 12) == len(inserted[-1])
 
 
+def test_default_budget_is_4096_positions(warm):
+    assert warm.cache.budget == 4096 * warm.model.new_state(1).kv.nbytes
+
+
 def test_cache_of_zero_bytes_holds_nothing():
     cache = PrefixCache(0)
     ids = np.arange(5, dtype=np.int64)
