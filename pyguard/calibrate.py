@@ -27,6 +27,9 @@ input), so the same checkpoint and calibration set give the same file bytes.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -39,10 +42,12 @@ from .model import apply_rope, rms_norm, rope_frequencies, rope_tables
 from .safetensors import Checkpoint
 
 ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
-FACTORS = tuple(np.linspace(1.0, 0.5, 11))  # fractions of the absmax scale tried by the weighted search
 SEARCH_ROWS = 256  # rows of a matrix (evenly spaced) on which alpha is chosen
 SEARCH_TOKENS = 256  # calibration tokens (evenly spaced) on which alpha is chosen
 MAX_TOKENS = 2048  # calibration tokens at most: bounds the float pass (4096 measured no better on SmolLM2)
+GPTQ = False  # error feedback within rows: measured no better on SmolLM2 with this calibration set (docs/CONVERT.md)
+DAMP = 1.0  # share of the mean Hessian diagonal added before inverting: 2048 tokens, much policy text repeated, need a strong prior (0.01 and 0.1 measured worse)
+BLOCK = 128  # columns whose error feedback is applied to the later columns at once
 MAX_LINE = 1 << 20  # bytes of one calibration JSONL line
 
 # The built-in calibration conversations: what a guard reads (the eight languages Llama Guard 3
@@ -135,6 +140,8 @@ class Calibration:
     col: dict[str, np.ndarray] = field(default_factory=dict)
     row: dict[str, np.ndarray] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
+    hinv: dict[str, np.ndarray] = field(default_factory=dict)  # the head's inverse Hessian factor (error feedback)
+    store: str | None = None  # directory of the matrices quantized during the pass
 
     def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
         """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied."""
@@ -148,50 +155,40 @@ class Calibration:
     def quantize(self, name: str, w: np.ndarray, group: int) -> quant.QTensor:
         """Rows of pyguard matrix `name` (already folded) with importance-weighted scales."""
         a = self.importance.get(name)
-        scales = quant.mse_scales(w, group) if a is None else weighted_scales(w, group, a)
+        if name in self.hinv:
+            return quant.pack_weights(*gptq(w, self.hinv[name], group, a))
+        scales = quant.mse_scales(w, group, a)
         return quant.pack_weights(quant.quantize_with_scales(w, scales), scales)
+
+    def stored(self, name: str) -> quant.QTensor | None:
+        """Matrix `name` as quantized during the pass (error feedback), mapped from the store."""
+        if self.store is None or not os.path.exists(os.path.join(self.store, name + ".qs.npy")):
+            return None
+        qs, scales, rowsum = (np.load(os.path.join(self.store, f"{name}.{n}.npy"), mmap_mode="r") for n in ("qs", "scales", "rowsum"))
+        return quant.QTensor(qs, scales, rowsum, qs.shape[1] * 2 // scales.shape[1])
+
+    def keep(self, name: str, w: np.ndarray, h: np.ndarray, group: int) -> None:
+        """Quantize folded matrix `name` with error feedback (Hessian h of its inputs) into the
+        store: a layer's Hessians are then freed, and the pass holds one layer at a time."""
+        quant.check_weights(w, name, quantized=True)
+        t = quant.pack_weights(*gptq(w, inverse_factor(h), group, self.importance[name]))
+        if self.store is None:
+            self.store = tempfile.mkdtemp(prefix="pyguard-calibration-")
+        for n in ("qs", "scales", "rowsum"):
+            np.save(os.path.join(self.store, f"{name}.{n}.npy"), getattr(t, n))
+
+    def close(self) -> None:
+        """Remove the store of quantized matrices."""
+        if self.store is not None:
+            shutil.rmtree(self.store, ignore_errors=True)
+            self.store = None
 
     def describe(self) -> dict:
         """What the file's metadata records."""
         folded = {k: v for k, v in self.alphas.items() if v}
         return {"tokens": self.tokens, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
+                "error_feedback": "GPTQ within rows" if self.hinv else None,
                 "alpha_mean": round(float(np.mean(list(self.alphas.values()))) if self.alphas else 0.0, 4)}
-
-
-def weighted_scales(w: np.ndarray, group: int, a: np.ndarray) -> np.ndarray:
-    """fp16 scales [M, K/G] minimising sum_j a_j (w_j - d q_j)^2 per group (a: [K], >= 0).
-
-    Candidates are absmax scales shrunk by FACTORS, judged after fp16 rounding; the best is
-    refined once by weighted least squares for its rounding (d = sum a w q / sum a q^2), kept
-    only if better. Absmax is a candidate, so the result never does worse than absmax."""
-    m, k = w.shape
-    wg = np.ascontiguousarray(w, dtype=np.float32).reshape(m, k // group, group)
-    ag = np.asarray(a, dtype=np.float32).reshape(k // group, group)
-    base = quant.absmax_scales(w, group).astype(np.float32)
-
-    def err(d: np.ndarray) -> np.ndarray:  # in place: this loop is most of the converter's time
-        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-        r = wg * inv[:, :, None]
-        np.rint(r, out=r)
-        np.clip(r, -8, 7, out=r)
-        r *= d[:, :, None]
-        r -= wg
-        r *= r
-        return np.einsum("mgi,gi->mg", r, ag)
-
-    best, best_err = base, err(base)
-    for f in FACTORS[1:]:
-        d = (base * np.float32(f)).astype(np.float16).astype(np.float32)
-        e = err(d)
-        better = e < best_err
-        best, best_err = np.where(better, d, best), np.where(better, e, best_err)
-    inv = np.divide(np.float32(1), best, out=np.zeros_like(best), where=best != 0)
-    q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7)
-    aq = q * ag
-    qq = np.einsum("mgi,mgi->mg", aq, q)
-    ls = np.divide(np.einsum("mgi,mgi->mg", aq, wg), qq, out=best.copy(), where=qq > 0)
-    ls = np.clip(ls, -65504, 65504).astype(np.float16).astype(np.float32)
-    return np.where(err(ls) < best_err, ls, best).astype(np.float16)
 
 
 def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int,
@@ -213,11 +210,21 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         raise PyguardError("calibration needs at least one token")
     ids = np.concatenate(seqs)
     bounds = np.cumsum([0] + [len(s) for s in seqs])
-    pos = np.concatenate([np.arange(len(s)) for s in seqs])
-    cos, sin = rope_tables(rope_frequencies(cfg), pos)
     pick = np.linspace(0, total - 1, min(SEARCH_TOKENS, total)).astype(np.int64)
     cal = Calibration(int(total))
+    try:
+        _pass(cal, ckpt, cfg, ids, bounds, pick, group, progress)
+    except BaseException:
+        cal.close()
+        raise
+    return cal
 
+
+def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray, bounds: np.ndarray, pick: np.ndarray,
+          group: int, progress: Callable[[float, str], None] | None) -> None:
+    """The float pass of `calibrate`, layer by layer, filling `cal`."""
+    pos = np.concatenate([np.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+    cos, sin = rope_tables(rope_frequencies(cfg), pos)
     x = np.concatenate([ckpt.read("model.embed_tokens.weight", slice(int(t), int(t) + 1)) for t in ids])
     hd, q_rows, kv_rows = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     rep = cfg.n_heads // cfg.n_kv_heads
@@ -239,6 +246,7 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
             cal.row[p + "input_layernorm.weight"] = s
             for n in "qkv":
                 cal.col[p + f"self_attn.{n}_proj.weight"] = s
+        h_qkv = hessian(h, s) if GPTQ else None  # quantized once wo's folding has set the v rows
         qkv = h @ np.concatenate([wq, wk, wv]).T
         apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
         att = np.empty((len(x), q_rows), np.float32)
@@ -249,6 +257,11 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         if s is not None:
             cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
             cal.col[p + "self_attn.o_proj.weight"] = s
+        if GPTQ:
+            cal.keep(f"layers.{i}.wqkv", np.concatenate([cal.fold(p + f"self_attn.{n}_proj.weight", slice(None), w)
+                                                         for n, w in zip("qkv", (wq, wk, wv))]), h_qkv, group)
+            cal.keep(f"layers.{i}.wo", cal.fold(p + "self_attn.o_proj.weight", slice(None), wo), hessian(att, s), group)
+            del h_qkv
         x = x + att @ wo.T
 
         h = rms_norm(x, n_ffn, cfg.norm_eps)
@@ -256,12 +269,18 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         if s is not None:
             cal.row[p + "post_attention_layernorm.weight"] = s
             cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s
+        h_13 = hessian(h, s) if GPTQ else None  # quantized once w2's folding has set the up rows
         g, u = h @ wg.T, h @ wu.T
         act = g / (1 + np.exp(-np.maximum(g, -80))) * u
         s = _choose(cal, f"layers.{i}.w2", wd, act, group, pick)
         if s is not None:
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
+        if GPTQ:
+            cal.keep(f"layers.{i}.w13", np.concatenate([cal.fold(p + f"mlp.{n}_proj.weight", slice(None), w)
+                                                        for n, w in (("gate", wg), ("up", wu))]), h_13, group)
+            cal.keep(f"layers.{i}.w2", cal.fold(p + "mlp.down_proj.weight", slice(None), wd), hessian(act, s), group)
+            del h_13
         x = x + act @ wd.T
         if not np.isfinite(x).all():
             raise PyguardError(f"calibration: the float model overflows at layer {i} (convert with --no-calibration)")
@@ -269,9 +288,11 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
             progress((i + 1) / cfg.n_layers, f"calibration layer {i}")
     h = rms_norm(x, read("model.norm.weight"), cfg.norm_eps)
     cal.importance["output"] = _mean_square(h)
+    if GPTQ:  # the head is quantized by the converter, rows being independent: a pruned head needs its rows only
+        cal.hinv["output"] = inverse_factor(hessian(h, None))
     if cfg.tie_embeddings:
         cal.importance["tok_embeddings"] = cal.importance["output"]
-    return cal
+        cal.hinv.update({"tok_embeddings": cal.hinv["output"]} if GPTQ else {})
 
 
 def _mean_square(x: np.ndarray) -> np.ndarray:
@@ -279,6 +300,55 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
     channel is ignored entirely (a silent channel on this text may speak on another)."""
     a = np.einsum("ij,ij->j", x, x, dtype=np.float64) / len(x)
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
+
+
+def hessian(x: np.ndarray, s: np.ndarray | None) -> np.ndarray:
+    """X^T X / n of a matrix's inputs x as the folded matrix sees them (x / s)."""
+    xs = x if s is None else x / s
+    return (xs.T @ xs) / np.float32(len(x))
+
+
+def inverse_factor(h: np.ndarray) -> np.ndarray:
+    """Upper triangular U with U^T U = (H + damp I)^-1, float32, as GPTQ uses it. Damping by DAMP
+    of the mean diagonal keeps H invertible (inputs silent or collinear on the calibration text).
+    With J the reversal, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one inverse."""
+    h = h.astype(np.float32, copy=True)
+    k = len(h)
+    h[np.arange(k), np.arange(k)] += np.float32(DAMP) * np.float32(np.mean(np.diag(h))) + np.float32(1e-30)
+    low = np.linalg.cholesky(h[::-1, ::-1])
+    del h
+    return np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
+
+
+def gptq(w: np.ndarray, u: np.ndarray, group: int, a: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int4 values int8 [M, K] and fp16 scales [M, K/G] of W by GPTQ's error feedback: the
+    columns are rounded in order, and each one's rounding error (scaled by U's diagonal) is
+    spread over the columns not yet rounded as the inverse Hessian factor U says, so that the
+    products X W^T, not the weights, stay close. A group's scale is chosen (importance-weighted
+    search, quant.mse_scales) when its first column is reached, on the weights updated so far.
+    Blocks of BLOCK columns apply the updates to later blocks at once (a matrix product)."""
+    w = np.array(w, dtype=np.float32)
+    m, k = w.shape
+    a = np.ones(k, np.float32) if a is None else a
+    q = np.empty((m, k), np.int8)
+    scales = np.empty((m, k // group), np.float16)
+    block = max(BLOCK, group)  # a multiple of every group size: groups never straddle blocks
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        wb, ub = w[:, b0:b1], u[b0:b1, b0:b1]
+        err = np.empty((m, b1 - b0), np.float32)
+        for j in range(b1 - b0):
+            c = b0 + j
+            if c % group == 0:
+                scales[:, c // group] = quant.mse_scales(wb[:, j : j + group], group, a[c : c + group])[:, 0]
+                d = scales[:, c // group].astype(np.float32)
+                inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+            qc = np.clip(np.rint(wb[:, j] * inv), -8, 7)
+            q[:, c] = qc
+            err[:, j] = (wb[:, j] - qc * d) / ub[j, j]
+            wb[:, j + 1 :] -= np.outer(err[:, j], ub[j, j + 1 :])
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return q, scales
 
 
 def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: int, pick: np.ndarray,
@@ -299,7 +369,7 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
         if alpha and (peak * s).max() > quant.MAX_WEIGHT:  # folded weights must stay within fp16 scales
             continue
         wf = ws * s
-        qt = quant.pack_weights(quant.quantize_with_scales(wf, sc := weighted_scales(wf, group, a / (s * s))), sc)
+        qt = quant.pack_weights(quant.quantize_with_scales(wf, sc := quant.mse_scales(wf, group, a / (s * s))), sc)
         qa = quant.quantize_acts(xs / s)
         xq = qa.scale[:, None] * (qa.q.astype(np.float32) - qa.zp[:, None])
         e = float(np.sum((xq @ quant.dequantize(qt).T - ref) ** 2, dtype=np.float64))

@@ -178,9 +178,18 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
             if not quantized:
                 w = ckpt.read(sources[0])
                 w = cal.fold(sources[0], slice(None), w) if cal else w
-                _check_weights(w, sources[0], quantized=False)
+                quant.check_weights(w, sources[0], quantized=False)
                 writer.append(w)
                 done += w.size
+                if progress:
+                    progress(done / params, name)
+                continue
+            kept = cal.stored(name) if cal else None
+            if kept is not None:  # quantized during the calibration pass (error feedback)
+                for part in (kept.qs, kept.scales, kept.rowsum):
+                    for r in range(0, len(part), CHUNK_ROWS):
+                        writer.append(np.array(part[r : r + CHUNK_ROWS]))
+                done += kept.shape[0] * kept.shape[1]
                 if progress:
                     progress(done / params, name)
                 continue
@@ -188,7 +197,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
             for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
                 w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
                 w = cal.fold(src, rows, w) if cal else w
-                _check_weights(w, src, quantized=True)
+                quant.check_weights(w, src, quantized=True)
                 rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
                     lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
                 parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
@@ -207,6 +216,8 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         raise
     finally:
         pool.shutdown()
+        if cal:
+            cal.close()
     return Summary(len(plan), params, os.path.getsize(out_path), time.time() - t0, head,
                    len(head_ids) if head_ids is not None else cfg.vocab_size, group, tok_note if tok else "none")
 
@@ -221,14 +232,3 @@ def _row_chunks(ckpt: Checkpoint, sources: list[str], head_ids):
         n = ckpt.rows(src)
         for r in range(0, n, CHUNK_ROWS):
             yield src, slice(r, min(r + CHUNK_ROWS, n))
-
-
-def _check_weights(w: np.ndarray, name: str, quantized: bool) -> None:
-    """Refuse what would convert into infinite or NaN scales (and so NaN logits) rather than
-    clamp it: such a checkpoint is damaged, and a clamped model would silently be another model."""
-    if not np.isfinite(w).all():
-        raise PyguardError(f"tensor {name} holds infinite or NaN values")
-    peak = float(np.abs(w).max(initial=0))
-    if quantized and peak > quant.MAX_WEIGHT:
-        raise PyguardError(f"tensor {name} holds a weight of magnitude {peak:.6g}, beyond the int4 range with fp16 scales "
-                           f"(at most 8 x 65504 = {quant.MAX_WEIGHT})")

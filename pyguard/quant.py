@@ -108,46 +108,57 @@ def absmax_scales(w: np.ndarray, group: int) -> np.ndarray:
     return (peak / -8.0).astype(np.float16)
 
 
-SEARCH_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # fractions of the absmax scale tried
+SEARCH_FACTORS = tuple(np.linspace(1.0, 0.5, 11))  # fractions of the absmax scale tried
 
 
-def _group_sq_error(wg: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Squared reconstruction error [M, K/G] of groups wg [M, K/G, G] with float32 scales d
-    (rounded exactly as quantize_with_scales rounds)."""
-    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-    r = wg * inv[:, :, None]
-    np.rint(r, out=r)
-    np.clip(r, -8, 7, out=r)
-    r *= d[:, :, None]
-    r -= wg
-    np.square(r, out=r)
-    return r.sum(axis=2)
-
-
-def mse_scales(w: np.ndarray, group: int) -> np.ndarray:
-    """fp16 scales [M, K/G] that lower the squared error of every group below absmax's.
+def mse_scales(w: np.ndarray, group: int, a: np.ndarray | None = None) -> np.ndarray:
+    """fp16 scales [M, K/G] minimising sum_j a_j (w_j - d q_j)^2 per group; a: [K] >= 0, the
+    importance of each input (calibration's mean square activations), 1 by default.
 
     Clipping the largest value of a group buys finer steps for all the others, so shrunken
-    absmax scales (SEARCH_FACTORS) are tried, then the best is refined once by least squares
-    for its rounding (d = sum(w q) / sum(q^2)). Every candidate is judged after fp16 rounding,
-    as stored; absmax is a candidate, so the result is never worse than absmax.
+    absmax scales (SEARCH_FACTORS) are tried, then the best is refined once by weighted least
+    squares for its rounding (d = sum a w q / sum a q^2). Every candidate is judged after fp16
+    rounding, as stored; absmax is a candidate, so the result is never worse than absmax.
     """
     m, k = w.shape
     wg = np.ascontiguousarray(w, dtype=np.float32).reshape(m, k // group, group)
+    ag = np.ones((k // group, group), np.float32) if a is None else np.asarray(a, np.float32).reshape(k // group, group)
+
+    def err(d: np.ndarray) -> np.ndarray:  # in place: this loop is most of the converter's time
+        inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+        r = wg * inv[:, :, None]
+        np.rint(r, out=r)
+        np.clip(r, -8, 7, out=r)
+        r *= d[:, :, None]
+        r -= wg
+        r *= r
+        return np.einsum("mgi,gi->mg", r, ag)
+
     base = absmax_scales(w, group).astype(np.float32)
-    best, best_err = base, _group_sq_error(wg, base)
+    best, best_err = base, err(base)
     for f in SEARCH_FACTORS[1:]:
         d = (base * np.float32(f)).astype(np.float16).astype(np.float32)
-        err = _group_sq_error(wg, d)
-        better = err < best_err
-        best, best_err = np.where(better, d, best), np.where(better, err, best_err)
+        e = err(d)
+        better = e < best_err
+        best, best_err = np.where(better, d, best), np.where(better, e, best_err)
     inv = np.divide(np.float32(1), best, out=np.zeros_like(best), where=best != 0)
     q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7)
-    qq = np.einsum("mgi,mgi->mg", q, q)
-    ls = np.divide(np.einsum("mgi,mgi->mg", wg, q), qq, out=best.copy(), where=qq > 0)
+    aq = q * ag
+    qq = np.einsum("mgi,mgi->mg", aq, q)
+    ls = np.divide(np.einsum("mgi,mgi->mg", aq, wg), qq, out=best.copy(), where=qq > 0)
     ls = np.clip(ls, -65504, 65504).astype(np.float16).astype(np.float32)
-    err = _group_sq_error(wg, ls)
-    return np.where(err < best_err, ls, best).astype(np.float16)
+    return np.where(err(ls) < best_err, ls, best).astype(np.float16)
+
+
+def check_weights(w: np.ndarray, name: str, quantized: bool) -> None:
+    """Refuse what would convert into infinite or NaN scales (and so NaN logits) rather than
+    clamp it: such a checkpoint is damaged, and a clamped model would silently be another model."""
+    if not np.isfinite(w).all():
+        raise PyguardError(f"tensor {name} holds infinite or NaN values")
+    peak = float(np.abs(w).max(initial=0))
+    if quantized and peak > MAX_WEIGHT:
+        raise PyguardError(f"tensor {name} holds a weight of magnitude {peak:.6g}, beyond the int4 range with fp16 scales "
+                           f"(at most 8 x 65504 = {MAX_WEIGHT})")
 
 
 def quantize_weights(w: np.ndarray, group: int, search: bool = False) -> QTensor:

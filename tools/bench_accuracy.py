@@ -2,6 +2,7 @@
 needs torch and transformers): on real pretrained weights (--real DIR), or on random ones.
 
     python tools/smollm2.py /tmp/smollm2 && python tools/bench_accuracy.py --real /tmp/smollm2 [--groups 32 64]
+        [--llama-cpp /tmp/benchenv/bin/python]
     python tools/bench_accuracy.py [--geometry small|1b] [--tokens 256] [--groups 32 64 128 256]
 
 --real: a Hugging Face float checkpoint (SmolLM2-135M-Instruct from tools/smollm2.py) run by
@@ -10,6 +11,11 @@ the calibration conversations). Each converter setting is converted with `pyguar
 code and run by the engine (int4 weights, int8 activations), and its dequantized weights are
 run by transformers (float activations: what weight rounding alone costs). Calibration prompts
 are the built-in conversations in the guard template, tokenized by the checkpoint's tokenizer.
+--llama-cpp: llama.cpp's Q4_0 and Q4_K_M of the same weights (the source GGUF's values written as
+an F32 GGUF, then llama_model_quantize), run by llama-cpp-python on the same token ids; the F32
+GGUF is run too, as a check that both runtimes compute the same model. Each pyguard row then says
+whether the issue's target is met (on every text: KL at most half of Q4_0's, top-1 above it;
+a file no larger than Q4_0's).
 
 The reference is the checkpoint run in float32 by transformers (bf16 weights, exact
 arithmetic otherwise). For each int4 group size: the oracle with the dequantized int4
@@ -80,6 +86,59 @@ HELD_OUT = {
 }
 
 
+LLAMA_WORKER = """
+import ctypes, json, os, sys
+import numpy as np
+import gguf, llama_cpp
+from gguf.quants import dequantize
+
+src, work = sys.argv[1:3]
+texts = json.load(open(os.path.join(work, "ids.json")))
+f32 = os.path.join(work, "F32.gguf")  # the GGUF's values dequantized: the same weights as the HF checkpoint
+r = gguf.GGUFReader(src)
+w = gguf.GGUFWriter(f32, r.fields["general.architecture"].contents())
+for f in r.fields.values():
+    if not f.name.startswith("GGUF.") and f.name != "general.architecture":
+        val = 0 if f.name == "general.file_type" else f.contents()  # 0: all F32
+        w.add_key_value(f.name, val, f.types[0], f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+for t in r.tensors:
+    w.add_tensor(t.name, np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape([int(n) for n in reversed(t.shape)]))
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+sizes = {}
+for label in ("F32", "Q4_0", "Q4_K_M"):
+    path = os.path.join(work, label + ".gguf")
+    if label != "F32":
+        p = llama_cpp.llama_model_quantize_default_params()
+        p.ftype, p.nthread = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + label), 2
+        if llama_cpp.llama_model_quantize(f32.encode(), path.encode(), ctypes.byref(p)):
+            raise SystemExit("llama_model_quantize failed: " + label)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False)
+    for k, ids in texts.items():
+        llm.reset()
+        llm.eval(ids)
+        np.save(os.path.join(work, label + "." + k + ".npy"), np.asarray(llm.scores[: len(ids)], np.float32))
+    sizes[label] = os.path.getsize(path)
+    del llm
+json.dump(sizes, open(os.path.join(work, "sizes.json"), "w"))
+"""
+
+
+def llama_cpp_rows(python: str, gguf_path: str, texts: dict, refs: dict) -> dict[str, tuple[int, list]]:
+    """{llama.cpp type: (file bytes, [(KL, top-1) per text])} for F32, Q4_0 and Q4_K_M of the GGUF's
+    weights, written with llama_model_quantize and run by llama-cpp-python in its own venv."""
+    import json
+    import subprocess
+
+    work = tempfile.mkdtemp()
+    with open(os.path.join(work, "ids.json"), "w") as f:
+        json.dump({k: [int(i) for i in v] for k, v in texts.items()}, f)
+    subprocess.run([python, "-c", LLAMA_WORKER, gguf_path, work], check=True, stderr=subprocess.DEVNULL)
+    with open(os.path.join(work, "sizes.json")) as f:
+        sizes = json.load(f)
+    return {label: (size, [kl_top1(refs[k], np.load(os.path.join(work, f"{label}.{k}.npy"))) for k in texts])
+            for label, size in sizes.items()}
+
+
 def real_benchmark(args) -> None:
     """Every converter setting against transformers fp32 on HELD_OUT (see the module doc)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,13 +155,25 @@ def real_benchmark(args) -> None:
     print(f"{args.real}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; held-out tokens "
           + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration {min(sum(map(len, prompts)), calibrate.MAX_TOKENS)} tokens")
     print(f"{'setting':<28} {'MB':>6}  {'float acts: KL':>14} {'top-1':>6}  {'pyguard: KL':>11} {'top-1':>6}  per text (pyguard KL / top-1)")
-    settings = {"plain (no calibration)": (False, None), "weighted scales": (prompts, (0.0,)),
-                "weighted + folding": (prompts, calibrate.ALPHAS)}
+    q4_0 = None
+    if args.llama_cpp:
+        import smollm2
+
+        for label, (size, rows) in llama_cpp_rows(args.llama_cpp, args.gguf or smollm2.gguf_path(), texts, refs).items():
+            m = np.mean(rows, axis=0)
+            per = " ".join(f"{k} {r[0]:.3f}/{r[1]:.2f}" for k, r in zip(texts, rows))
+            print(f"llama.cpp {label:<18} {size / 1e6:6.1f}  {'':>14} {'':>6}  {m[0]:11.4f} {m[1]:6.3f}  {per}", flush=True)
+            if label == "Q4_0":
+                q4_0 = (size, rows)
+    alphas = calibrate.ALPHAS
+    settings = {"plain (no calibration)": (False, alphas, False), "weighted scales": (prompts, (0.0,), False),
+                "weighted + folding": (prompts, alphas, False), "weighted + GPTQ": (prompts, (0.0,), True),
+                "weighted+folding+GPTQ": (prompts, alphas, True)}
     tmp = tempfile.mkdtemp()
     for g in args.groups:
-        for label, (cal, alphas) in settings.items():
-            if alphas is not None:
-                calibrate.ALPHAS = alphas
+        for label, (cal, calibrate.ALPHAS, calibrate.GPTQ) in settings.items():
+            if args.only and label not in args.only:
+                continue
             out = os.path.join(tmp, f"g{g}.pgw")
             try:
                 convert(args.real, out, group=g, calibration=cal)
@@ -117,7 +188,12 @@ def real_benchmark(args) -> None:
                 rows.append((*kl_top1(refs[k], oracle.oracle_logits(float_model, ids)), *kl_top1(refs[k], engine.logits(ids))))
             m = np.mean(rows, axis=0)
             per = " ".join(f"{k} {r[2]:.3f}/{r[3]:.2f}" for k, r in zip(texts, rows))
-            print(f"G={g:<3} {label:<22} {os.path.getsize(out) / 1e6:6.1f}  {m[0]:14.4f} {m[1]:6.3f}  {m[2]:11.4f} {m[3]:6.3f}  {per}",
+            size = os.path.getsize(out)
+            met = ""
+            if q4_0:  # the target: on every text, KL at most half of Q4_0's and top-1 above it; a file no larger
+                ok = size <= q4_0[0] and all(r[2] <= q[0] / 2 and r[3] > q[1] for r, q in zip(rows, q4_0[1]))
+                met = "  target met" if ok else "  target not met"
+            print(f"G={g:<3} {label:<22} {size / 1e6:6.1f}  {m[0]:14.4f} {m[1]:6.3f}  {m[2]:11.4f} {m[3]:6.3f}  {per}{met}",
                   flush=True)
             del engine, float_model, f
 
@@ -125,6 +201,10 @@ def real_benchmark(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--real", metavar="DIR", help="a real Hugging Face float checkpoint (tools/smollm2.py)")
+    ap.add_argument("--llama-cpp", metavar="PYTHON", help="with --real: also llama.cpp's Q4_0 and Q4_K_M of the same "
+                    "weights, run by this Python with llama-cpp-python and gguf (e.g. /tmp/benchenv/bin/python)")
+    ap.add_argument("--gguf", help="with --llama-cpp: the GGUF the checkpoint came from (default: tools/smollm2.py's)")
+    ap.add_argument("--only", nargs="+", metavar="SETTING", help="with --real: only these converter settings")
     ap.add_argument("--geometry", choices=("small", "1b"), default="small")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128, 256])

