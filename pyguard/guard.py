@@ -65,7 +65,7 @@ def _threshold(value: Any) -> float | None:
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Request:
     """A validated request (Guard.prepare): its prompt's tokens, then the answer start."""
 
