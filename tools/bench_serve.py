@@ -1,13 +1,15 @@
 """`pyguard serve` under open-loop load, beside llama.cpp's server (not a test).
 
-    python tools/bench_serve.py [--model FILE] [--threads 2] [--duration 30] [--max-requests 3000]
-        [--loads 0.25,0.5,0.8,1,2] [--soak SECONDS] [--gguf FILE --venv /tmp/benchenv]
+    python tools/bench_serve.py [--model FILE] [--threads 2] [--max-queue 64] [--clients 4] [--rounds 2]
+        [--duration 30] [--max-requests 3000] [--loads 0.25,0.5,0.8,1,2] [--soak SECONDS]
+        [--llama-cpp [--gguf FILE] [--venv /tmp/benchenv]] [--json FILE]
 
 Loopback only; every run is bounded in time (--duration per load level, --soak) and in count
 (--max-requests per level). The model: --model, else tools/bench_guard.py's random-weight
 Llama Guard 3 1B (guard head, made in /tmp/pyguard-guard-bench on first use).
 
-1. Capacity: max-queue clients in a closed loop for --duration: completed requests per second.
+1. Capacity: --clients in a closed loop for --duration: completed requests per second; the
+   servers (both up) take turns for --rounds, the best round of each counts.
 2. Open loop at fractions of that capacity (--loads): requests sent at Poisson arrival times
    whatever the answers (a client that does not wait, as real traffic); per level:
    throughput, p50/p99 latency of the answered (200) requests, the share of 429s and their
@@ -171,7 +173,10 @@ def unique(conv: list) -> list:
 
 
 def pyguard_request(conv) -> tuple[str, dict]:
-    return "/v1/classify", {"messages": unique(conv)}
+    """threshold 1: every verdict `safe` (most live traffic), read from the prefill's logits, the
+    work of a real model's safe answer; random weights mostly answer unsafe with many codes,
+    which llama.cpp's two tokens below do not decode either."""
+    return "/v1/classify", {"messages": unique(conv), "threshold": 1.0}
 
 
 def llama_request(prompt_text):
@@ -254,25 +259,53 @@ def level(name: str, url: str, make, convs: list, rate: float, duration: float, 
     return r
 
 
-def run(name: str, server: Process, url: str, make, convs: list, args, loads: list[float], soak: float) -> dict:
+def warm_up(url: str, make, convs: list) -> None:
     import httpx
 
-    for c in convs[:2]:  # warm-up: first allocations
+    for c in convs[:2]:  # first allocations
         path, body = make(c)
         httpx.post(url + path, json=body, timeout=300).raise_for_status()
-    pid = server.proc.pid
-    cap = asyncio.run(closed_loop(url, make, convs, args.clients, args.duration, args.max_requests))
-    print(f"{name}: capacity {cap:.2f} req/s (closed loop, {args.clients} clients); RSS {rss_mb(pid):.0f} MB",
-          file=sys.stderr, flush=True)
-    levels = []
+
+
+def run(server: Process, make, convs: list, args, cap: float, loads: list[float], soak: float) -> dict:
+    """The open-loop levels (fractions of cap) and the soak."""
+    pid, levels = server.proc.pid, []
     for f in loads:
-        r = level(f"{f:4.2f} x", url, make, convs, f * cap, args.duration, args.max_requests, pid)
+        r = level(f"{f:4.2f} x", server.url, make, convs, f * cap, args.duration, args.max_requests, pid)
         r["load"] = f
         levels.append(r)
     res = {"capacity": cap, "levels": levels}
     if soak:
-        res["soak"] = level(f"soak 0.80 x {soak:.0f} s", url, make, convs, 0.8 * cap, soak, 1 << 30, pid)
+        res["soak"] = level(f"soak 0.80 x {soak:.0f} s", server.url, make, convs, 0.8 * cap, soak, 1 << 30, pid)
     return res
+
+
+def llama_cpp_server(args, setup: dict | None, model: str, venv_py: str, convs: list) -> tuple:
+    """llama.cpp's server on the GGUF (written on first use), its request maker and levels."""
+    import httpx
+
+    from pyguard import Guard, format_prompt
+    from pyguard.prompt import prompt_tokens
+
+    if not args.gguf:
+        if setup is None:
+            raise SystemExit("--llama-cpp with --model needs --gguf (a GGUF of that model)")
+        args.gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}-vocab.gguf")
+        if not os.path.exists(args.gguf):
+            tok = str(pathlib.Path(setup["hf"]) / "original" / "tokenizer.model")
+            subprocess.run([venv_py, __file__, "--write-gguf", setup["files"]["full"], tok, args.gguf], check=True)
+    guard = Guard.load(model, threads=1)
+    text = lambda conv: format_prompt(conv, family=guard.family)
+    port = 18000 + random.Random().randrange(1000)
+    cmd = [venv_py, "-m", "llama_cpp.server", "--model", args.gguf, "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048"]
+    server = Process(cmd, lambda line: f"http://127.0.0.1:{port}" if "Uvicorn running" in line else None)
+    got = httpx.post(server.url + "/extras/tokenize", json={"input": text(convs[0]) + "\n\n"}, timeout=60).json()["tokens"]
+    got = got[1:] if got[:1] == got[1:2] else got  # this endpoint adds a BOS; /v1/completions does not
+    want = prompt_tokens(guard.tokenizer, convs[0], family=guard.family) + guard.start_ids
+    print(f"llama.cpp tokenizes the prompt into {len(got)} tokens, pyguard {len(want)}"
+          f"{' (the same)' if got == want else ' (DIFFERENT: the comparison is off)'}", file=sys.stderr)
+    return server, llama_request(text), [f for f in args.loads if f <= 1], 0
 
 
 def main() -> None:
@@ -284,6 +317,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=4, help="closed-loop clients for the capacity (default 4)")
+    ap.add_argument("--rounds", type=int, default=2, help="capacity turns of each server (default 2: the best)")
     ap.add_argument("--duration", type=float, default=30, help="seconds per load level (default 30)")
     ap.add_argument("--max-requests", type=int, default=3000, help="requests per level at most (default 3000)")
     ap.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 0.8, 1.0, 2.0])
@@ -304,7 +339,7 @@ def main() -> None:
                          f"llama.cpp): python -m venv {args.venv} && CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON "
                          f"-DGGML_FMA=ON -DGGML_F16C=ON' {args.venv}/bin/pip install numpy cffi tiktoken gguf "
                          "'llama-cpp-python[server]'")
-    args.clients = args.max_queue  # closed loop: never more waiting than the queue holds (no 429s)
+    args.clients = min(args.clients, args.max_queue)  # closed loop: never more waiting than the queue holds (no 429s)
 
     import bench_guard
 
@@ -312,48 +347,33 @@ def main() -> None:
     convs = one + two
     setup = None if args.model else bench_guard.prepare(args)
     model = args.model or setup["files"]["guard"]
-    out = {}
-    cmd = [sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", "0", "--threads", str(args.threads),
-           "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
-    ready = lambda line: line.split(" on ")[1].split()[0] if line.startswith("pyguard serve:") and " on http://" in line else None
-    server = Process(cmd, ready)
+    servers: dict[str, tuple[Process, object, list[float], float]] = {}
     try:
-        out["pyguard"] = run("pyguard serve", server, server.url, pyguard_request, convs, args, args.loads, args.soak)
+        cmd = [sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", "0", "--threads", str(args.threads),
+               "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+        ready = lambda line: line.split(" on ")[1].split()[0] if line.startswith("pyguard serve:") and " on http://" in line else None
+        servers["pyguard"] = (Process(cmd, ready), pyguard_request, args.loads, args.soak)
+        if args.llama_cpp:
+            servers["llama.cpp"] = llama_cpp_server(args, setup, model, venv_py, convs)
+        # capacity: the servers take turns (the machine's state drifts), the best round of each
+        caps: dict[str, list[float]] = {name: [] for name in servers}
+        for name, (server, make, _, _) in servers.items():
+            warm_up(server.url, make, convs)
+        for r in range(args.rounds):
+            for name, (server, make, _, _) in servers.items():
+                caps[name].append(asyncio.run(closed_loop(server.url, make, convs, args.clients, args.duration,
+                                                          args.max_requests)))
+                print(f"{name}: capacity {caps[name][-1]:.3f} req/s (round {r + 1}, closed loop, {args.clients} clients); "
+                      f"RSS {rss_mb(server.proc.pid):.0f} MB", file=sys.stderr, flush=True)
+        out = {}
+        for name, (server, make, loads, soak) in servers.items():
+            print(f"{name}: open loop at fractions of {max(caps[name]):.3f} req/s", file=sys.stderr, flush=True)
+            out[name] = run(server, make, convs, args, max(caps[name]), loads, soak) | {"capacity_rounds": caps[name]}
     finally:
-        server.stop()
-    if args.llama_cpp:
-        from pyguard import Guard, format_prompt
-
-        if not args.gguf:
-            if setup is None:
-                raise SystemExit("--llama-cpp with --model needs --gguf (a GGUF of that model)")
-            args.gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}-vocab.gguf")
-            if not os.path.exists(args.gguf):
-                tok = str(pathlib.Path(setup["hf"]) / "original" / "tokenizer.model")
-                subprocess.run([venv_py, __file__, "--write-gguf", setup["files"]["full"], tok, args.gguf], check=True)
-
-        guard = Guard.load(model, threads=1)
-        text = lambda conv: format_prompt(conv, family=guard.family)
-        port = 18000 + random.Random().randrange(1000)
-        cmd = [venv_py, "-m", "llama_cpp.server", "--model", args.gguf,
-               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", "2048"]
-        ready = lambda line: f"http://127.0.0.1:{port}" if "Uvicorn running" in line else None
-        server = Process(cmd, ready)
-        try:
-            import httpx
-
-            from pyguard.prompt import prompt_tokens
-
-            got = httpx.post(server.url + "/extras/tokenize", json={"input": text(convs[0]) + "\n\n"}, timeout=60).json()["tokens"]
-            got = got[1:] if got[:1] == got[1:2] else got  # this endpoint adds a BOS; /v1/completions does not
-            want = prompt_tokens(guard.tokenizer, convs[0], family=guard.family) + guard.start_ids
-            print(f"llama.cpp tokenizes the prompt into {len(got)} tokens, pyguard {len(want)}"
-                  f"{' (the same)' if got == want else ' (DIFFERENT: the comparison is off)'}", file=sys.stderr)
-            out["llama.cpp"] = run("llama.cpp server", server, server.url, llama_request(text), convs, args,
-                                   [f for f in args.loads if f <= 1], 0)
-        finally:
+        for server, *_ in servers.values():
             server.stop()
-        print(f"capacity ratio pyguard / llama.cpp: {out['pyguard']['capacity'] / out['llama.cpp']['capacity']:.1f}",
+    if args.llama_cpp:
+        print(f"capacity ratio pyguard / llama.cpp: {out['pyguard']['capacity'] / out['llama.cpp']['capacity']:.2f}",
               file=sys.stderr)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
