@@ -126,10 +126,10 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
     options = {"categories": categories, "exclude": exclude, "threshold": threshold}
     return ds.map_batches(Classifier, fn_constructor_args=(path, threads_per_worker, options, batch_size),
                           batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
-                          num_cpus=threads_per_worker, udf_modifying_row_count=False,
-                          # a dead actor is restarted and its batch retried, without limit (Ray Data's
-                          # defaults too, stated here because exactly-once output depends on them)
-                          max_restarts=-1, max_task_retries=-1)
+                          # exactly-once output rests on Ray Data's defaults for actor pools
+                          # (max_restarts=-1, max_task_retries=-1: a dead actor is restarted and its
+                          # batch retried); passing them again is deprecated (Ray 2.60)
+                          num_cpus=threads_per_worker, udf_modifying_row_count=False)
 
 
 def _positive(value: Any, name: str) -> None:

@@ -7,6 +7,7 @@ head, the real Llama 3 tokenizer; the file is made in --workdir on first use. Th
 conversations (bench_guard's one- and two-turn ones, each made distinct) through:
 
 - single: Guard.classify_many in this process, 2 threads (batches of 16);
+- shards 2x1: the rows in two halves, each in its own process with 1 thread (the CLI per shard);
 - ray 1x2: pyguard.ray.classify on a local cluster of 2 CPUs, 1 actor x 2 threads;
 - ray 2x1: the same cluster, 2 actors x 1 thread;
 - 2 nodes: ray.cluster_utils.Cluster, two nodes of 1 CPU on this machine, 2 actors x 1 thread.
@@ -34,6 +35,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools"), str(ROOT / "tests")]
 TICK = os.sysconf("SC_CLK_TCK")
+DRIVER = open("/proc/self/cmdline", "rb").read()  # this process and its forks (shards)
 
 
 def model_file(workdir: str, group: int) -> str:
@@ -93,7 +95,7 @@ class Watch:
                 stat = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
             except (OSError, ValueError):
                 continue
-            kind = ("driver" if int(p) == os.getpid() else "actors" if b"MapBatches(Classifier)" in cmd
+            kind = ("driver" if cmd == DRIVER else "actors" if b"MapBatches(Classifier)" in cmd
                     else "ray" if b"ray" in cmd else None)
             if kind:
                 out[int(p)] = (kind, (int(stat[11]) + int(stat[12])) / TICK)
@@ -143,6 +145,26 @@ def single(path: str, rows: list[dict]) -> dict:
     return {"rows_s": len(rows) / dt, **watch.stop(dt), "peak_rss_mb": round(st["VmHWM"])}
 
 
+def shard(path: str, rows: list[dict]) -> float:
+    from pyguard import Guard
+
+    Guard.load(path, threads=1).classify_many([r["messages"] for r in rows], batch_size=16)
+    return next(int(x.split()[1]) / 1024 for x in open("/proc/self/status") if x.startswith("VmHWM"))
+
+
+def shards(path: str, rows: list[dict]) -> dict:
+    """The rows in two halves, each classified by its own 1-thread process, as the CLI per shard
+    would (no Ray): the baseline of 2 actors x 1 thread. Process start and load are timed."""
+    import multiprocessing
+
+    watch = Watch()
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        rss = pool.starmap(shard, [(path, rows[: len(rows) // 2]), (path, rows[len(rows) // 2 :])])
+    dt = time.perf_counter() - t0
+    return {"rows_s": len(rows) / dt, **watch.stop(dt), "peak_rss_mb": [round(x) for x in rss]}
+
+
 def on_ray(path: str, rows: list[dict], actors: int, threads: int) -> dict:
     import ray
 
@@ -175,6 +197,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # the configurations take turns: a slow spell of the machine hits all alike
         runs.setdefault("single 1x2", []).append(single(path, rows))
+        runs.setdefault("shards 2x1", []).append(shards(path, rows))
         ray.init("local", num_cpus=2, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         runs.setdefault("ray 1x2", []).append(on_ray(path, rows, 1, 2))
