@@ -9,7 +9,7 @@ Then:
 
 - **Importance-weighted scales**: each group's fp16 scale minimises sum_j a_j (w_j - d q_j)^2,
   a_j the channel's mean square activation (the diagonal of the layer's Hessian X^T X), over
-  shrunken absmax candidates and a weighted least-squares refinement (`weighted_scales`).
+  shrunken absmax candidates and a weighted least-squares refinement (`quant.mse_scales`).
 - **Exact folding** (AWQ / SmoothQuant style): input channel j of a matrix is multiplied by
   s_j and its activation divided by s_j, where something before the product can absorb the
   division exactly: the RMSNorm weight before wqkv and w13, the v rows before wo (one s per
@@ -19,6 +19,9 @@ Then:
   in float arithmetic), alpha chosen per matrix from `ALPHAS` by the
   output error it gives on the calibration activations (int4 weights and int8 activations
   as the engine computes them, on a sample of rows); alpha 0 (no folding) is a candidate.
+- **Error feedback** (GPTQ, `gptq`; off by default: no better on SmolLM2 with the built-in
+  set, docs/CONVERT.md): each layer's matrices are quantized in the pass from their inputs'
+  Hessians and kept in a temporary store, so that the pass still holds one layer at a time.
 
 Everything is deterministic (no random sampling, fixed summation order in numpy for a given
 input), so the same checkpoint and calibration set give the same file bytes.

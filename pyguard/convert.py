@@ -3,8 +3,9 @@
 By default the unquantized checkpoint is first run over a calibration set (pyguard/calibrate.py,
 docs/CONVERT.md): its activations decide the folding of input scales and the importance of each
 input channel. Then each tensor is read in row chunks (float32), folded, quantized with searched
-group scales (importance-weighted, or quant.mse_scales without calibration) on a few threads,
-and appended to the output file; memory stays bounded by a layer whatever the model size.
+group scales (quant.mse_scales, importance-weighted with calibration) on a few threads, and
+appended to the output file (or copied from calibration's store when error feedback quantized
+it during the pass); memory stays bounded by a layer whatever the model size.
 """
 
 from __future__ import annotations
