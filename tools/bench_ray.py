@@ -13,8 +13,8 @@ conversations (bench_guard's one- and two-turn ones, each made distinct) through
 - 2 nodes: ray.cluster_utils.Cluster, two nodes of 1 CPU on this machine, 2 actors x 1 thread.
 
 Each Ray run takes its rows from memory (ray.data.from_items: no read task) and is timed from the job's
-start to its last row, actor start-up (a mapped file: milliseconds) included, cluster
-start-up not. The configurations take turns for --rounds rounds; the best of each counts.
+start to its last row, actor start-up (a worker importing Ray, pyarrow and pyguard: ~3 CPU s)
+included, cluster start-up not. The configurations take turns for --rounds rounds; the best of each counts.
 Each run also reports the CPU seconds spent meanwhile by pyguard's actors, Ray's own
 processes (raylet, GCS, idle workers), the driver and everything else on the machine (other
 people's work: the figures mean little when that is large), and each actor's peak memory:
