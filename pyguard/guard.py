@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from . import checks
 from .cache import PrefixCache
 from .errors import PyguardError
 from .model import Model
@@ -43,26 +44,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _integer(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise PyguardError(f"{name} must be an integer of at least {low}, not {value!r:.60}")
-    return value
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise PyguardError(f"category_scores must be True or False, not {value!r:.60}")
-    return value
-
-
-def _threshold(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails the range too
-        raise PyguardError(f"threshold must be a number from 0 to 1 (or None), not {value!r:.60}")
-    return float(value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,11 +95,11 @@ class Guard:
         (longer conversations raise PyguardError); cache_bytes: memory for the key/value states
         of recent prompts' prefixes (None: CACHE_POSITIONS positions' worth; 0: none kept),
         least recently used dropped first."""
-        _integer(max_tokens, "max_tokens", 1)
+        checks.integer(max_tokens, "max_tokens", 1)
         self.model, self.tokenizer, self.family = model, tokenizer, family
         if cache_bytes is None:
             cache_bytes = CACHE_POSITIONS * model.new_state(1).kv.nbytes
-        self.cache = PrefixCache(_integer(cache_bytes, "cache_bytes", 0))
+        self.cache = PrefixCache(checks.integer(cache_bytes, "cache_bytes", 0))
         self.max_tokens = min(max_tokens, model.config.max_seq_len)
         self.eot_id = tokenizer.special("<|eot_id|>")
         self.start_ids = tokenizer.encode(ANSWER_START)
@@ -225,8 +206,8 @@ class Guard:
         category_scores: fill Result.category_scores even when the verdict is safe (one more
         step of a few tokens; an unsafe verdict always has them)."""
         with self._lock:
-            return self._classify([self.prepare(conversation, categories, exclude)], _threshold(threshold), 1, False,
-                                  _flag(category_scores))[0]
+            return self._classify([self.prepare(conversation, categories, exclude)], checks.threshold(threshold), 1, False,
+                                  checks.flag(category_scores, "category_scores"))[0]
 
     def stream(self, conversation: Conversation, every: int = 32, categories: Mapping[str, str] | None = None,
                exclude: Sequence[str] = (), threshold: float | None = None) -> Stream:
@@ -235,7 +216,7 @@ class Guard:
         `finish()` at the end. Each check's Result is `classify(conversation + [{"role":
         "assistant", "content": reply so far}], categories, exclude, threshold)`, bit for bit;
         the token-prefix cache makes it cost the new tokens, not the whole reply."""
-        return Stream(self, conversation, _integer(every, "every", 1), categories, exclude, _threshold(threshold))
+        return Stream(self, conversation, checks.integer(every, "every", 1), categories, exclude, checks.threshold(threshold))
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
                       exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16,
@@ -247,9 +228,9 @@ class Guard:
         computed in."""
         if isinstance(conversations, (str, bytes, bytearray, Mapping)) or not isinstance(conversations, Sequence):
             raise PyguardError(f"conversations must be a list of conversations, not {type(conversations).__name__}")
-        threshold = _threshold(threshold)
-        _integer(batch_size, "batch_size", 1)
-        _flag(category_scores)
+        threshold = checks.threshold(threshold)
+        checks.integer(batch_size, "batch_size", 1)
+        checks.flag(category_scores, "category_scores")
         with self._lock:
             requests = []
             for i, c in enumerate(conversations):

@@ -32,6 +32,7 @@ except ImportError as e:
 
     raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
 
+from pyguard import checks
 from pyguard.errors import PyguardError
 from pyguard.guard import Guard, Result
 
@@ -111,14 +112,12 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
     Actors holding every CPU leave none for Ray Data's own tasks (listing files, reading,
     writing) and the job waits forever: the default leaves one CPU to them."""
     # checked here, not by each actor: a bad value would otherwise fail the job, or every row
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0 <= threshold <= 1):  # NaN fails the range too
-        raise PyguardError(f"threshold must be a number from 0 to 1 (or None), not {threshold!r:.60}")
-    _positive(threads_per_worker, "threads_per_worker")
-    _positive(batch_size, "batch_size")
+    threshold = checks.threshold(threshold)
+    checks.integer(threads_per_worker, "threads_per_worker", 1)
+    checks.integer(batch_size, "batch_size", 1)
     if concurrency is None:
         concurrency = max(1, (_cpus() - 1) // threads_per_worker)
-    _positive(concurrency, "concurrency")
+    checks.integer(concurrency, "concurrency", 1)
     exclude = tuple(exclude)
     if os.path.exists(path):
         path = os.path.abspath(path)  # the workers' working directory is not ours
@@ -130,11 +129,6 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           # (max_restarts=-1, max_task_retries=-1: a dead actor is restarted and its
                           # batch retried); passing them again is deprecated (Ray 2.60)
                           num_cpus=threads_per_worker, udf_modifying_row_count=False)
-
-
-def _positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PyguardError(f"{name} must be an integer of at least 1, not {value!r:.60}")
 
 
 def _cpus() -> int:

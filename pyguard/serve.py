@@ -32,9 +32,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import kernels
+from . import checks, kernels
 from .errors import PyguardError
-from .guard import Guard, Result, _flag, _threshold
+from .guard import Guard, Result
 from .prompt import categories_of
 
 # OpenAI's moderation categories, each with the Llama Guard 3 codes it is filled from. A code
@@ -422,9 +422,9 @@ class Service:
             param = "exclude"
             categories_of(options["categories"], options["exclude"], self.guard.family)
             param = "threshold"
-            _threshold(options["threshold"])
+            checks.threshold(options["threshold"])
             param = "category_scores"
-            _flag(options["category_scores"])
+            checks.flag(options["category_scores"], "category_scores")
         except PyguardError as e:
             raise ApiError(400, str(e), param=param) from None
         results = await self._judge(options, convs, "conversation")
