@@ -136,6 +136,13 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _size(value: str) -> int:
+    """argparse type of a size in MiB (0 allowed), bounded well inside an int64 of bytes."""
+    if not value.strip().isdigit() or int(value) > 1 << 30:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {1 << 30}, not {value!r}")
+    return int(value)
+
+
 def cmd_classify(a: argparse.Namespace) -> int:
     if (a.text is None) == (a.jsonl is None):
         raise PyguardError("give either a TEXT to classify or --jsonl FILE")
@@ -467,6 +474,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=16, help="conversations judged together (default 16)")
     s.add_argument("--max-queue", type=int, default=256, help="conversations waiting, beyond which 429 (default 256)")
     s.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes, beyond which 413 (default 1 MiB)")
+    s.add_argument("--cache-mb", type=_size, metavar="MB", help="memory for the token-prefix cache, in MiB (default: 4,096 "
+                   "positions of the model, 256 MiB for 1B; 0: none): it sets the service's memory ceiling")
     s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: PYGUARD_API_KEY if set)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     s.set_defaults(run=cmd_serve)
@@ -476,7 +485,8 @@ def parser() -> argparse.ArgumentParser:
 def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
-    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body)
+    cache = None if a.cache_mb is None else a.cache_mb << 20
+    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body, cache)
 
 
 def _line(message: object) -> str:

@@ -469,9 +469,11 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, max_batch: int = 16,
-          max_queue: int = 256, api_key: str | None = None, insecure: bool = False, max_body: int = 1 << 20) -> int:
+          max_queue: int = 256, api_key: str | None = None, insecure: bool = False, max_body: int = 1 << 20,
+          cache_bytes: int | None = None) -> int:
     """Serve a pyguard file until SIGTERM/SIGINT, then finish what is queued and return 0.
-    api_key None: PYGUARD_API_KEY if set."""
+    api_key None: PYGUARD_API_KEY if set; cache_bytes: the guard's token-prefix cache (None:
+    Guard's default)."""
     for name, value, low, high in (("port", port, 0, 65535), ("max_batch", max_batch, 1, 1 << 16),
                                    ("max_queue", max_queue, 1, 1 << 20), ("max_body", max_body, 1, 1 << 30)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -487,7 +489,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | 
         import uvicorn
     except ImportError:
         raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
-    guard = Guard.load(model, threads=threads)
+    guard = Guard.load(model, threads=threads, cache_bytes=cache_bytes)
     sock = _listen(host, port)
     service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body)
     addr = sock.getsockname()

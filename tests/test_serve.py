@@ -334,6 +334,18 @@ def test_refused_at_start(model, args, message):
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
 
 
+def test_cache_size_option(model, guard):
+    """--cache-mb 0 keeps nothing: the same results, from scratch; a bad size is a usage error."""
+    with running(model, "--cache-mb", "0") as s:
+        for text in TEXTS[:2] * 2:  # each twice: nothing comes from a cache
+            got = post(s.url, "/v1/classify", {"messages": [{"role": "user", "content": text}]})
+            assert got.status_code == 200 and {k: got.json()[k] for k in SAME} == native(guard.classify(text))
+            assert got.json()["cached_tokens"] == 0
+    p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--cache-mb", "-1"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "--cache-mb: expected an integer from 0" in p.stderr.splitlines()[-1], p.stderr
+
+
 def test_port_in_use(model, server):
     port = server.url.rsplit(":", 1)[1]
     p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", model, "--port", port], capture_output=True,
