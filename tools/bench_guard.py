@@ -7,8 +7,9 @@ Llama Guard 3 1B geometry with random weights and the real Llama 3 tokenizer (th
 and its pyguard files are made in --workdir on first use). A fixed set of conversations:
 one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120 words.
 
-- pyguard: Guard.classify (policy prefix cached after the first request) and
-  Guard.classify_many for batches of 1, 8 and 64.
+- pyguard: Guard.classify (policy prefix cached after the first request; every timed
+  conversation new to its token-prefix cache) and Guard.classify_many for batches of 1, 8
+  and 64.
 - llama.cpp (llama-cpp-python in tools/bench.py's virtual environment): a Q4_0 GGUF of the same
   int4 weights, the full prompt each time (token ids from pyguard's tokenizer), then two
   greedy decode steps, as a verdict ("\\n\\n", "safe") costs.
@@ -91,6 +92,12 @@ WARM_UP = [{"role": "user", "content": "Is it safe to leave a candle burning ove
 DECODE_TOKENS = 16  # single-token steps timed for the decode rate
 
 
+def numbered(conv: list, k: int) -> list:
+    """The conversation with a number before its first message: new text for the guard's
+    token-prefix cache (live traffic repeats the policy, not the conversations)."""
+    return [dict(conv[0], content=f"{k}. {conv[0]['content']}"), *conv[1:]]
+
+
 def conversations() -> tuple[list, list]:
     one = [[{"role": "user", "content": u}] for u in ONE_TURN]
     two = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in TWO_TURN]
@@ -145,18 +152,18 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
     one, two = conversations()
     t0 = time.perf_counter()
     first = guard.classify(one[0])
-    res["first_s"] = time.perf_counter() - t0  # builds the policy-prefix cache
+    res["first_s"] = time.perf_counter() - t0  # computes the policy prefix
     res["prompt_tokens"] = first.prompt_tokens
     res["cached_tokens"] = guard.classify(one[0]).cached_tokens
     for name, convs in (("one", one), ("two", two)):
         times = []
-        for c in convs * 2:
+        for k, c in enumerate(convs * 2):  # numbered: a repeat would come from the token-prefix cache
             t0 = time.perf_counter()
-            guard.classify(c)
+            guard.classify(numbered(c, k))
             times.append(time.perf_counter() - t0)
         res[name] = latency(times)
-    work = ((one + two) * 6)[:64]  # the same 64 conversations for every batch size
-    for b in BATCHES:
+    for b in BATCHES:  # 64 conversations for every batch size, none seen before
+        work = [numbered(c, 1000 * b + k) for k, c in enumerate(((one + two) * 6)[:64])]
         t0 = time.perf_counter()
         guard.classify_many(work, batch_size=b)
         res[f"batch_{b}"] = len(work) / (time.perf_counter() - t0)
