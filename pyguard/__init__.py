@@ -5,9 +5,9 @@ file -> weights (file.py, quant.py) -> forward (model.py, kernels.py) -> logits 
 """
 
 from .errors import PyguardError
-from .guard import Guard, Result
-from .model import Model
-from .prompt import format_prompt
-from .tokenizer import Tokenizer
+from .guard.guard import Guard, Result
+from .engine.model import Model
+from .guard.prompt import format_prompt
+from .formats.tokenizer import Tokenizer
 
 __all__ = ["Guard", "Model", "PyguardError", "Result", "Tokenizer", "format_prompt"]

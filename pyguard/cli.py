@@ -23,7 +23,7 @@ BATCH = 16  # conversations classified together from a --jsonl file
 
 def _threads(value: str) -> int:
     """argparse type of --threads: a usage error (exit 2) before any work."""
-    from .kernels import MAX_THREADS
+    from .engine.kernels import MAX_THREADS
 
     if not value.strip().isdigit() or not 1 <= int(value) <= MAX_THREADS:
         raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_THREADS}, not {value!r}")
@@ -66,9 +66,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert.hf import convert
     from .progress import Progress
-    from .pte import convert_pte, is_pte_dir
+    from .convert.pte import convert_pte, is_pte_dir
 
     check_output(a.out_file, "OUT_FILE")
     try:
@@ -93,7 +93,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from .file import verify
+    from .formats.file import verify
     from .progress import Progress
 
     p = Progress("verifying")
@@ -103,7 +103,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def _load_guard(a: argparse.Namespace):
-    from .guard import Guard
+    from .guard.guard import Guard
 
     return Guard.load(a.model, threads=a.threads)
 
@@ -374,9 +374,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import tempfile
     import warnings as w
 
-    from .checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
-    from .convert import convert
-    from .guard import Guard
+    from .convert.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
+    from .convert.hf import convert
+    from .guard.guard import Guard
 
     if a.keep is not None:
         if os.path.exists(a.keep) and not (os.path.isdir(a.keep) and not os.listdir(a.keep)):
@@ -415,7 +415,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _isa() -> str:
-    from . import kernels
+    from .engine import kernels
 
     return kernels.isa()
 

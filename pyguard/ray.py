@@ -34,7 +34,7 @@ except ImportError as e:
 
 from pyguard import checks
 from pyguard.errors import PyguardError
-from pyguard.guard import Guard, Result
+from pyguard.guard.guard import Guard, Result
 
 # The columns added to the input's; `error` is null for a judged row, the others for a failed one.
 RESULTS = pa.schema([("verdict", pa.string()), ("categories", pa.list_(pa.string())),

@@ -32,10 +32,11 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from . import checks, kernels
+from . import checks
+from .engine import kernels
 from .errors import PyguardError
-from .guard import Guard, Result
-from .prompt import categories_of
+from .guard.guard import Guard, Result
+from .guard.prompt import categories_of
 
 # OpenAI's moderation categories, each with the Llama Guard 3 codes it is filled from. A code
 # may fill several; S6 (specialized advice), S7 (privacy), S8 (intellectual property) and S13

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pyguard import model as pgmodel
-from pyguard import quant
-from pyguard.config import ModelConfig
-from pyguard.model import Model
+from pyguard.engine import model as pgmodel
+from pyguard.formats import quant
+from pyguard.formats.config import ModelConfig
+from pyguard.engine.model import Model
 
 
 def hf_config(cfg: ModelConfig) -> LlamaConfig:

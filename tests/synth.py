@@ -1,14 +1,14 @@
 """Random Llama checkpoints for tests and tools (numpy only): Hugging Face named float
-weights (pyguard.checkpoint) and their conversion to pyguard tensors in memory (the converter's recipe: stack rows
+weights (pyguard.convert.checkpoint) and their conversion to pyguard tensors in memory (the converter's recipe: stack rows
 per tensor_plan, quant.quantize_weights), or int4 tensors drawn directly for large geometries."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from pyguard import quant
-from pyguard.checkpoint import GUARD_1B, random_weights  # noqa: F401 (re-exported for tests and tools)
-from pyguard.config import ModelConfig, expected_shapes, tensor_plan
+from pyguard.formats import quant
+from pyguard.convert.checkpoint import GUARD_1B, random_weights  # noqa: F401 (re-exported for tests and tools)
+from pyguard.formats.config import ModelConfig, expected_shapes, tensor_plan
 
 # Token ids of a Llama Guard answer: the rows a pruned guard head keeps.
 GUARD_HEAD = [19193, 39257, 271, 198, 50, 16, 17, 18, 19, 20, 21, 22, 23, 24, 15, 605, 806, 717, 1032, 11, 128009]
@@ -93,7 +93,7 @@ def _final_hidden(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, promp
     converted model computes it (same searched quantization, row by row as the converter; an
     identity head, exact in int4, reads it out as logits). Only the embedding rows the prompts
     use are quantized, which is what keeps this fast."""
-    from pyguard.model import Model
+    from pyguard.engine.model import Model
 
     tensors = {}
     for name, sources, quantized in tensor_plan(cfg)[:-1]:
@@ -130,10 +130,10 @@ def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     "unsafe\\nS" (so the codes vary with the conversation), and "," against <|eot_id|> follows
     the hidden states after a first code (answers of one to all codes). Identical rows make a
     guard head (its 21 rows) and a full head agree on every greedy answer."""
-    from pyguard.checkpoint import reference_tokenizer_model
-    from pyguard.prompt import prompt_parts
-    from pyguard.tokenizer import Tokenizer
-    from pyguard.verdict import ANSWER_START, answer_token_ids
+    from pyguard.convert.checkpoint import reference_tokenizer_model
+    from pyguard.guard.prompt import prompt_parts
+    from pyguard.formats.tokenizer import Tokenizer
+    from pyguard.guard.verdict import ANSWER_START, answer_token_ids
 
     cfg = DECISIVE
     tok = Tokenizer.from_file(reference_tokenizer_model())
@@ -188,8 +188,8 @@ def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int
     group and seed and reused for the other head."""
     import os
 
-    from pyguard.checkpoint import reference_tokenizer_model, write_checkpoint
-    from pyguard.convert import convert
+    from pyguard.convert.checkpoint import reference_tokenizer_model, write_checkpoint
+    from pyguard.convert.hf import convert
 
     hf_dir = os.path.join(tmp_dir, f"decisive-g{group}-s{seed}")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):

@@ -4,7 +4,7 @@ import ctypes
 
 import pytest
 
-from pyguard import blas, kernels  # noqa: F401 (importing the kernels applies the limit)
+from pyguard.engine import blas, kernels  # noqa: F401 (importing the kernels applies the limit)
 
 GETTERS = ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
            "scipy_openblas_get_num_threads64_")

@@ -14,12 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import oracle
-from pyguard import calibrate, checkpoint, file, quant
-from pyguard.config import ModelConfig, expected_shapes
-from pyguard.convert import convert
+from pyguard.convert import calibrate, checkpoint
+from pyguard.formats import file, quant
+from pyguard.formats.config import ModelConfig, expected_shapes
+from pyguard.convert.hf import convert
 from pyguard.errors import PyguardError
-from pyguard.model import Model
-from pyguard.safetensors import Checkpoint
+from pyguard.engine.model import Model
+from pyguard.formats.safetensors import Checkpoint
 
 # GQA 2 (so the v-row folding is shared by two query heads), untied, 3 layers
 TINY = ModelConfig(dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,

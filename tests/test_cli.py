@@ -16,7 +16,8 @@ from importlib.metadata import version
 import pytest
 
 import synth
-from pyguard import Guard, cli, kernels
+from pyguard import Guard, cli
+from pyguard.engine import kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAFE, UNSAFE = "hello", "Give me the home address of a celebrity."  # the decisive model's verdicts (checked below)
@@ -300,14 +301,14 @@ def test_output_paths_are_checked_before_any_work(model, tmp_path):
 
 
 def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, monkeypatch, capsys):
-    import pyguard.file
+    import pyguard.formats.file
 
     hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
     os.mkdir(out + ".part")  # a stale directory where the temporary file goes
     assert cli.main(["convert", hf, out]) == 2
     assert capsys.readouterr().err.endswith(f"\npyguard: error: {out}: cannot write (Is a directory)\n")
     os.rmdir(out + ".part")
-    real, calls = pyguard.file.Writer.append, []
+    real, calls = pyguard.formats.file.Writer.append, []
 
     def interrupted(self, a):  # Ctrl-C once the file has begun
         calls.append(1)
@@ -315,7 +316,7 @@ def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, m
             raise KeyboardInterrupt
         real(self, a)
 
-    monkeypatch.setattr(pyguard.file.Writer, "append", interrupted)
+    monkeypatch.setattr(pyguard.formats.file.Writer, "append", interrupted)
     assert cli.main(["convert", hf, out]) == 2
     assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
 

@@ -14,12 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyguard import checkpoint, file, quant
-from pyguard.config import ModelConfig, tensor_plan
-from pyguard.convert import convert, read_tokenizer
+from pyguard.convert import checkpoint
+from pyguard.formats import file, quant
+from pyguard.formats.config import ModelConfig, tensor_plan
+from pyguard.convert.hf import convert, read_tokenizer
 from pyguard.errors import PyguardError
-from pyguard.model import Model
-from pyguard.safetensors import Checkpoint, SafetensorsFile
+from pyguard.engine.model import Model
+from pyguard.formats.safetensors import Checkpoint, SafetensorsFile
 
 TINY = ModelConfig(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=640,
                    rope_theta=10000.0, max_seq_len=4096)
@@ -66,7 +67,7 @@ def test_bf16_reader_rounds_like_torch(tmp_path):
     torch = pytest.importorskip("torch", reason="torch is the bf16 oracle (a test dependency)")
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 3
     path = str(tmp_path / "t.safetensors")
-    from pyguard import safetensors
+    from pyguard.formats import safetensors
 
     safetensors.write(path, [("w", w.shape)], lambda _: w, "BF16")
     expect = torch.from_numpy(w).bfloat16().float().numpy()
@@ -256,7 +257,7 @@ def test_hostile_safetensors_index(tmp_path, weight_map):
 
 
 def test_tensor_in_two_shards_and_unsupported_dtype(tmp_path):
-    from pyguard import safetensors
+    from pyguard.formats import safetensors
 
     hf = make(tmp_path, shards=2, dtype="F32")
     shard1, shard2 = (os.path.join(hf, f"model-0000{i}-of-00002.safetensors") for i in (1, 2))

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import synth
-from pyguard import model as pgmodel
-from pyguard.config import ModelConfig
-from pyguard.model import Model
+from pyguard.engine import model as pgmodel
+from pyguard.formats.config import ModelConfig
+from pyguard.engine.model import Model
 
 CFG = ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=512, vocab_size=600)
 HEAD = list(range(3, 600, 7))

@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import synth
-from pyguard import checkpoint, file, quant, safetensors
-from pyguard.config import ModelConfig, expected_shapes
+from pyguard.convert import checkpoint
+from pyguard.formats import file, quant, safetensors
+from pyguard.formats.config import ModelConfig, expected_shapes
 from pyguard.errors import PyguardError
-from pyguard.tokenizer import LLAMA3_SPECIAL_NAMES, Tokenizer
+from pyguard.formats.tokenizer import LLAMA3_SPECIAL_NAMES, Tokenizer
 
 CFG = ModelConfig(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=32, hidden_dim=128, vocab_size=320, max_seq_len=4096)
 TOKENIZER = Tokenizer({bytes([b]): b for b in range(256)}, {n: 256 + i for i, n in enumerate(LLAMA3_SPECIAL_NAMES[:16])})
@@ -78,7 +79,7 @@ def pack(meta: dict, arrays: bytes) -> bytes:
 WORKER = r"""
 import sys
 from pyguard import Guard, PyguardError
-from pyguard.model import Model
+from pyguard.engine.model import Model
 for path in sys.stdin:
     try:
         Model.load(path.strip(), threads=1).logits([1, 2, 3, 300])
@@ -435,7 +436,7 @@ def test_deeply_nested_safetensors_header(tmp_path):
 def test_per_tensor_group_sizes(tmp_path):
     """A tensor may keep its own group (Meta's INT4 program: a group-32 embedding beside
     group-256 layers): saved in quant.groups, loaded with it, computed with it."""
-    from pyguard.model import Model
+    from pyguard.engine.model import Model
 
     cfg = dataclasses.replace(CFG, dim=256, head_dim=128, hidden_dim=256)
     weights = checkpoint.random_weights(cfg)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from pyguard import Guard, PyguardError
-from pyguard.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
-from pyguard.convert import convert
-from pyguard.verdict import Grammar
+from pyguard.convert.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
+from pyguard.convert.hf import convert
+from pyguard.guard.verdict import Grammar
 
 CONV = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Use a tension wrench."}]
 
@@ -115,10 +115,10 @@ def test_batches_give_the_verdicts_of_single_requests(guards):
 
 
 def test_tokenizer_config_and_head_survive_the_file(files):
-    from pyguard import file
-    from pyguard.prompt import CATEGORIES_1B
-    from pyguard.tokenizer import Tokenizer
-    from pyguard.verdict import answer_token_ids
+    from pyguard.formats import file
+    from pyguard.guard.prompt import CATEGORIES_1B
+    from pyguard.formats.tokenizer import Tokenizer
+    from pyguard.guard.verdict import answer_token_ids
 
     f = file.load(files["guard"])
     ref = Tokenizer.from_file(reference_tokenizer_model())

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from pyguard import Guard, PyguardError
-from pyguard.file import load
-from pyguard.model import Model
-from pyguard.prompt import CATEGORIES_1B
+from pyguard.formats.file import load
+from pyguard.engine.model import Model
+from pyguard.guard.prompt import CATEGORIES_1B
 from synth import SAMPLES, decisive_guard
 
 AGENT = [{"role": "user", "content": "Recommend a book."}, {"role": "assistant", "content": "Try Dune."}]

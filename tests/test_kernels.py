@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyguard import PyguardError, kernels, quant
+from pyguard import PyguardError
+from pyguard.engine import kernels
+from pyguard.formats import quant
 
 ISAS = kernels.available_isas()
 EPS = np.finfo(np.float32).eps
@@ -191,7 +193,7 @@ def test_bit_identical_for_any_thread_count(isa, tx, tall):
 def test_attention_is_its_reference_bit_for_bit(isa, n_kv, group, hd, start, n, mag, seed):
     """Every path follows model.attention_reference's order of operations exactly, and each
     query's result is the one it gets alone at its position (any n, start, threads)."""
-    from pyguard.model import attention_reference
+    from pyguard.engine.model import attention_reference
 
     kernels.set_isa(isa)
     rng = np.random.default_rng(seed)
@@ -279,7 +281,7 @@ def _run(env: dict, code: str) -> subprocess.CompletedProcess:
 ])
 def test_bad_environment_fails_at_first_use_not_at_import(env, message):
     """`import pyguard` must work (so `pyguard --help` does); the first pool raises PyguardError."""
-    code = ("import pyguard\nfrom pyguard import kernels\ntry:\n    kernels.Pool()\nexcept pyguard.PyguardError as e:\n"
+    code = ("import pyguard\nfrom pyguard.engine import kernels\ntry:\n    kernels.Pool()\nexcept pyguard.PyguardError as e:\n"
             "    print('error:', e)")
     r = _run(env, code)
     assert r.returncode == 0 and r.stderr == "", r.stderr
@@ -287,7 +289,7 @@ def test_bad_environment_fails_at_first_use_not_at_import(env, message):
 
 
 def test_isa_and_threads_from_the_environment():
-    r = _run({"PYGUARD_ISA": "scalar", "PYGUARD_THREADS": "1"}, "from pyguard import kernels; print(kernels.isa(), kernels.threads())")
+    r = _run({"PYGUARD_ISA": "scalar", "PYGUARD_THREADS": "1"}, "from pyguard.engine import kernels; print(kernels.isa(), kernels.threads())")
     assert r.returncode == 0 and r.stdout.split() == ["scalar", "1"], r.stderr
 
 

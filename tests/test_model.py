@@ -27,11 +27,11 @@ pytest.importorskip("transformers")
 
 import oracle  # noqa: E402
 import synth  # noqa: E402
-from pyguard import model as pgmodel  # noqa: E402
-from pyguard import quant  # noqa: E402
-from pyguard.config import ModelConfig  # noqa: E402
+from pyguard.engine import model as pgmodel  # noqa: E402
+from pyguard.formats import quant  # noqa: E402
+from pyguard.formats.config import ModelConfig  # noqa: E402
 from pyguard.errors import PyguardError  # noqa: E402
-from pyguard.model import Model  # noqa: E402
+from pyguard.engine.model import Model  # noqa: E402
 
 
 def llama3(factor: float, original: int) -> dict:

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard.errors import PyguardError
-from pyguard.prompt import (CATEGORIES_1B, CATEGORIES_8B, format_prompt, policy_prefix, prompt_parts,
+from pyguard.guard.prompt import (CATEGORIES_1B, CATEGORIES_8B, format_prompt, policy_prefix, prompt_parts,
                             prompt_tokens)
-from pyguard.tokenizer import Tokenizer
+from pyguard.formats.tokenizer import Tokenizer
 
 ONE_TURN = """\
 <|begin_of_text|><|start_header_id|>user<|end_header_id|>

@@ -1,4 +1,4 @@
-"""Meta's Llama Guard 3-1B-INT4 `.pte` import (pyguard.pte) against the ExecuTorch runtime.
+"""Meta's Llama Guard 3-1B-INT4 `.pte` import (pyguard.convert.pte) against the ExecuTorch runtime.
 
 Tiny random-weight checkpoints are exported with the 1B-INT4 recipe by ExecuTorch 1.5.1
 (test-only dependency, tools/export_pte.py; about two minutes each, once per run), converted,
@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyguard
-from pyguard import pte
+from pyguard.convert import pte
 from pyguard.errors import PyguardError
-from pyguard.prompt import prompt_tokens
+from pyguard.guard.prompt import prompt_tokens
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 _spec = importlib.util.spec_from_file_location("export_pte", os.path.join(ROOT, "tools", "export_pte.py"))
@@ -105,7 +105,7 @@ def test_guard_prompt_prefill_matches_executorch(exported, group):
 
 def test_converted_file_holds_the_program(exported):
     d, out, summary = exported(32)
-    f = pyguard.file.load(str(out))
+    f = pyguard.formats.file.load(str(out))
     cfg, _ = export_pte.GEOMETRIES["tiny"]
     assert f.head_ids == export_pte.PRUNE_IDS
     assert (f.config.n_layers, f.config.dim, f.config.hidden_dim) == (cfg.n_layers, cfg.dim, cfg.hidden_dim)  # 768 from ffn_dim_multiplier
@@ -114,7 +114,7 @@ def test_converted_file_holds_the_program(exported):
     assert f.meta["quant"]["group"] == 256 and f.meta["quant"]["groups"] == {"tok_embeddings": 32}
     assert f.tensors["tok_embeddings"].group == 32 and f.tensors["layers.0.wqkv"].group == 256
     assert "exact" in summary.scales_note and "head of 20 rows" in summary.text()
-    assert pyguard.file.verify(str(out)) > 0
+    assert pyguard.formats.file.verify(str(out)) > 0
 
 
 def test_cli_converts_the_meta_layout(exported, tmp_path, capsys):
@@ -132,17 +132,17 @@ def test_int4_values_are_taken_as_stored(exported):
     """Every weight value and scale equals the program's, in pyguard's layout (q/k rows moved
     from Meta's interleaved rotary order to Hugging Face's)."""
     d, out, _ = exported(256)
-    f = pyguard.file.load(str(out))
+    f = pyguard.formats.file.load(str(out))
     x = pte.extract(pte.read_program(str(d / "model.pte")), pte.read_params(str(d)))
     c = f.config
     wqkv = f.tensors["layers.1.wqkv"]
-    q = pyguard.quant.unpack_nibbles(wqkv.qs)[: c.n_heads * c.head_dim]
+    q = pyguard.formats.quant.unpack_nibbles(wqkv.qs)[: c.n_heads * c.head_dim]
     meta_order = q.reshape(c.n_heads, 2, c.head_dim // 2, -1).swapaxes(1, 2).reshape(q.shape)  # back to Meta's rows
     prog = pte.read_program(str(d / "model.pte"))
     lins = pte.delegate_linears(prog, [x for x in prog.calls if x.op == "delegate"][4])  # layer 1: q, k, v
     (lq,) = [lin for lin in lins if lin.q.shape[0] == c.n_heads * c.head_dim]
     assert (meta_order == lq.q).all()
-    assert (pyguard.quant.unpack_nibbles(f.tensors["output"].qs) == x.tensors["output"][0]).all()
+    assert (pyguard.formats.quant.unpack_nibbles(f.tensors["output"].qs) == x.tensors["output"][0]).all()
     assert (f.tensors["output"].scales.astype(np.float32) == x.tensors["output"][1]).all()
 
 
@@ -191,7 +191,7 @@ def test_corrupted_program_is_refused_or_converted(exported, tmp_path, flips):
     except PyguardError as e:
         assert "\n" not in str(e)
     else:
-        pyguard.file.load(str(t / "out.pgw"))
+        pyguard.formats.file.load(str(t / "out.pgw"))
 
 
 def _patched(exported, tmp_path, old: bytes, new: bytes):

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard import Guard, PyguardError
-from pyguard.cache import PrefixCache
-from pyguard.config import ModelConfig
-from pyguard.model import State
+from pyguard.engine.cache import PrefixCache
+from pyguard.formats.config import ModelConfig
+from pyguard.engine.model import State
 from synth import decisive_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

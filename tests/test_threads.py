@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import synth
-from pyguard import file
-from pyguard.config import ModelConfig
-from pyguard.model import Model
+from pyguard.formats import file
+from pyguard.formats.config import ModelConfig
+from pyguard.engine.model import Model
 
 CFG = ModelConfig(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=768, vocab_size=500)
 TIMEOUT = 120  # seconds: a hang fails the test instead of stalling CI

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard.errors import PyguardError
-from pyguard.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_NAMES, Tokenizer, from_hf_tokenizer_json
+from pyguard.formats.tokenizer import LLAMA3_PATTERN, LLAMA3_SPECIAL_NAMES, Tokenizer, from_hf_tokenizer_json
 
 pytest.importorskip("llama_models")
 from llama_models.llama3.tokenizer import Tokenizer as Reference  # noqa: E402
@@ -330,7 +330,7 @@ def test_tokenizer_json_that_cannot_be_represented(tmp_path, tj):
 
 
 def test_tokenizer_json_gpt2_style_pre_tokenizer(tmp_path, tj):
-    from pyguard.tokenizer import GPT2_PATTERN
+    from pyguard.formats.tokenizer import GPT2_PATTERN
 
     obj = _with(tj, pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True})
     assert from_hf_tokenizer_json(_write(tmp_path, obj)).pattern == GPT2_PATTERN

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pyguard.errors import PyguardError
-from pyguard.verdict import AnswerDecoder, Grammar
+from pyguard.guard.verdict import AnswerDecoder, Grammar
 
 CODES = [f"S{i}" for i in range(1, 14)]
 # A head like a pruned Llama 3 one, plus distractors the grammar must never pick.

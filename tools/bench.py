@@ -33,8 +33,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import synth  # noqa: E402
-from pyguard import file, kernels, quant  # noqa: E402
-from pyguard.config import ModelConfig  # noqa: E402
+from pyguard.formats import file, quant  # noqa: E402
+from pyguard.engine import kernels  # noqa: E402
+from pyguard.formats.config import ModelConfig  # noqa: E402
 
 PROMPTS = (64, 256, 1024)
 DECODE_STEPS = 16
@@ -62,8 +63,8 @@ def prompt(n: int, vocab: int, seed: int = 7) -> list[int]:
 
 
 def bench_pyguard(path: str, threads: int, with_memory: bool) -> dict:
-    from pyguard import kernels
-    from pyguard.model import Model
+    from pyguard.engine import kernels
+    from pyguard.engine.model import Model
 
     kernels.set_threads(threads)
     reset_peak_rss()

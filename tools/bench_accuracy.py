@@ -45,11 +45,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import oracle  # noqa: E402
 import synth  # noqa: E402
 import torch  # noqa: E402
-from pyguard import calibrate, file  # noqa: E402
-from pyguard.config import ModelConfig  # noqa: E402
-from pyguard.convert import convert, read_config  # noqa: E402
-from pyguard.model import Model  # noqa: E402
-from pyguard.prompt import format_prompt  # noqa: E402
+from pyguard.convert import calibrate  # noqa: E402
+from pyguard.formats import file  # noqa: E402
+from pyguard.formats.config import ModelConfig  # noqa: E402
+from pyguard.convert.hf import convert, read_config  # noqa: E402
+from pyguard.engine.model import Model  # noqa: E402
+from pyguard.guard.prompt import format_prompt  # noqa: E402
 
 SMALL = ModelConfig(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4, head_dim=64, hidden_dim=4096, vocab_size=8192,
                     rope_theta=500000.0, rope_scaling=synth.GUARD_1B.rope_scaling, max_seq_len=131072)

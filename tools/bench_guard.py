@@ -117,10 +117,10 @@ def latency(times: list[float]) -> dict:
 
 def prepare(args) -> dict:
     """Checkpoint, pyguard files (guard head for pyguard, full head for the GGUF), prompts."""
-    from pyguard.checkpoint import GUARD_1B, reference_tokenizer_model, write_checkpoint
-    from pyguard.convert import convert
-    from pyguard.prompt import prompt_tokens
-    from pyguard.tokenizer import Tokenizer
+    from pyguard.convert.checkpoint import GUARD_1B, reference_tokenizer_model, write_checkpoint
+    from pyguard.convert.hf import convert
+    from pyguard.guard.prompt import prompt_tokens
+    from pyguard.formats.tokenizer import Tokenizer
 
     work = pathlib.Path(args.workdir)
     hf = work / "hf"
@@ -144,7 +144,8 @@ def prepare(args) -> dict:
 
 
 def bench_pyguard(setup: dict, threads: int) -> dict:
-    from pyguard import Guard, kernels
+    from pyguard import Guard
+    from pyguard.engine import kernels
 
     t0 = time.perf_counter()
     guard = Guard.load(setup["files"]["guard"], threads=threads)
@@ -178,7 +179,7 @@ def llama_cpp_child(args) -> None:
     import bench  # tools/bench.py: the GGUF writer
     from llama_cpp import Llama
 
-    from pyguard import file
+    from pyguard.formats import file
 
     setup = json.loads(pathlib.Path(args.setup).read_text())
     gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")
@@ -251,7 +252,8 @@ def run_child(cmd: list[str], env: dict | None = None) -> dict | str:
 def prepare_int4(args) -> dict:
     """The pyguard file of DIR's .pte (converted once), and for every one-turn prompt the
     forward passes pyguard's classify makes: [(position, token ids)], the prompt first."""
-    from pyguard import Guard, pte
+    from pyguard import Guard
+    from pyguard.convert import pte
 
     if not pte.is_pte_dir(args.int4):
         sys.exit(f"{args.int4}: no .pte with params.json (make a random-weight one with: python tools/export_pte.py "
@@ -322,7 +324,8 @@ def rates(forward, prompts: list) -> dict:
 
 
 def int4_pyguard(setup: dict, threads: int) -> dict:
-    from pyguard import Guard, kernels
+    from pyguard import Guard
+    from pyguard.engine import kernels
 
     base = peak_rss_mb()
     t0 = time.perf_counter()
@@ -397,7 +400,7 @@ def int4_main(args) -> None:
 
 
 def report_int4(setup: dict, runs: dict, args, load: tuple) -> None:
-    from pyguard import kernels
+    from pyguard.engine import kernels
 
     pg, et = runs["pyguard"], runs["ExecuTorch"]
     if isinstance(pg, str):
@@ -515,7 +518,7 @@ def best_of(runs: list) -> dict | str:
 
 
 def report(runs: dict, args) -> None:
-    from pyguard import kernels  # here: the peers' side of this script runs without pyguard
+    from pyguard.engine import kernels  # here: the peers' side of this script runs without pyguard
 
     pg = runs["pyguard"]
     if isinstance(pg, str):

@@ -19,7 +19,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyguard import kernels, quant  # noqa: E402
+from pyguard.engine import kernels  # noqa: E402
+from pyguard.formats import quant  # noqa: E402
 from pyguard._kernels import ffi, lib  # noqa: E402
 
 SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]

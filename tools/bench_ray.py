@@ -39,9 +39,9 @@ DRIVER = open("/proc/self/cmdline", "rb").read()  # this process and its forks (
 
 
 def model_file(workdir: str, group: int) -> str:
-    from pyguard import file
-    from pyguard.checkpoint import reference_tokenizer_model
-    from pyguard.tokenizer import Tokenizer
+    from pyguard.formats import file
+    from pyguard.convert.checkpoint import reference_tokenizer_model
+    from pyguard.formats.tokenizer import Tokenizer
     from synth import GUARD_1B, GUARD_HEAD, random_int4_checkpoint
 
     path = os.path.join(workdir, f"guard1b-g{group}.pgw")

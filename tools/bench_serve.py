@@ -69,8 +69,8 @@ def write_text_gguf(pgw: str, tokenizer_model: str, out: str) -> None:
     import bench
     import gguf
 
-    from pyguard import file
-    from pyguard.tokenizer import Tokenizer
+    from pyguard.formats import file
+    from pyguard.formats.tokenizer import Tokenizer
 
     ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in open(tokenizer_model) if line.strip())}
     special = Tokenizer.from_file(tokenizer_model).special_tokens
@@ -285,7 +285,7 @@ def llama_cpp_server(args, setup: dict | None, model: str, venv_py: str, convs: 
     import httpx
 
     from pyguard import Guard, format_prompt
-    from pyguard.prompt import prompt_tokens
+    from pyguard.guard.prompt import prompt_tokens
 
     if not args.gguf:
         if setup is None:

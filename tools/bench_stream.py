@@ -56,7 +56,7 @@ MULTI_TURN = [
 
 
 def cpu() -> str:
-    from pyguard import kernels
+    from pyguard.engine import kernels
 
     feats = kernels.cpu_features()
     return f"{kernels.cpu_model()}, {os.cpu_count()} cores, kernels {kernels.isa()}, features: {' '.join(sorted(feats))}"
@@ -164,7 +164,7 @@ def llama_cpp_child(args) -> None:
     import bench  # tools/bench.py: the GGUF writer
     from llama_cpp import Llama
 
-    from pyguard import file
+    from pyguard.formats import file
 
     setup = json.loads(pathlib.Path(args.setup).read_text())
     gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")

@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyguard.checkpoint import random_tensor, reference_tokenizer_model  # noqa: E402
-from pyguard.config import ModelConfig  # noqa: E402
+from pyguard.convert.checkpoint import random_tensor, reference_tokenizer_model  # noqa: E402
+from pyguard.formats.config import ModelConfig  # noqa: E402
 
 # The 20 verdict tokens of Meta's prune map, in its row order.
 PRUNE_IDS = [271, 19193, 39257, 198, 50, 11, 16, 17, 18, 19, 20, 21, 22, 23, 24, 605, 806, 717, 1032, 128009]
@@ -48,7 +48,7 @@ def meta_params(cfg: ModelConfig, ffn: dict) -> dict:
 
 
 def meta_checkpoint(cfg: ModelConfig, seed: int) -> dict[str, np.ndarray]:
-    """The random Hugging Face checkpoint of pyguard.checkpoint, in Meta's names and q/k layout."""
+    """The random Hugging Face checkpoint of pyguard.convert.checkpoint, in Meta's names and q/k layout."""
 
     def interleave(w: np.ndarray, heads: int) -> np.ndarray:
         # HF "rotate half" rows (j, i) -> Meta's interleaved pairs (i, j) within each head

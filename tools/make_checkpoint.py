@@ -15,8 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyguard.checkpoint import DEMO, GUARD_1B, reference_tokenizer_model, write_checkpoint  # noqa: E402
-from pyguard.config import ModelConfig  # noqa: E402
+from pyguard.convert.checkpoint import DEMO, GUARD_1B, reference_tokenizer_model, write_checkpoint  # noqa: E402
+from pyguard.formats.config import ModelConfig  # noqa: E402
 from pyguard.errors import PyguardError  # noqa: E402
 
 GEOMETRIES = {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import codecs
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .errors import PyguardError
+from ..errors import PyguardError
 from .prompt import Conversation, messages
 
 if TYPE_CHECKING:

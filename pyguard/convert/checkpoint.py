@@ -12,9 +12,9 @@ import os
 import shutil
 import numpy as np
 
-from . import safetensors
-from .config import ModelConfig, expected_shapes
-from .errors import PyguardError
+from ..formats import safetensors
+from ..formats.config import ModelConfig, expected_shapes
+from ..errors import PyguardError
 
 GUARD_1B = ModelConfig(
     dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, hidden_dim=8192, vocab_size=128256,

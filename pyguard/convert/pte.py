@@ -36,10 +36,10 @@ from typing import Callable
 
 import numpy as np
 
-from . import quant
-from .config import ModelConfig, tensor_plan
-from .errors import PyguardError
-from .file import Writer, header_meta, tokenizer_arrays
+from ..formats import quant
+from ..formats.config import ModelConfig, tensor_plan
+from ..errors import PyguardError
+from ..formats.file import Writer, header_meta, tokenizer_arrays
 
 # ---------------------------------------------------------------------------------------------
 # Flatbuffers: a table is a signed offset to its vtable, whose entries locate fields by index.
@@ -645,7 +645,7 @@ def _rope_config(prog: Program, params: dict, base: ModelConfig) -> tuple[ModelC
     factor (ExecuTorch's `--model llama3` default is 8), else an error."""
     import dataclasses
 
-    from .model import rope_frequencies
+    from ..engine.model import rope_frequencies
 
     tables = []
     for x in prog.calls:
@@ -733,7 +733,7 @@ def convert_pte(src_dir: str, out_path: str, family: str = "llama-guard-3-1b",
                 progress: Callable[[float, str], None] | None = None) -> PteSummary:
     """Convert Meta's layout (a .pte, params.json, tokenizer.model) to a pyguard file, written to
     a temporary name and renamed when complete."""
-    from .tokenizer import Tokenizer
+    from ..formats.tokenizer import Tokenizer
 
     t0 = time.time()
     prog = read_program(find_pte(src_dir))

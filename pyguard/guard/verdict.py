@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import PyguardError
+from ..errors import PyguardError
 
 SAFE, UNSAFE = "safe", "unsafe"
 ANSWER_START = "\n\n"

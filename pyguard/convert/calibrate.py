@@ -38,11 +38,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from . import quant
-from .config import ModelConfig
-from .errors import PyguardError
-from .model import apply_rope, rms_norm, rope_frequencies, rope_tables
-from .safetensors import Checkpoint
+from ..formats import quant
+from ..formats.config import ModelConfig
+from ..errors import PyguardError
+from ..engine.model import apply_rope, rms_norm, rope_frequencies, rope_tables
+from ..formats.safetensors import Checkpoint
 
 ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
 SEARCH_ROWS = 256  # rows of a matrix (evenly spaced) on which alpha is chosen
@@ -93,7 +93,7 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 def read_conversations(path: str) -> list:
     """Conversations from a JSONL file in the CLI's shape ({"messages": [...]} per line; other
     keys ignored). A line that is not such an object is an error naming the file and line."""
-    from .prompt import messages
+    from ..guard.prompt import messages
 
     out = []
     try:
@@ -126,7 +126,7 @@ def guard_prompts(tokenizer, family: str, conversations: Iterable | None = None)
     """Token ids of the guard prompt of every conversation (built-in ones by default), then of
     the user turns of those ending with an agent reply (both roles' prompts are seen; the first
     ones come first when MAX_TOKENS cuts the set short)."""
-    from .prompt import prompt_tokens
+    from ..guard.prompt import prompt_tokens
 
     convs = list(CONVERSATIONS if conversations is None else conversations)
     return [prompt_tokens(tokenizer, c, family=family) for c in convs + [c[:1] for c in convs if len(c) > 1]]

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence, Union
 
-from .errors import PyguardError
+from ..errors import PyguardError
+from ..formats.config import FAMILIES
 
-FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b")
 CATEGORIES_1B = {
     "S1": "Violent Crimes.", "S2": "Non-Violent Crimes.", "S3": "Sex Crimes.", "S4": "Child Exploitation.",
     "S5": "Defamation.", "S6": "Specialized Advice.", "S7": "Privacy.", "S8": "Intellectual Property.",

@@ -17,9 +17,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from . import kernels
-from .config import ModelConfig
-from .errors import PyguardError
-from .quant import QTensor
+from ..formats.config import ModelConfig
+from ..errors import PyguardError
+from ..formats.quant import QTensor
 
 PREFILL_CHUNK = 64  # tokens per pass: bounds prefill buffers (~20 MB for the 1B geometry at 4096 positions)
 SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
@@ -143,7 +143,7 @@ class Model:
     @classmethod
     def load(cls, path: str, threads: int | None = None) -> "Model":
         """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
-        from .file import load as load_file
+        from ..formats.file import load as load_file
 
         f = load_file(path)
         return cls(f.config, f.tensors, f.head_ids, threads)

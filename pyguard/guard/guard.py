@@ -21,13 +21,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import checks
-from .cache import PrefixCache
-from .errors import PyguardError
-from .model import Model
+from .. import checks
+from ..engine.cache import PrefixCache
+from ..errors import PyguardError
+from ..engine.model import Model
 from .prompt import CATEGORIES, Conversation, categories_of, conversation_text, messages, prompt_parts
 from .stream import Stream
-from .tokenizer import Tokenizer
+from ..formats.tokenizer import Tokenizer
 from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
 
 # Guards alive in this process: after os.fork() the child gets fresh locks (one held by a
@@ -120,7 +120,7 @@ class Guard:
     @classmethod
     def load(cls, path: str, threads: int | None = None, **kw) -> "Guard":
         """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
-        from .file import load
+        from ..formats.file import load
 
         f = load(path)
         if f.family is None:

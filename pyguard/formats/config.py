@@ -6,7 +6,10 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import PyguardError
+from ..errors import PyguardError
+
+# Llama Guard prompt families a file may record (guard/prompt.py has their templates)
+FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b")
 
 
 # Hard bounds, far above any Llama (Llama 3 405B: 126 layers, dim 16384, vocabulary 128256),

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import tiktoken
 
-from .errors import PyguardError
+from ..errors import PyguardError
 
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 # The split a Hugging Face ByteLevel pre-tokenizer applies when use_regex is true.

@@ -21,13 +21,14 @@ from typing import Callable
 
 import numpy as np
 
-from . import calibrate, quant
-from .config import ModelConfig, expected_shapes, tensor_plan
-from .errors import PyguardError
-from .file import Writer, header_meta, tensor_layout, tokenizer_arrays
-from .prompt import CATEGORIES, FAMILIES
-from .verdict import answer_token_ids
-from .safetensors import Checkpoint
+from . import calibrate
+from ..formats import quant
+from ..formats.config import ModelConfig, expected_shapes, tensor_plan
+from ..errors import PyguardError
+from ..formats.file import Writer, header_meta, tensor_layout, tokenizer_arrays
+from ..guard.prompt import CATEGORIES, FAMILIES
+from ..guard.verdict import answer_token_ids
+from ..formats.safetensors import Checkpoint
 
 CHUNK_ROWS = 1024  # rows read at once; quantized in sub-chunks of SUB_ROWS on the threads
 SUB_ROWS = 64
@@ -74,7 +75,7 @@ def read_tokenizer(hf_dir: str):
     tok_json = os.path.join(hf_dir, "tokenizer.json")
     if not os.path.exists(model) and not os.path.exists(tok_json):
         return None, "no original/tokenizer.model or tokenizer.json"
-    from .tokenizer import Tokenizer, from_hf_tokenizer_json
+    from ..formats.tokenizer import Tokenizer, from_hf_tokenizer_json
 
     try:
         if os.path.exists(model):

@@ -28,9 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import ModelConfig, expected_shapes, tensor_plan
-from .errors import PyguardError
-from .prompt import FAMILIES
+from .config import FAMILIES, ModelConfig, expected_shapes, tensor_plan
+from ..errors import PyguardError
 from .quant import GROUP_SIZES, QTensor, check_shape
 
 MAGIC = b"PYGUARD\0"

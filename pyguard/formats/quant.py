@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PyguardError
+from ..errors import PyguardError
 
 GROUP_SIZES = (32, 64, 128, 256)
 MAX_WEIGHT = 8 * 65504  # largest |w| whose absmax scale (|w| / 8) is a finite fp16

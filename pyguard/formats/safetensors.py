@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .errors import PyguardError
+from ..errors import PyguardError
 
 MAX_HEADER = 100 << 20  # a 100 MB header would be ~1M tensors: anything larger is corrupt
 DTYPES = {"BF16": (np.uint16, 2), "F16": (np.float16, 2), "F32": (np.float32, 4)}

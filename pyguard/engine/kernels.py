@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import blas
-from ._kernels import ffi, lib
-from .errors import PyguardError
-from .quant import GROUP_SIZES, QActs, QTensor
+from .._kernels import ffi, lib
+from ..errors import PyguardError
+from ..formats.quant import GROUP_SIZES, QActs, QTensor
 
 ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neon-dotprod")
 # CPU flags (Linux /proc/cpuinfo names) that decide the kernel paths, printed by the benchmarks
