@@ -1,4 +1,4 @@
-/* Portable scalar kernels: the C statement of pyguard/quant.py and model.attention_reference,
+/* Portable scalar kernels: the C statement of pyguard/formats/quant.py and model.attention_reference,
  * and the fallback path. */
 #include <math.h>
 #include "kernels.h"

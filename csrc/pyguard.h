@@ -1,5 +1,5 @@
 /* pyguard kernel library: int4 weights x int8 activations, public C API (also the cffi cdef).
- * Layouts are specified by pyguard/quant.py (the numpy reference); see docs/FORMAT.md. */
+ * Layouts are specified by pyguard/formats/quant.py (the numpy reference); see docs/FORMAT.md. */
 #ifndef PYGUARD_H
 #define PYGUARD_H
 #include <stdint.h>
@@ -31,7 +31,7 @@ void pg_pool_free(pg_pool *pool);
 int pg_pool_threads(const pg_pool *pool);
 
 /* Every pointer below is to C-contiguous data of the stated shape, validated by the caller
- * (pyguard/kernels.py): the kernels do no bounds checks. */
+ * (pyguard/engine/kernels.py): the kernels do no bounds checks. */
 
 /* X[N][K] float32 -> q[N][K] uint8, scale[N], zp[N]: per-row asymmetric (quant.quantize_acts). */
 void pg_quantize_acts(pg_pool *pool, const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp);
