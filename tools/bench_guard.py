@@ -175,18 +175,25 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
 # ---------------------------------------------------------------- llama.cpp (in the venv)
 
 
-def llama_cpp_child(args) -> None:
+def q4_0_gguf(args, setup: dict) -> str:
+    """llama.cpp's Q4_0 GGUF of the full-head pyguard file's int4 weights (made once in --workdir)."""
     import bench  # tools/bench.py: the GGUF writer
-    from llama_cpp import Llama
 
     from pyguard.formats import file
 
-    setup = json.loads(pathlib.Path(args.setup).read_text())
     gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")
     if not os.path.exists(gguf):
         f = file.load(setup["files"]["full"])
         bench.write_gguf(gguf + ".part", f.config, f.tensors)
         os.replace(gguf + ".part", gguf)
+    return gguf
+
+
+def llama_cpp_child(args) -> None:
+    from llama_cpp import Llama
+
+    setup = json.loads(pathlib.Path(args.setup).read_text())
+    gguf = q4_0_gguf(args, setup)
     llm = Llama(gguf, n_ctx=2048, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     vocab = llm.n_vocab()
 

@@ -161,17 +161,11 @@ def bench_pyguard(setup: dict, args) -> dict:
 
 
 def llama_cpp_child(args) -> None:
-    import bench  # tools/bench.py: the GGUF writer
+    import bench_guard
     from llama_cpp import Llama
 
-    from pyguard.formats import file
-
     setup = json.loads(pathlib.Path(args.setup).read_text())
-    gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")
-    if not os.path.exists(gguf):
-        f = file.load(setup["files"]["full"])
-        bench.write_gguf(gguf + ".part", f.config, f.tensors)
-        os.replace(gguf + ".part", gguf)
+    gguf = bench_guard.q4_0_gguf(args, setup)
     longest = max(len(p) for p in setup["check_prompts"]) + 16
     llm = Llama(gguf, n_ctx=max(2048, longest), n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
                 verbose=False)
