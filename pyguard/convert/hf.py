@@ -46,10 +46,15 @@ class Summary:
     tokenizer: str
 
     def text(self) -> str:
-        bits = 8 * self.bytes / max(self.parameters, 1)
-        return (f"wrote {self.tensors} tensors, {self.parameters / 1e6:.1f} M parameters, {self.bytes / 1e6:.1f} MB "
-                f"({bits:.2f} bits per parameter), group size {self.group}, {self.head} head of {self.head_rows} rows, "
-                f"tokenizer: {self.tokenizer}; {self.seconds:.1f} s")
+        return (f"{wrote(self.tensors, self.parameters, self.bytes)}, group size {self.group}, {self.head} head of "
+                f"{self.head_rows} rows, tokenizer: {self.tokenizer}; {self.seconds:.1f} s")
+
+
+def wrote(tensors: int, parameters: int, nbytes: int) -> str:
+    """The start of a conversion's summary line: what the file holds."""
+    bits = 8 * nbytes / max(parameters, 1)
+    return (f"wrote {tensors} tensors, {parameters / 1e6:.1f} M parameters, {nbytes / 1e6:.1f} MB "
+            f"({bits:.2f} bits per parameter)")
 
 
 def read_config(hf_dir: str) -> ModelConfig:

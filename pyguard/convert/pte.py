@@ -40,6 +40,7 @@ from ..formats import quant
 from ..formats.config import ModelConfig, tensor_plan
 from ..errors import PyguardError
 from ..formats.file import Writer, header_meta, tokenizer_arrays
+from .hf import wrote
 
 # ---------------------------------------------------------------------------------------------
 # Flatbuffers: a table is a signed offset to its vtable, whose entries locate fields by index.
@@ -688,9 +689,7 @@ class PteSummary:
     rope_note: str
 
     def text(self) -> str:
-        bits = 8 * self.bytes / max(self.parameters, 1)
-        return (f"wrote {self.tensors} tensors, {self.parameters / 1e6:.1f} M parameters, {self.bytes / 1e6:.1f} MB "
-                f"({bits:.2f} bits per parameter) from an ExecuTorch program: int4 values as stored, group sizes "
+        return (f"{wrote(self.tensors, self.parameters, self.bytes)} from an ExecuTorch program: int4 values as stored, group sizes "
                 f"{self.linear_group} (layers and head), {self.embedding_group} (embedding), head of {self.head_rows} rows; "
                 f"scales: {self.scales_note}; rope: {self.rope_note}; {self.seconds:.1f} s")
 
