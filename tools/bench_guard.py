@@ -330,6 +330,16 @@ def rates(forward, prompts: list) -> dict:
     return {"prefill_tok_s": prefill, "decode_tok_s": DECODE_TOKENS / (time.perf_counter() - t0)}
 
 
+def replays(forward, setup: dict, base_rss: float) -> dict:
+    """One engine's figures on the recorded passes: from position 0, the rates, then with the
+    policy prefix kept in its cache (computed once here), and its memory."""
+    forward(0, setup["warm_up"])
+    res = {"replay_full": replay_runs(forward, setup["prompts"], False), **rates(forward, setup["prompts"])}
+    forward(0, setup["prompts"][0]["ids"][: setup["prompts"][0]["policy"]])
+    res["replay_kept"] = replay_runs(forward, setup["prompts"], True)
+    return {**res, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss}
+
+
 def int4_pyguard(setup: dict, threads: int) -> dict:
     from pyguard import Guard
     from pyguard.engine import kernels
@@ -356,13 +366,7 @@ def int4_pyguard(setup: dict, threads: int) -> dict:
         logits[model.head_ids] = model.prefill(state, ids)
         return logits
 
-    forward(0, setup["warm_up"])
-    res["replay_full"] = replay_runs(forward, setup["prompts"], False)
-    res.update(rates(forward, setup["prompts"]))
-    forward(0, setup["prompts"][0]["ids"][: setup["prompts"][0]["policy"]])
-    res["replay_kept"] = replay_runs(forward, setup["prompts"], True)
-    res["peak_rss_mb"], res["base_rss_mb"] = peak_rss_mb(), base
-    return res
+    return {**res, **replays(forward, setup, base)}
 
 
 def executorch_child(args) -> None:
@@ -383,13 +387,7 @@ def executorch_child(args) -> None:
         out = module.forward((torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long)))[0]
         return out.numpy().reshape(-1)
 
-    forward(0, setup["warm_up"])
-    res["replay_full"] = replay_runs(forward, setup["prompts"], False)
-    res.update(rates(forward, setup["prompts"]))
-    forward(0, setup["prompts"][0]["ids"][: setup["prompts"][0]["policy"]])
-    res["replay_kept"] = replay_runs(forward, setup["prompts"], True)
-    res["peak_rss_mb"], res["base_rss_mb"] = peak_rss_mb(), base
-    print(json.dumps(res))
+    print(json.dumps({**res, **replays(forward, setup, base)}))
 
 
 def int4_main(args) -> None:
