@@ -34,24 +34,35 @@ JUNK = [None, True, False, 0, -1, 1.5, float("inf"), 2**64, 10**9, "", "x", "f16
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _base(path: str, head: str, group: int, cfg: ModelConfig = CFG, tokenizer: Tokenizer | None = TOKENIZER) -> str:
-    tensors, _ = synth.quantize_checkpoint(cfg, checkpoint.random_weights(cfg), group)
+def _base(path: str, head: str, group: int, cfg: ModelConfig = CFG, tokenizer: Tokenizer | None = TOKENIZER,
+          int8: bool = False) -> str:
+    """int8: the embedding table and a pruned head int8 (as the converter writes them)."""
+    weights = checkpoint.random_weights(cfg)
+    tensors, _ = synth.quantize_checkpoint(cfg, weights, group)
     head_ids = None
     if head == "guard":  # a pruned head: ids of some byte tokens and <|eot_id|>
         head_ids = [ord(c) for c in "safeun\n,S0123456789"] + [TOKENIZER.special("<|eot_id|>")]
         t = tensors["output"]
         tensors["output"] = quant.QTensor(t.qs[head_ids], t.scales[head_ids], t.rowsum[head_ids], group)
+    if int8:
+        tensors["tok_embeddings"] = quant.quantize8(weights["model.embed_tokens.weight"])
+        if head_ids is not None:
+            tensors["output"] = quant.quantize8(weights["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"][head_ids])
     file.save(path, cfg, tensors, head_ids, "llama-guard-3-1b", tokenizer, {"head": head})
     return path
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory) -> dict[str, str]:
-    """Paths of valid files: with a tokenizer, a full head at group 32 and a pruned head at group
-    64; without one, tied embeddings (no `output` array)."""
+    """Paths of valid files: with a tokenizer, a full head at group 32, a pruned head at group
+    64, and a pruned head with the int8 table and head; without one, tied embeddings (no
+    `output` array), int4 or int8."""
     d = tmp_path_factory.mktemp("bases")
+    tied = dataclasses.replace(CFG, tie_embeddings=True)
     return {"full": _base(str(d / "full.pgw"), "full", 32), "guard": _base(str(d / "guard.pgw"), "guard", 64),
-            "tied": _base(str(d / "tied.pgw"), "full", 32, dataclasses.replace(CFG, tie_embeddings=True), None)}
+            "tied": _base(str(d / "tied.pgw"), "full", 32, tied, None),
+            "int8": _base(str(d / "int8.pgw"), "guard", 32, int8=True),
+            "int8-tied": _base(str(d / "int8-tied.pgw"), "full", 64, tied, None, int8=True)}
 
 
 def unpack(path: str) -> tuple[dict, bytes]:
@@ -62,7 +73,7 @@ def unpack(path: str) -> tuple[dict, bytes]:
     return json.loads(data[32 : 32 + n]), data[d:]
 
 
-def pack(meta: dict, arrays: bytes) -> bytes:
+def pack(meta: dict, arrays: bytes, version: int = file.VERSION) -> bytes:
     """A file with this metadata and array data, every checksum recomputed: the metadata's, and
     each array's whose offset and size are integers pointing into the data."""
     for e in meta.get("arrays") if isinstance(meta.get("arrays"), list) else []:
@@ -71,7 +82,7 @@ def pack(meta: dict, arrays: bytes) -> bytes:
             e["crc32"] = f"{zlib.crc32(arrays[e['offset'] : e['offset'] + e['nbytes']]):08x}"
     raw = json.dumps(meta).encode()
     d = -(-(32 + len(raw)) // 4096) * 4096
-    head = file.MAGIC + (1).to_bytes(4, "little") + len(raw).to_bytes(4, "little") + zlib.crc32(raw).to_bytes(4, "little")
+    head = file.MAGIC + version.to_bytes(4, "little") + len(raw).to_bytes(4, "little") + zlib.crc32(raw).to_bytes(4, "little")
     head += bytes(4) + d.to_bytes(8, "little") + raw
     return head + bytes(d - len(head)) + arrays
 
@@ -126,7 +137,8 @@ def test_bases_load_and_run(bases, engine, tmp_path):
         path.write_bytes(pack(*unpack(base)))
         f = file.load(str(path))
         assert file.verify(str(path)) == len(f.meta["arrays"])
-        if head == "tied":
+        assert isinstance(f.tensors["tok_embeddings"], quant.Q8Tensor) == head.startswith("int8")
+        if f.meta["special_tokens"] is None:
             assert "output" not in f.tensors and f.tokenizer_ranks is None
             assert engine.run(str(path)).startswith("error") and "holds no tokenizer" in engine.run(str(path))
         else:
@@ -226,6 +238,67 @@ def check_fields(meta, arrays, tmp_path, field, value, match):
             check(str(path))
 
 
+@pytest.mark.parametrize("base, field, value, match", [
+    ("int8", ("quant", "int8"), ["tok_embeddings"], "21 arrays, the metadata implies 22"),
+    ("int8", ("quant", "int8"), [], "21 arrays, the metadata implies 23"),
+    ("int8", ("quant", "int8"), ["output", "output"], "quant.int8 must list distinct"),
+    ("int8", ("quant", "int8"), ["norm"], "quant.int8 must list distinct"),
+    ("int8", ("quant", "int8"), ["layers.0.wo"], "quant.int8 must list distinct"),
+    ("int8", ("quant", "int8"), "tok_embeddings", "quant.int8 must list distinct"),
+    ("int8", ("quant", "int8"), [["output"]], "quant.int8 must list distinct"),
+    ("int8", ("quant", "groups"), {"output": 32}, "quant.int8 must list distinct .* \\(without a group\\)"),
+    ("int8-tied", ("quant", "int8"), ["tok_embeddings", "output"], "names output, which the file does not store"),
+    ("full", ("quant", "int8"), ["tok_embeddings"], "23 arrays, the metadata implies 22"),
+])
+def test_hostile_int8_fields(bases, tmp_path, base, field, value, match):
+    meta, arrays = unpack(bases[base])
+    check_fields(meta, arrays, tmp_path, field, value, match)
+
+
+@pytest.mark.parametrize("name, dtype", [("tok_embeddings.q8", "u8"), ("tok_embeddings.scales", "f16"),
+                                         ("output.scales", "u32"), ("output.q8", "f32")])
+def test_int8_arrays_of_the_wrong_dtype(bases, engine, tmp_path, name, dtype):
+    meta, arrays = unpack(bases["int8"])
+    _retype(next(e for e in meta["arrays"] if e["name"] == name), dtype)
+    path = tmp_path / "m.pgw"
+    path.write_bytes(pack(meta, arrays))
+    for check in (file.load, file.verify):
+        with pytest.raises(PyguardError, match=f"array {name!r} is {dtype}"):
+            check(str(path))
+    assert engine.run(str(path)).startswith("error")
+
+
+@pytest.mark.parametrize("value, match", [(np.nan, "holds infinite or NaN"), (np.inf, "holds infinite or NaN"),
+                                          (-0.5, "holds negative scales")])
+def test_bad_int8_scales_fail_load(bases, tmp_path, value, match):
+    """int8 scales are few (one per row): load reads them all."""
+    meta, arrays = unpack(bases["int8"])
+    e = next(e for e in meta["arrays"] if e["name"] == "tok_embeddings.scales")
+    arrays = bytearray(arrays)
+    arrays[e["offset"] + 8 : e["offset"] + 12] = np.float32(value).tobytes()
+    path = tmp_path / "m.pgw"
+    path.write_bytes(pack(meta, bytes(arrays)))
+    with pytest.raises(PyguardError, match=f"'tok_embeddings.scales' {match}"):
+        file.load(str(path))
+
+
+def test_format_versions(bases, tmp_path):
+    """Version 1 files (int4 only) are still read; a version 1 file cannot declare int8
+    tensors, and a version this pyguard does not know is refused."""
+    path = tmp_path / "m.pgw"
+    path.write_bytes(pack(*unpack(bases["guard"]), version=1))
+    old, new = file.load(str(path)), file.load(bases["guard"])
+    assert file.verify(str(path)) == len(old.meta["arrays"]) and old.meta == new.meta
+    assert all(np.array_equal(old.tensors[n].qs, new.tensors[n].qs) for n in new.tensors if isinstance(new.tensors[n], quant.QTensor))
+    path.write_bytes(pack(*unpack(bases["int8"]), version=1))
+    with pytest.raises(PyguardError, match="quant.int8 in a version 1 file"):
+        file.load(str(path))
+    for version in (0, 3):
+        path.write_bytes(pack(*unpack(bases["full"]), version=version))
+        with pytest.raises(PyguardError, match=f"format version {version}, this pyguard reads versions 1, 2"):
+            file.load(str(path))
+
+
 def test_metadata_size_is_bounded_before_reading(bases, tmp_path):
     data = bytearray(open(bases["full"], "rb").read())
     data[12:16] = (2**32 - 1).to_bytes(4, "little")  # 4 GB of metadata in a small file
@@ -278,8 +351,9 @@ def _mutate(draw, meta: dict) -> None:
     already broke the part it would change)."""
     arrays = meta.get("arrays")
     kind = draw(st.sampled_from(["dtype", "shape", "offset", "nbytes", "count", "junk", "config", "group", "head_ids",
-                                 "specials"]))
-    needs = {"junk": ("config", "quant"), "config": ("config",), "group": ("quant",), "specials": ("special_tokens",)}
+                                 "specials", "int8"]))
+    needs = {"junk": ("config", "quant"), "config": ("config",), "group": ("quant",), "specials": ("special_tokens",),
+             "int8": ("quant",)}
     if not isinstance(arrays, list) or not arrays or not all(isinstance(x, dict) for x in arrays) \
             or not all(isinstance(meta.get(k), dict) and meta[k] for k in needs.get(kind, ())):
         return
@@ -316,6 +390,9 @@ def _mutate(draw, meta: dict) -> None:
         meta["config"][draw(st.sampled_from(sorted(meta["config"])))] = draw(number)
     elif kind == "group":
         meta["quant"]["group"] = draw(st.sampled_from([0, 16, 32, 48, 64, 96, 128, 256, 512]))
+    elif kind == "int8":
+        meta["quant"]["int8"] = draw(st.one_of(st.lists(st.sampled_from(["tok_embeddings", "output", "norm"]), max_size=3),
+                                               st.sampled_from(JUNK)))
     elif kind == "head_ids":
         ids = meta["head_ids"] if isinstance(meta.get("head_ids"), list) and meta["head_ids"] else list(range(CFG.vocab_size))
         ids[draw(st.integers(0, len(ids) - 1))] = draw(st.one_of(number, st.sampled_from(JUNK)))
@@ -330,7 +407,7 @@ def _mutate(draw, meta: dict) -> None:
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(st.data(), st.sampled_from(["full", "guard", "tied"]), st.integers(1, 3))
+@given(st.data(), st.sampled_from(["full", "guard", "tied", "int8", "int8-tied"]), st.integers(1, 3))
 def test_fuzzed_structure(bases, engine, tmp_path, data, head, n_mutations):
     meta, arrays = unpack(bases[head])
     for _ in range(n_mutations):

@@ -414,14 +414,17 @@ def _attention(qkv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 
 
 def float_checkpoint(cfg: ModelConfig, tensors: dict, head_ids=None) -> dict[str, np.ndarray]:
-    """The Hugging Face float32 weights a converted file stands for (int4 matrices dequantized,
-    stacked ones split, folded norms as stored): running them in float is the file's model
-    without activation rounding. tensors, head_ids: a file's; a pruned head's rows are put at
-    their vocabulary ids of an otherwise zero head."""
+    """The Hugging Face float32 weights a converted file stands for (int4 and int8 matrices
+    dequantized, stacked ones split, folded norms as stored): running them in float is the
+    file's model without activation rounding. tensors, head_ids: a file's; a pruned head's rows
+    are put at their vocabulary ids of an otherwise zero head."""
+    def table(t) -> np.ndarray:  # the embedding table and the head may be int8
+        return quant.dequantize8(t) if isinstance(t, quant.Q8Tensor) else quant.dequantize(t)
+
     hd = cfg.head_dim
     cut = {"wqkv": ("self_attn", ("q", "k", "v"), (cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_kv_heads * hd)),
            "w13": ("mlp", ("gate", "up"), (cfg.hidden_dim, cfg.hidden_dim))}
-    out = {"model.embed_tokens.weight": quant.dequantize(tensors["tok_embeddings"]), "model.norm.weight": np.asarray(tensors["norm"])}
+    out = {"model.embed_tokens.weight": table(tensors["tok_embeddings"]), "model.norm.weight": np.asarray(tensors["norm"])}
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = np.asarray(tensors[f"layers.{i}.attention_norm"])
@@ -433,7 +436,7 @@ def float_checkpoint(cfg: ModelConfig, tensors: dict, head_ids=None) -> dict[str
                 out[p + f"{mod}.{n}_proj.weight"] = part
     if head_ids is not None:
         out["lm_head.weight"] = np.zeros((cfg.vocab_size, cfg.dim), np.float32)
-        out["lm_head.weight"][np.asarray(head_ids)] = quant.dequantize(tensors["output"])
+        out["lm_head.weight"][np.asarray(head_ids)] = table(tensors["output"])
     elif not cfg.tie_embeddings:
-        out["lm_head.weight"] = quant.dequantize(tensors["output"])
+        out["lm_head.weight"] = table(tensors["output"])
     return out

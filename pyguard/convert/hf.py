@@ -5,7 +5,9 @@ docs/CONVERT.md): its activations decide the folding of input scales and the imp
 input channel. Then each tensor is read in row chunks (float32), folded, quantized with searched
 group scales (quant.mse_scales, importance-weighted with calibration) on a few threads, and
 appended to the output file (or copied from calibration's store when error feedback quantized
-it during the pass); memory stays bounded by a layer whatever the model size.
+it during the pass); memory stays bounded by a layer whatever the model size. The embedding
+table is int8 per row (quant.quantize8) by default, and so is the head when it is pruned or is
+the table: a lookup and a 21-row product cost nothing more, and int8 is close to float there.
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ class Summary:
     head_rows: int
     group: int
     tokenizer: str
+    int8: str  # what is int8, in words ("" if nothing)
 
     def text(self) -> str:
-        return (f"{wrote(self.tensors, self.parameters, self.bytes)}, group size {self.group}, {self.head} head of "
+        return (f"{wrote(self.tensors, self.parameters, self.bytes)}, group size {self.group}{self.int8}, {self.head} head of "
                 f"{self.head_rows} rows, tokenizer: {self.tokenizer}; {self.seconds:.1f} s")
 
 
@@ -117,16 +120,20 @@ def _special_names(hf_dir: str) -> dict[str, int]:
 
 def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", family: str = "auto",
             threads: int | None = None, progress: Callable[[float, str], None] | None = None,
-            calibration: bool | str | list = True) -> Summary:
+            calibration: bool | str | list = True, table: str = "int8") -> Summary:
     """Convert a checkpoint directory to a pyguard file (written to a temporary name, then renamed).
 
     calibration: True (the built-in conversations), a JSONL file of conversations, token id
-    lists (for a checkpoint whose tokenizer pyguard cannot read), or False (plain searched scales)."""
+    lists (for a checkpoint whose tokenizer pyguard cannot read), or False (plain searched scales).
+    table: "int8" (the embedding table, and a pruned head or the table as head, int8 per row)
+    or "int4" (every matrix int4, as files of format version 1; a full tied head decodes faster)."""
     t0 = time.time()
     if group not in quant.GROUP_SIZES:
         raise PyguardError(f"group size {group} not supported (use one of {quant.GROUP_SIZES})")
     if head not in ("full", "guard"):
         raise PyguardError(f"head must be 'full' or 'guard', not {head!r}")
+    if table not in ("int8", "int4"):
+        raise PyguardError(f"table must be 'int8' or 'int4', not {table!r}")
     if not os.path.isdir(hf_dir):
         raise PyguardError(f"{hf_dir}: not a directory")
     cfg = read_config(hf_dir)
@@ -167,15 +174,18 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:
         plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
+    # int8 where it costs nothing at run time: a lookup of n rows, a pruned head's 21 rows (a
+    # full untied head stays int4: its product is the kernels'); a tied full head is the table
+    int8 = [] if table == "int4" else ["tok_embeddings"] + (["output"] if head_ids is not None else [])
     tok_arrays = tokenizer_arrays(tok) if tok is not None else []
-    stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids))
+    stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids), None, int8)
     layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + stored
     params = sum(math.prod(s) * (2 if n.endswith(".qs") else 1) for n, _, s in stored if not n.endswith((".scales", ".rowsum")))
     scales = "f16, searched (min activation-weighted squared error)" if cal else "f16, searched (min squared error)"
     extra = {"quant": {"group": group, "scales": scales, "activations": "uint8 asymmetric per token",
                        "calibration": cal.describe() if cal else None},
              "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
-    writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra), layout)
+    writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra, None, int8), layout)
     done = 0
     pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
     try:
@@ -200,23 +210,27 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
                 if progress:
                     progress(done / params, name)
                 continue
-            scales, rowsums = [], []
+            scales, rowsums, q8 = [], [], name in int8
             for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
                 w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
                 w = cal.fold(src, rows, w) if cal else w
-                quant.check_weights(w, src, quantized=True)
-                rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
-                    lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
-                parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
+                quant.check_weights(w, src, quantized=not q8)  # int8's float32 scales take any finite row
+                if q8:  # plain per-row absmax: no search to spread over threads
+                    parts = [quant.quantize8(w)]
+                else:
+                    rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
+                        lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
+                    parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
                 for p in parts:
-                    writer.append(p.qs)
+                    writer.append(p.q if q8 else p.qs)
                 scales += [p.scales for p in parts]
-                rowsums += [p.rowsum for p in parts]
+                rowsums += [] if q8 else [p.rowsum for p in parts]
                 done += w.size
                 if progress:
                     progress(done / params, name)
             writer.append(np.concatenate(scales))
-            writer.append(np.concatenate(rowsums))
+            if not q8:
+                writer.append(np.concatenate(rowsums))
         writer.close()
     except BaseException:
         writer.abort()
@@ -225,8 +239,11 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         pool.shutdown()
         if cal:
             cal.close()
+    words = {"tok_embeddings": "embedding table" + (" (also the head)" if cfg.tie_embeddings and head_ids is None else ""),
+             "output": "head"}
     return Summary(len(plan), params, os.path.getsize(out_path), time.time() - t0, head,
-                   len(head_ids) if head_ids is not None else cfg.vocab_size, group, tok_note if tok else "none")
+                   len(head_ids) if head_ids is not None else cfg.vocab_size, group, tok_note if tok else "none",
+                   f", int8 {' and '.join(words[n] for n in int8)}" if int8 else "")
 
 
 def _row_chunks(ckpt: Checkpoint, sources: list[str], head_ids):

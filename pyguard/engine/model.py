@@ -6,6 +6,8 @@ rotary embeddings (Hugging Face "rotate half" layout, optional Llama 3 frequency
 grouped-query attention over the state's key/value cache, the output product, RMSNorm, the
 stacked gate/up product, SwiGLU and the down product; then the final norm and the head.
 Activations are quantized per token at the input of every linear layer (the INT4 recipe).
+The embedding table and a pruned or tied head may be int8 (quant.Q8Tensor): looked up in
+numpy, and the head's product summed exactly (`linear8`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import numpy as np
 from . import kernels
 from ..formats.config import ModelConfig
 from ..errors import PyguardError
-from ..formats.quant import QTensor
+from ..formats import quant
+from ..formats.quant import Q8Tensor, QTensor
 
 PREFILL_CHUNK = 64  # tokens per pass: bounds prefill buffers (~20 MB for the 1B geometry at 4096 positions)
 SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
+HEAD_ROWS = 256  # rows of an int8 head converted to float64 at once: 4 MB at dim 2048, cache-sized
 
 
 @dataclass
@@ -84,10 +88,11 @@ class Model:
     models with their own pools run in parallel). A state must not be used by two calls at once.
     """
 
-    def __init__(self, config: ModelConfig, tensors: Mapping[str, QTensor | np.ndarray], head_ids: Sequence[int] | None = None,
-                 threads: int | None = None):
-        """config: the geometry; tensors: the names of config.tensor_plan, matrices as QTensor,
-        norm weights as float arrays (`output` may be left out when embeddings are tied);
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, QTensor | Q8Tensor | np.ndarray],
+                 head_ids: Sequence[int] | None = None, threads: int | None = None):
+        """config: the geometry; tensors: the names of config.tensor_plan, matrices as QTensor
+        (`tok_embeddings` and `output` may be Q8Tensor), norm weights as float arrays (`output`
+        may be left out when embeddings are tied);
         head_ids: vocabulary id of each row of a pruned `output` (None: the full vocabulary);
         threads: this model's kernel threads (None: PYGUARD_THREADS or all cores)."""
         config.validate()
@@ -103,6 +108,19 @@ class Model:
                 raise PyguardError(f"tensor {name!r} has shape {t.shape}, expected {shape}")
             return t
 
+        def table(name: str, shape: tuple[int, int] | None) -> QTensor | Q8Tensor:
+            """An int4 matrix or an int8 one (the embedding table, the head)."""
+            t = tensors.get(name)
+            if not isinstance(t, Q8Tensor):
+                return matrix(name, shape)
+            q, d = t.q, t.scales
+            if not (isinstance(q, np.ndarray) and isinstance(d, np.ndarray) and q.dtype == np.int8 and q.ndim == 2
+                    and d.dtype == np.float32 and d.shape == q.shape[:1]):
+                raise PyguardError(f"tensor {name!r}: malformed int8 tensor (dtype or shape)")
+            if shape and t.shape != shape:
+                raise PyguardError(f"tensor {name!r} has shape {t.shape}, expected {shape}")
+            return t
+
         def norm(name: str) -> np.ndarray:
             if name not in tensors:
                 raise PyguardError(f"tensor {name!r} is missing")
@@ -111,7 +129,7 @@ class Model:
                 raise PyguardError(f"tensor {name!r} has shape {w.shape}, expected {(c.dim,)}")
             return w
 
-        self.tok_embeddings = matrix("tok_embeddings", (c.vocab_size, c.dim))
+        self.tok_embeddings = table("tok_embeddings", (c.vocab_size, c.dim))
         self.layers = [
             Layer(
                 norm(f"layers.{i}.attention_norm"),
@@ -125,9 +143,10 @@ class Model:
         ]
         self.norm = norm("norm")
         tied = c.tie_embeddings and "output" not in tensors
-        self.output = self.tok_embeddings if tied else matrix("output", None)
+        self.output = self.tok_embeddings if tied else table("output", None)
         for t in [self.tok_embeddings, self.output] + [w for l in self.layers for w in (l.wqkv, l.wo, l.w13, l.w2)]:
-            kernels._qtensor(t)  # validates layout and dtypes before any kernel sees them
+            if isinstance(t, QTensor):
+                kernels._qtensor(t)  # validates layout and dtypes before any kernel sees them
         rows, k = self.output.shape
         if k != c.dim:
             raise PyguardError(f"tensor 'output' has {k} columns, expected {c.dim}")
@@ -230,7 +249,7 @@ class Model:
         q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
         cos, sin = rope_tables(self.inv_freq, np.concatenate([np.arange(st.pos, st.pos + len(seg)) for st, seg in segments]))
         pool, scale = self.pool, np.float32(c.head_dim**-0.5)
-        x = kernels.dequant_rows(self.tok_embeddings, ids, pool)
+        x = lookup(self.tok_embeddings, ids, pool)
         for i, layer in enumerate(self.layers):
             qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps), pool)
             apply_rope(qkv[:, :k_end].reshape(n, -1, 2, c.head_dim // 2), cos, sin)
@@ -256,11 +275,43 @@ class Model:
         return linear(self.output, rms_norm(x, self.norm, self.config.norm_eps), self.pool)
 
 
-def linear(w: QTensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
+def lookup(t: QTensor | Q8Tensor, ids: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
+    """float32 [len(ids), K]: embedding rows dequantized (quant.dequantize8 or the C kernel)."""
+    if isinstance(t, Q8Tensor):
+        return quant.dequantize8(t, ids)
+    return kernels.dequant_rows(t, ids, pool)
+
+
+def linear(w: QTensor | Q8Tensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
     """x [n, K] . W^T with x quantized per row; one row goes through the GEMV (same arithmetic)."""
+    if isinstance(w, Q8Tensor):
+        return linear8(w, x, pool)
     if len(x) == 1:
         return kernels.gemv(w, x[0], pool=pool)[None]
     return kernels.gemm(w, kernels.quantize_acts(x, pool), pool=pool)
+
+
+def linear8(w: Q8Tensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
+    """x [n, K] . W^T for an int8 head, bit for bit quant.gemm8: x quantized per row as for
+    every linear, then the integer products summed in float64, where every partial sum is an
+    integer below 255 * 127 * K < 2^53 and so exact in any order: BLAS's speed, and the same
+    bits alone or in a batch. The rows are converted HEAD_ROWS at a time, parts of them on
+    the pool's threads."""
+    a = kernels.quantize_acts(x, pool)
+    xi = a.q.astype(np.float64) - a.zp[:, None]
+    (n, k), m = xi.shape, w.shape[0]
+    y = np.empty((n, m), np.float32)
+
+    def rows(lo: int, hi: int) -> None:
+        for r in range(lo, hi, HEAD_ROWS):
+            e = min(r + HEAD_ROWS, hi)
+            dot = (xi @ w.q[r:e].astype(np.float64).T).astype(np.float32)
+            dot *= w.scales[r:e]
+            dot *= a.scale[:, None]
+            y[:, r:e] = dot
+
+    spread(rows, m, 2 * n * m * k, pool)
+    return y
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

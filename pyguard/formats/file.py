@@ -1,7 +1,7 @@
 """The pyguard file: everything needed at run time in one memory-mapped file (docs/FORMAT.md).
 
     0   8  magic b"PYGUARD\\0"
-    8   4  format version (uint32 little-endian)
+    8   4  format version (uint32 little-endian): 2 (1, without int8 tensors, is still read)
     12  4  metadata length L
     16  4  CRC-32 of the metadata
     20  4  zero
@@ -24,20 +24,22 @@ import mmap
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .config import FAMILIES, ModelConfig, expected_shapes, tensor_plan
 from ..errors import PyguardError
-from .quant import GROUP_SIZES, QTensor, check_shape
+from .quant import GROUP_SIZES, Q8Tensor, QTensor, check_shape
 
 MAGIC = b"PYGUARD\0"
-VERSION = 1
+VERSION = 2  # 2 added int8 tensors (quant.int8); version 1 files are read as before
+READS = (1, 2)
+INT8 = ("tok_embeddings", "output")  # the tensors that may be int8: only looked up, or a pruned or tied head
 HEADER = 32
 ALIGN = 64
 PAGE = 4096
-DTYPES = {"u8": np.uint8, "f16": np.float16, "f32": np.float32, "u32": np.uint32}
+DTYPES = {"u8": np.uint8, "i8": np.int8, "f16": np.float16, "f32": np.float32, "u32": np.uint32}
 CRC_WIDTH = 8  # hex digits: fixed so the metadata keeps its length when CRCs are filled in
 MAX_META = 64 << 20  # metadata bytes; a real model's take ~100 KB
 
@@ -48,7 +50,7 @@ class PgFile:
 
     path: str
     config: ModelConfig
-    tensors: dict[str, QTensor | np.ndarray]
+    tensors: dict[str, QTensor | Q8Tensor | np.ndarray]
     head_ids: list[int] | None  # vocabulary id of each row of a pruned output head
     family: str | None  # prompt family ("llama-guard-3-1b", "llama-guard-3-8b") or None
     meta: dict[str, Any]
@@ -66,9 +68,11 @@ class PgFile:
         return Tokenizer(ranks, dict(self.meta["special_tokens"]), self.meta.get("tokenizer_pattern"))
 
 
-def _arrays_of(name: str, t: QTensor | np.ndarray) -> list[tuple[str, np.ndarray]]:
+def _arrays_of(name: str, t: QTensor | Q8Tensor | np.ndarray) -> list[tuple[str, np.ndarray]]:
     if isinstance(t, QTensor):
         return [(f"{name}.qs", t.qs), (f"{name}.scales", t.scales), (f"{name}.rowsum", t.rowsum)]
+    if isinstance(t, Q8Tensor):
+        return [(f"{name}.q8", t.q), (f"{name}.scales", t.scales)]
     return [(name, t)]
 
 
@@ -137,18 +141,20 @@ class Writer:
             os.remove(self.tmp)
 
 
-def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray], head_ids=None, family=None,
+def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | Q8Tensor | np.ndarray], head_ids=None, family=None,
          tokenizer=None, extra: dict | None = None) -> None:
     """Write in-memory tensors (names of config.tensor_plan; `output` is not stored when the
     embeddings are tied and the head is full) as a pyguard file; tokenizer: a Tokenizer or None."""
     qtensors = {name: t for name, t in tensors.items() if isinstance(t, QTensor)}
     group = max(sorted({t.group for t in qtensors.values()}), key=[t.group for t in qtensors.values()].count)  # the most common
     groups = {name: t.group for name, t in qtensors.items() if t.group != group}
-    layout = tensor_layout(config, group, None if head_ids is None else len(head_ids), groups)
+    int8 = [name for name in INT8 if isinstance(tensors.get(name), Q8Tensor)]
+    layout = tensor_layout(config, group, None if head_ids is None else len(head_ids), groups, int8)
     parts = {n: a for name, t in tensors.items() for n, a in _arrays_of(name, t)}
     arrays = tokenizer_arrays(tokenizer) if tokenizer is not None else []
     arrays += [(name, parts[name]) for name, _, _ in layout]
-    w = Writer(path, header_meta(config, group, head_ids, family, tokenizer, extra, groups), [(n, _dtype_name(a), a.shape) for n, a in arrays])
+    meta = header_meta(config, group, head_ids, family, tokenizer, extra, groups, int8)
+    w = Writer(path, meta, [(n, _dtype_name(a), a.shape) for n, a in arrays])
     try:
         for _, a in arrays:
             w.append(a)
@@ -158,12 +164,15 @@ def save(path: str, config: ModelConfig, tensors: dict[str, QTensor | np.ndarray
         raise
 
 
-def header_meta(config: ModelConfig, group: int, head_ids, family, tokenizer, extra=None, groups=None) -> dict[str, Any]:
-    """groups: {tensor name: group size} of the tensors whose group is not `group`."""
-    meta = {"config": config.to_dict(), "quant": {"group": group, **({"groups": dict(groups)} if groups else {})}, "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
+def header_meta(config: ModelConfig, group: int, head_ids, family, tokenizer, extra=None, groups=None, int8=()) -> dict[str, Any]:
+    """groups: {tensor name: group size} of the tensors whose group is not `group`; int8: the
+    tensors stored as int8 (of INT8). `extra` may add to `quant`, not replace its layout fields."""
+    layout = {"group": group, **({"groups": dict(groups)} if groups else {}), **({"int8": list(int8)} if int8 else {})}
+    meta = {"config": config.to_dict(), "head_ids": None if head_ids is None else [int(i) for i in head_ids], "family": family}
     meta["special_tokens"] = None if tokenizer is None else dict(tokenizer.special_tokens)
     meta["tokenizer_pattern"] = None if tokenizer is None else tokenizer.pattern
     meta.update(extra or {})
+    meta["quant"] = {**meta.get("quant", {}), **layout}
     return meta
 
 
@@ -177,11 +186,12 @@ def tokenizer_arrays(tokenizer) -> list[tuple[str, np.ndarray]]:
 
 
 def tensor_layout(config: ModelConfig, group: int, head_rows: int | None,
-                  groups: dict[str, int] | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+                  groups: dict[str, int] | None = None, int8: Sequence[str] = ()) -> list[tuple[str, str, tuple[int, ...]]]:
     """(array name, dtype name, shape) of every tensor's arrays, in file order. head_rows: rows
     of a pruned output head; None for a full head, which is left out when the embeddings are
     tied (the embedding table serves as the head). groups: tensors whose group size is not
-    `group` (e.g. Meta's INT4 program: a group-32 embedding beside group-256 layers)."""
+    `group` (e.g. Meta's INT4 program: a group-32 embedding beside group-256 layers). int8:
+    the tensors stored as int8 (`NAME.q8` i8 [M, K], `NAME.scales` f32 [M]) instead of int4."""
     groups = groups or {}
     shapes, out = expected_shapes(config), []
     for name, sources, quantized in tensor_plan(config):
@@ -195,11 +205,14 @@ def tensor_layout(config: ModelConfig, group: int, head_rows: int | None,
             if head_rows is None and config.tie_embeddings:
                 continue
             rows = config.vocab_size if head_rows is None else head_rows
-        out += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // g)), (f"{name}.rowsum", "f32", (rows,))]
+        if name in int8:
+            out += [(f"{name}.q8", "i8", (rows, k)), (f"{name}.scales", "f32", (rows,))]
+        else:
+            out += [(f"{name}.qs", "u8", (rows, k // 2)), (f"{name}.scales", "f16", (rows, k // g)), (f"{name}.rowsum", "f32", (rows,))]
     return out
 
 
-def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
+def _read_header(path: str) -> tuple[mmap.mmap, dict, int, int]:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -207,8 +220,9 @@ def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
             if len(head) < HEADER or head[:8] != MAGIC:
                 raise PyguardError(f"{path}: not a pyguard file (bad magic)")
             version = int.from_bytes(head[8:12], "little")
-            if version != VERSION:
-                raise PyguardError(f"{path}: pyguard file format version {version}, this pyguard reads version {VERSION}")
+            if version not in READS:
+                raise PyguardError(f"{path}: pyguard file format version {version}, this pyguard reads versions "
+                                   f"{', '.join(map(str, READS))}")
             n, crc = int.from_bytes(head[12:16], "little"), int.from_bytes(head[16:20], "little")
             data_offset = int.from_bytes(head[24:32], "little")
             if n > MAX_META:  # checked before anything is read
@@ -227,7 +241,7 @@ def _read_header(path: str) -> tuple[mmap.mmap, dict, int]:
             raise ValueError
     except (ValueError, RecursionError):  # RecursionError: nesting too deep for the parser
         raise PyguardError(f"{path}: corrupt pyguard file (metadata is not a JSON object)") from None
-    return m, meta, data_offset
+    return m, meta, data_offset, version
 
 
 @dataclass
@@ -247,6 +261,7 @@ class _Checked:
     config: ModelConfig
     group: int
     groups: dict[str, int]  # tensors whose group is not `group`
+    int8: list[str]  # tensors stored as int8
     head_ids: list[int] | None
     family: str | None
     entries: list[_Entry]
@@ -256,7 +271,7 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     return type(v) is int and lo <= v <= hi  # type(): not a bool, not a float
 
 
-def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
+def _check(path: str, meta: dict, data_offset: int, size: int, version: int) -> _Checked:
     """Every structural check of load and verify: the metadata fields, and the directory
     against the layout the config implies (names, order, dtypes, shapes, sizes, alignment,
     extent). Nothing is read from the arrays."""
@@ -275,6 +290,11 @@ def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
     quantized = {name for name, _, q in tensor_plan(config) if q}
     if not isinstance(groups, dict) or not all(k in quantized and type(g) is int and g in GROUP_SIZES for k, g in groups.items()):
         raise bad(f"quant.groups must map quantized tensor names to one of {GROUP_SIZES}")
+    int8 = quant.get("int8", [])
+    if version < 2 and "int8" in quant:
+        raise bad(f"quant.int8 in a version {version} file")
+    if not isinstance(int8, list) or not all(n in INT8 and n not in groups for n in int8) or len(set(int8)) != len(int8):
+        raise bad(f"quant.int8 must list distinct tensors of {', '.join(INT8)} (without a group)")
     head_ids, family = meta.get("head_ids"), meta.get("family")
     if head_ids is not None:
         if not isinstance(head_ids, list) or not 1 <= len(head_ids) <= config.vocab_size \
@@ -315,15 +335,17 @@ def _check(path: str, meta: dict, data_offset: int, size: int) -> _Checked:
             raise bad(f"tokenizer of {n} tokens (needs the 256 single bytes, at most the vocabulary of {config.vocab_size})")
         _check_specials(specials, meta.get("tokenizer_pattern"), n, config.vocab_size, bad)
     try:
-        layout += tensor_layout(config, group, None if head_ids is None else len(head_ids), groups)
+        layout += tensor_layout(config, group, None if head_ids is None else len(head_ids), groups, int8)
     except PyguardError as e:
         raise bad(str(e)) from None
+    if "output" in int8 and "output.q8" not in {name for name, _, _ in layout}:
+        raise bad("quant.int8 names output, which the file does not store (the embedding table is the head)")
     if len(entries) != len(layout):
         raise bad(f"{len(entries)} arrays, the metadata implies {len(layout)}")
     for e, (name, dtype, shape) in zip(entries, layout):
         if (e.name, e.dtype, e.shape) != (name, dtype, tuple(shape)):
             raise bad(f"array {e.name!r:.80} is {e.dtype} {list(e.shape)}, expected {name!r} {dtype} {list(shape)}")
-    return _Checked(config, group, groups, head_ids, family, entries)
+    return _Checked(config, group, groups, int8, head_ids, family, entries)
 
 
 def _check_specials(specials: Any, pattern: Any, n_ranks: int, vocab: int, bad: Callable[[str], PyguardError]) -> None:
@@ -342,14 +364,16 @@ def _view(m: mmap.mmap, e: _Entry) -> np.ndarray:
     return np.frombuffer(m, DTYPES[e.dtype], math.prod(e.shape), e.start).reshape(e.shape)
 
 
-def _tensors(m: mmap.mmap, checked: _Checked) -> dict[str, QTensor | np.ndarray]:
-    """Views of the mapped arrays, validated by _check (QTensor parts together)."""
+def _tensors(m: mmap.mmap, checked: _Checked) -> dict[str, QTensor | Q8Tensor | np.ndarray]:
+    """Views of the mapped arrays, validated by _check (QTensor and Q8Tensor parts together)."""
     arrays = {e.name: _view(m, e) for e in checked.entries}
-    out: dict[str, QTensor | np.ndarray] = {}
+    out: dict[str, QTensor | Q8Tensor | np.ndarray] = {}
     for name, a in arrays.items():
         if name.endswith(".qs"):
             base = name[:-3]
             out[base] = QTensor(a, arrays[base + ".scales"], arrays[base + ".rowsum"], checked.groups.get(base, checked.group))
+        elif name.endswith(".q8"):
+            out[name[:-3]] = Q8Tensor(a, arrays[name[:-3] + ".scales"])
         elif not name.startswith("tokenizer.") and not name.endswith((".scales", ".rowsum")):
             out[name] = a
     return out
@@ -362,18 +386,23 @@ def _check_finite(path: str, name: str, a: np.ndarray) -> None:
 
 def load(path: str) -> PgFile:
     """Map a pyguard file. Checks the header, the metadata and every array's dtype, shape,
-    alignment and extent against the config, the tokenizer arrays' checksums and that norms
-    and row sums are finite; the big arrays (int4 values, scales) are mapped, not read."""
+    alignment and extent against the config, the tokenizer arrays' checksums, that norms and
+    row sums are finite and that int8 scales are finite and >= 0; the big arrays (int4 and
+    int8 values, int4 scales) are mapped, not read."""
     return _load(path)[0]
 
 
 def _load(path: str) -> tuple[PgFile, mmap.mmap, _Checked]:
-    m, meta, data_offset = _read_header(path)
-    checked = _check(path, meta, data_offset, len(m))
+    m, meta, data_offset, version = _read_header(path)
+    checked = _check(path, meta, data_offset, len(m), version)
     tensors = _tensors(m, checked)
     for name, t in tensors.items():
         if isinstance(t, QTensor):
             _check_finite(path, name + ".rowsum", t.rowsum)
+        elif isinstance(t, Q8Tensor):
+            _check_finite(path, name + ".scales", t.scales)
+            if (t.scales < 0).any():
+                raise PyguardError(f"{path}: array {name + '.scales'!r} holds negative scales")
         else:
             _check_finite(path, name, t)
     ranks = None

@@ -18,6 +18,10 @@ Activations X[N, K] (float32) are quantized per row (token), asymmetric uint8 as
 INT4 recipe: the range [min(x, 0), max(x, 0)] maps to 0..255 with a zero point, so
 x ~ s * (q - zp). The integer part of a dot product is then sum(q_x * q_w) per group, which
 the SIMD kernels compute with u8 x s8 multiply-adds.
+
+The embedding table (and a pruned or tied output head) may instead be int8 (`Q8Tensor`): per
+row, q = clamp(rint(w / d), -127, 127) with one float32 scale d = max|w| / 127. A lookup
+dequantizes n rows; the head product (`gemm8`) sums the integer products exactly.
 """
 
 from __future__ import annotations
@@ -45,6 +49,18 @@ class QTensor:
     @property
     def shape(self) -> tuple[int, int]:
         return self.qs.shape[0], self.qs.shape[1] * 2
+
+
+@dataclass
+class Q8Tensor:
+    """An int8 matrix, symmetric per row: w ~ scales[m] * q[m]."""
+
+    q: np.ndarray  # int8 [M, K], in -127..127
+    scales: np.ndarray  # float32 [M], >= 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
 
 
 @dataclass
@@ -174,6 +190,28 @@ def dequantize(t: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
     q = unpack_nibbles(qs).astype(np.float32)
     m, k = q.shape
     return (q.reshape(m, -1, t.group) * scales.astype(np.float32)[:, :, None]).reshape(m, k)
+
+
+def quantize8(w: np.ndarray) -> Q8Tensor:
+    """Per-row symmetric int8: d = max|w| / 127 in float32 (0 for a zero row, whose q are 0),
+    q = clamp(rint(w / d), -127, 127). Plain absmax: at 8 bits clipping buys nothing measurable."""
+    w = np.asarray(w, dtype=np.float32)
+    d = np.abs(w).max(axis=1, initial=0) / np.float32(127)
+    q = np.rint(np.divide(w, d[:, None], out=np.zeros_like(w), where=d[:, None] != 0))
+    return Q8Tensor(np.clip(q, -127, 127).astype(np.int8), d.astype(np.float32))
+
+
+def dequantize8(t: Q8Tensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """float32 [len(rows) or M, K]: d * q. Rows given: the embedding lookup."""
+    q, d = (t.q, t.scales) if rows is None else (t.q[rows], t.scales[rows])
+    return q.astype(np.float32) * d[:, None]
+
+
+def gemm8(t: Q8Tensor, a: QActs) -> np.ndarray:
+    """Y[N, M] = (float32(dot[n, m]) * d[m]) * s_n, float32, with dot = sum_k (q_x - zp_n) q_w
+    exact (int64). A row of NaN activations gives NaN."""
+    dot = (a.q.astype(np.int64) - a.zp[:, None]) @ t.q.astype(np.int64).T
+    return (dot.astype(np.float32) * t.scales[None, :]) * a.scale[:, None]
 
 
 def quantize_acts(x: np.ndarray) -> QActs:
