@@ -114,7 +114,8 @@ def test_folded_weights_differ_from_unfolded(hf, monkeypatch):
 def test_converted_model_matches_transformers_on_its_weights(hf, tmp_path, head, monkeypatch):
     """The engine on the calibrated file equals transformers holding the file's dequantized
     (folded) weights, given the same int8 rounding decisions, as for any converted file
-    (error feedback on: matrices quantized in the pass, the head by the converter)."""
+    (error feedback on: matrices quantized in the pass, an int4 head by the converter; the
+    table, and a pruned head, int8)."""
     monkeypatch.setattr(calibrate, "GPTQ", True)
     if head == "guard":  # a pruned head needs a tokenizer: give the checkpoint Llama 3's
         pytest.importorskip("llama_models", reason="the Llama 3 tokenizer ships in llama-models")
@@ -128,6 +129,7 @@ def test_converted_model_matches_transformers_on_its_weights(hf, tmp_path, head,
     else:
         cfg, f = TINY, convert_quiet(hf, str(tmp_path / "f.pgw"), calibration=PROMPTS)
     assert f.meta["quant"]["calibration"] is not None
+    assert f.meta["quant"]["int8"] == (["tok_embeddings", "output"] if head == "guard" else ["tok_embeddings"])
     model = Model(f.config, f.tensors, f.head_ids, threads=2)
     ids = np.arange(3, 80)
     with oracle.linear_inputs() as inputs:
