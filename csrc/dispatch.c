@@ -146,38 +146,65 @@ void pg_dequant_rows(pg_pool *pool, const pg_qtensor *w, const int32_t *rows, in
     pg_pool_run(pool, dequant_task, &j, n);
 }
 
+#define ATT_TOKENS 8 /* query tokens per task: their rows share every key and value read */
+#define ATT_TILE 64  /* positions per pass over the rows: 16 KB of keys or values at hd 64, in L1 */
+
 typedef struct {
     const pg_kernels *k;
     const float *q, *kc, *vc;
     int64_t kv_stride;
-    int32_t start, n_heads, n_kv, hd;
+    int32_t n, start, n_heads, n_kv, hd;
     float scale;
     float *out;
     atomic_int failed;
 } attention_job;
 
-/* Task t: query token t / n_kv, cache head t % n_kv, and the query heads that read it. */
+/* Task t: query tokens [i0, i1) of block t / n_kv and cache head t % n_kv, with the query
+ * heads that read it: row r is token i0 + r / group, head (t % n_kv) * group + r % group.
+ * Keys, then values, are read a tile at a time for all rows, so the cache is streamed once
+ * per block, not once per query head and token; each row's sums keep their order. */
 static void attention_task(void *ctx, int32_t t) {
     attention_job *j = ctx;
-    const int32_t i = t / j->n_kv, h = t % j->n_kv, group = j->n_heads / j->n_kv, len = j->start + i + 1;
-    const int64_t row = (int64_t)i * j->n_heads * j->hd + (int64_t)h * group * j->hd;
-    float *scratch = malloc(sizeof(float) * ((size_t)len + 8 + (size_t)group * j->hd));
-    if (!scratch) {
+    const int32_t group = j->n_heads / j->n_kv, h = t % j->n_kv, hd = j->hd, i0 = (t / j->n_kv) * ATT_TOKENS;
+    const int32_t i1 = i0 + ATT_TOKENS < j->n ? i0 + ATT_TOKENS : j->n, rows = (i1 - i0) * group;
+    const int32_t width = j->start + i1; /* the last token's length: a row of scores each */
+    /* per row: its offset in q and out, scaled query, scores, their sum, length */
+    int64_t *at = malloc((sizeof(int64_t) + sizeof(float) * ((size_t)hd + (size_t)width + 1) + sizeof(int32_t)) * (size_t)rows);
+    if (!at) {
         atomic_store(&j->failed, 1);
         return;
     }
-    float *qs = scratch + len + 8;
-    for (int64_t d = 0; d < (int64_t)group * j->hd; d++) qs[d] = j->q[row + d] * j->scale;
-    j->k->attend(qs, j->kc + h * j->kv_stride, j->vc + h * j->kv_stride, len, group, j->hd, scratch, j->out + row);
-    free(scratch);
+    float *qs = (float *)(at + rows), *s = qs + (size_t)rows * hd, *total = s + (size_t)rows * width;
+    int32_t *len = (int32_t *)(total + rows);
+    const float *kc = j->kc + h * j->kv_stride, *vc = j->vc + h * j->kv_stride;
+    for (int32_t r = 0; r < rows; r++) {
+        len[r] = j->start + i0 + r / group + 1;
+        at[r] = (int64_t)(i0 + r / group) * j->n_heads * hd + (int64_t)(h * group + r % group) * hd;
+    }
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t d = 0; d < hd; d++) qs[(int64_t)r * hd + d] = j->q[at[r] + d] * j->scale;
+    for (int32_t p = 0; p < width; p += ATT_TILE)
+        for (int32_t r = 0; r < rows; r++) {
+            const int32_t count = len[r] - p < ATT_TILE ? len[r] - p : ATT_TILE;
+            if (count > 0) j->k->scores(qs + (int64_t)r * hd, kc + (int64_t)p * hd, count, hd, s + (int64_t)r * width + p);
+        }
+    for (int32_t r = 0; r < rows; r++) total[r] = j->k->softmax(s + (int64_t)r * width, len[r]);
+    for (int32_t p = 0; p < width; p += ATT_TILE)
+        for (int32_t r = 0; r < rows; r++) {
+            const int32_t count = len[r] - p < ATT_TILE ? len[r] - p : ATT_TILE;
+            if (count > 0) j->k->weigh(s + (int64_t)r * width + p, vc + (int64_t)p * hd, count, hd, p == 0, j->out + at[r]);
+        }
+    for (int32_t r = 0; r < rows; r++)
+        for (int32_t d = 0; d < hd; d++) j->out[at[r] + d] = j->out[at[r] + d] / total[r];
+    free(at);
 }
 
 int pg_attention(pg_pool *pool, const float *q, const float *k, const float *v, int64_t kv_stride, int32_t n,
                  int32_t start, int32_t n_heads, int32_t n_kv, int32_t hd, float scale, float *out) {
-    attention_job j = {.k = atomic_load(&active), .q = q, .kc = k, .vc = v, .kv_stride = kv_stride, .start = start,
+    attention_job j = {.k = atomic_load(&active), .q = q, .kc = k, .vc = v, .kv_stride = kv_stride, .n = n, .start = start,
                        .n_heads = n_heads, .n_kv = n_kv, .hd = hd, .scale = scale, .out = out};
     atomic_init(&j.failed, 0);
-    pg_pool_run(pool, attention_task, &j, n * n_kv);
+    pg_pool_run(pool, attention_task, &j, (n + ATT_TOKENS - 1) / ATT_TOKENS * n_kv);
     return atomic_load(&j.failed) ? -1 : 0;
 }
 

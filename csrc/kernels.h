@@ -20,15 +20,20 @@ typedef struct {
                       float scale, int32_t zp, float *y);
     /* out[K] = row `row` of W dequantized */
     void (*dequant_row)(const pg_qtensor *w, int32_t row, float *out);
-    /* One query token against keys/values [len][hd] for `group` query heads q[group][hd]
-     * (already scaled): out[group][hd]. scores: scratch of len + 8 floats. hd % 8 == 0.
-     * The order of every sum is fixed (model.attention_reference), so all paths agree bit for bit. */
-    void (*attend)(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
-                   float *scores, float *out);
+    /* Attention, in three pieces per query-head row, each summing in model.attention_reference's
+     * fixed order, so all paths agree bit for bit whatever the tiling (dispatch.c: pg_attention).
+     * hd % 8 == 0; rows of k and v are hd floats apart. */
+    /* out[t] = q . k[t] for t in [0, count) (q already scaled) */
+    void (*scores)(const float *q, const float *k, int32_t count, int32_t hd, float *out);
+    /* s[len] -> exp(s - max) in place; returns their sum, or NaN if a score is not finite */
+    float (*softmax)(float *s, int32_t len);
+    /* o[hd] = w[0] v[0] + w[1] v[1] + ... in order of t (first), or o + w[0] v[0] + ... (not first) */
+    void (*weigh)(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o);
 } pg_kernels;
 
-void pg_attend_scalar(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
-                      float *scores, float *out);
+void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);
+float pg_softmax_scalar(float *s, int32_t len);
+void pg_weigh_scalar(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o);
 
 extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)

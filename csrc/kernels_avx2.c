@@ -154,6 +154,19 @@ INLINE __m256 exp_neg8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* hsum of each of a[0..7], in hsum's order of adds, as one vector: the eight sums reduced
+ * side by side: 7 adds and 15 shuffles instead of 24 and 24. */
+INLINE __m256 hsum8(const __m256 *a) {
+    __m256 s[4], p[2];
+    for (int t = 0; t < 4; t++) /* lanes 0+4, 1+5, 2+6, 3+7 of a[2t] | of a[2t + 1] */
+        s[t] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * t], a[2 * t + 1], 0x20), _mm256_permute2f128_ps(a[2 * t], a[2 * t + 1], 0x31));
+    for (int t = 0; t < 2; t++) /* then 0+2, 1+3: (a[4t], a[4t + 2]) | (a[4t + 1], a[4t + 3]) */
+        p[t] = _mm256_add_ps(_mm256_shuffle_ps(s[2 * t], s[2 * t + 1], 0x44), _mm256_shuffle_ps(s[2 * t], s[2 * t + 1], 0xEE));
+    /* then 0+1: sums of a[0], a[2], a[4], a[6] | a[1], a[3], a[5], a[7] */
+    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p[0], p[1], 0x88), _mm256_shuffle_ps(p[0], p[1], 0xDD));
+    return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
 /* KEYS dot products of one query head qh[hd] with consecutive keys k[KEYS][hd] (KEYS <= 8):
  * per key, lanes accumulate products in order of the 8-column chunk, then hsum (the scalar
  * dot8's order). Several keys at once give the core independent sums to overlap. */
@@ -165,68 +178,73 @@ INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const 
         UNROLL for (int t = 0; t < KEYS; t++)
             acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(qv, _mm256_loadu_ps(k + (int64_t)t * hd + i)));
     }
-    UNROLL for (int t = 0; t < KEYS; t++) out[t] = hsum(acc[t]);
+    if (KEYS == 8)
+        _mm256_storeu_ps(out, hsum8(acc));
+    else
+        UNROLL for (int t = 0; t < KEYS; t++) out[t] = hsum(acc[t]);
 }
 
-/* o[8 C] = sum_j w[j] v[j][8 C] / total, j in order: C vectors of columns, each its own sum. */
-INLINE void weighted_values(const float *w, const float *v, int32_t len, int32_t hd, float total, float *o, const int C) {
+TARGET static void scores(const float *q, const float *k, int32_t count, int32_t hd, float *out) {
+    int32_t t = 0;
+    for (; t + 8 <= count; t += 8) dots(q, k + (int64_t)t * hd, hd, out + t, 8);
+    for (; t < count; t++) dots(q, k + (int64_t)t * hd, hd, out + t, 1);
+}
+
+/* pg_softmax_scalar's result, 8 positions at a time (lane l of the sum takes positions 8i + l,
+ * zeros past the end). */
+TARGET static float softmax(float *s, int32_t len) {
+    float m = s[0]; /* the max is exact in any order */
+    int bad = 0;
+    for (int32_t j = 0; j < len; j++) {
+        bad |= !isfinite(s[j]);
+        m = s[j] > m ? s[j] : m;
+    }
+    __m256 sum = _mm256_setzero_ps();
+    const __m256 mv = _mm256_set1_ps(m);
+    int32_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    if (j < len) {
+        float tail[8] = {0};
+        for (int32_t t = j; t < len; t++) tail[t - j] = pg_exp_neg(s[t] - m);
+        memcpy(s + j, tail, sizeof(float) * (size_t)(len - j));
+        sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
+    }
+    return bad ? NAN : hsum(sum);
+}
+
+/* o[8 C] (+)= sum_t w[t] v[t][8 C], t in order: C vectors of columns, each its own sum. */
+INLINE void weigh_cols(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o, const int C) {
     __m256 acc[8];
-    const __m256 w0 = _mm256_set1_ps(w[0]);
-    UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_mul_ps(w0, _mm256_loadu_ps(v + 8 * c));
-    for (int32_t j = 1; j < len; j++) {
-        const __m256 wj = _mm256_set1_ps(w[j]);
-        UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(wj, _mm256_loadu_ps(v + (int64_t)j * hd + 8 * c)));
+    int32_t t = 0;
+    if (first) {
+        const __m256 w0 = _mm256_set1_ps(w[0]);
+        UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_mul_ps(w0, _mm256_loadu_ps(v + 8 * c));
+        t = 1;
+    } else {
+        UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
     }
-    UNROLL for (int c = 0; c < C; c++) _mm256_storeu_ps(o + 8 * c, _mm256_div_ps(acc[c], _mm256_set1_ps(total)));
+    for (; t < count; t++) {
+        const __m256 wt = _mm256_set1_ps(w[t]);
+        UNROLL for (int c = 0; c < C; c++) acc[c] = _mm256_add_ps(acc[c], _mm256_mul_ps(wt, _mm256_loadu_ps(v + (int64_t)t * hd + 8 * c)));
+    }
+    UNROLL for (int c = 0; c < C; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
 }
 
-/* model.attention_reference for one query token and `group` heads, as pg_attend_scalar. */
-TARGET static void attend(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
-                          float *scores, float *out) {
-    for (int32_t g = 0; g < group; g++) {
-        const float *qh = q + (int64_t)g * hd;
-        float *o = out + (int64_t)g * hd;
-        int32_t j = 0;
-        for (; j + 8 <= len; j += 8) dots(qh, k + (int64_t)j * hd, hd, scores + j, 8);
-        for (; j < len; j++) dots(qh, k + (int64_t)j * hd, hd, scores + j, 1);
-        /* max and finiteness; the max is exact in any order */
-        float m = scores[0];
-        int bad = 0;
-        for (j = 0; j < len; j++) {
-            bad |= !isfinite(scores[j]);
-            m = scores[j] > m ? scores[j] : m;
-        }
-        /* weights and their sum: lane l takes positions 8i + l (pad with zeros) */
-        __m256 sum = _mm256_setzero_ps();
-        const __m256 mv = _mm256_set1_ps(m);
-        for (j = 0; j + 8 <= len; j += 8) {
-            __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), mv));
-            _mm256_storeu_ps(scores + j, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        if (j < len) {
-            float tail[8] = {0};
-            for (int32_t t = j; t < len; t++) tail[t - j] = pg_exp_neg(scores[t] - m);
-            memcpy(scores + j, tail, sizeof(float) * (size_t)(len - j));
-            sum = _mm256_add_ps(sum, _mm256_loadu_ps(tail));
-        }
-        const float total = bad ? NAN : hsum(sum);
-        /* fixed order of every sum: see model.attention_reference */
-        /* weighted values, in order of position, 64 columns at a time (8 independent sums) */
-        for (int32_t d = 0; d < hd; d += 64) {
-            const int32_t chunks = hd - d < 64 ? (hd - d) / 8 : 8;
-            if (chunks == 8)
-                weighted_values(scores, v + d, len, hd, total, o + d, 8);
-            else
-                for (int32_t c = 0; c < chunks; c++) weighted_values(scores, v + d + 8 * c, len, hd, total, o + d + 8 * c, 1);
-        }
-    }
+/* 64 columns at a time (8 independent sums), then 8 at a time. */
+TARGET static void weigh(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o) {
+    int32_t d = 0;
+    for (; d + 64 <= hd; d += 64) weigh_cols(w, v + d, count, hd, first, o + d, 8);
+    for (; d < hd; d += 8) weigh_cols(w, v + d, count, hd, first, o + d, 1);
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, attend};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, attend};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, attend};
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, attend};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh};
 #endif
 #endif

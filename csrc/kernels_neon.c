@@ -173,6 +173,6 @@ static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     }
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_attend_scalar};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_attend_scalar};
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
 #endif

@@ -75,35 +75,31 @@ static float dot8(const float *x, const float *y, int32_t hd) {
     return tree8(acc);
 }
 
-/* Softmax weights of scores[len] in place; returns their sum (lane l sums positions 8i + l in
- * order of i, then tree8), or NaN if a score is not finite. */
-static float softmax_weights(float *scores, int32_t len) {
-    float m = scores[0], acc[8] = {0};
+void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out) {
+    for (int32_t t = 0; t < count; t++) out[t] = dot8(q, k + (int64_t)t * hd, hd);
+}
+
+/* Lane l of the sum takes positions 8i + l in order of i, then tree8. */
+float pg_softmax_scalar(float *s, int32_t len) {
+    float m = s[0], acc[8] = {0};
     int bad = 0;
     for (int32_t j = 0; j < len; j++) {
-        bad |= !isfinite(scores[j]);
-        m = scores[j] > m ? scores[j] : m;
+        bad |= !isfinite(s[j]);
+        m = s[j] > m ? s[j] : m;
     }
     if (bad) return NAN;
     for (int32_t j = 0; j < len; j++) {
-        scores[j] = pg_exp_neg(scores[j] - m);
-        acc[j % 8] = acc[j % 8] + scores[j];
+        s[j] = pg_exp_neg(s[j] - m);
+        acc[j % 8] = acc[j % 8] + s[j];
     }
     return tree8(acc);
 }
 
-void pg_attend_scalar(const float *q, const float *k, const float *v, int32_t len, int32_t group, int32_t hd,
-                      float *scores, float *out) {
-    for (int32_t g = 0; g < group; g++) {
-        const float *qh = q + (int64_t)g * hd;
-        float *o = out + (int64_t)g * hd;
-        for (int32_t j = 0; j < len; j++) scores[j] = dot8(qh, k + (int64_t)j * hd, hd);
-        float total = softmax_weights(scores, len);
-        for (int32_t d = 0; d < hd; d++) o[d] = scores[0] * v[d];
-        for (int32_t j = 1; j < len; j++)
-            for (int32_t d = 0; d < hd; d++) o[d] = o[d] + scores[j] * v[(int64_t)j * hd + d];
-        for (int32_t d = 0; d < hd; d++) o[d] = o[d] / total;
-    }
+void pg_weigh_scalar(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o) {
+    if (first)
+        for (int32_t d = 0; d < hd; d++) o[d] = w[0] * v[d];
+    for (int32_t t = first ? 1 : 0; t < count; t++)
+        for (int32_t d = 0; d < hd; d++) o[d] = o[d] + w[t] * v[(int64_t)t * hd + d];
 }
 
-const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_attend_scalar};
+const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
