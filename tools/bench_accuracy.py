@@ -11,6 +11,8 @@ the calibration conversations). Each converter setting is converted with `pyguar
 code and run by the engine (int4 weights, int8 activations), and its dequantized weights are
 run by transformers (float activations: what weight rounding alone costs). Calibration prompts
 are the built-in conversations in the guard template, tokenized by the checkpoint's tokenizer.
+Settings: plain scales, importance-weighted scales, folding, GPTQ, with the int8 embedding
+table/head (the default) or, for the first two rows, the int4 table (as before format 2).
 --llama-cpp: llama.cpp's Q4_0 and Q4_K_M of the same weights (the source GGUF's values written as
 an F32 GGUF, then llama_model_quantize), run by llama-cpp-python on the same token ids; the F32
 GGUF is run too, as a check that both runtimes compute the same model. Each pyguard row then says
@@ -154,7 +156,8 @@ def real_benchmark(args) -> None:
     convs = calibrate.CONVERSATIONS + [c[:1] for c in calibrate.CONVERSATIONS if len(c) > 1]  # as guard_prompts
     prompts = [tok(format_prompt(c), add_special_tokens=False)["input_ids"] for c in convs]
     print(f"{args.real}: {cfg.n_layers} layers, dim {cfg.dim}, vocab {cfg.vocab_size}; held-out tokens "
-          + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration {min(sum(map(len, prompts)), calibrate.MAX_TOKENS)} tokens")
+          + ", ".join(f"{k} {len(v)}" for k, v in texts.items()) + f"; calibration set {len(prompts)} prompts, "
+          f"{sum(map(len, prompts))} tokens (the pass runs at most {calibrate.MAX_TOKENS} distinct rows)")
     print(f"{'setting':<28} {'MB':>6}  {'float acts: KL':>14} {'top-1':>6}  {'pyguard: KL':>11} {'top-1':>6}  per text (pyguard KL / top-1)")
     q4_0 = None
     if args.llama_cpp:
@@ -167,21 +170,25 @@ def real_benchmark(args) -> None:
             if label == "Q4_0":
                 q4_0 = (size, rows)
     alphas = calibrate.ALPHAS
-    settings = {"plain (no calibration)": (False, alphas, False), "weighted scales": (prompts, (0.0,), False),
-                "weighted + folding": (prompts, alphas, False), "weighted + GPTQ": (prompts, (0.0,), True),
-                "weighted+folding+GPTQ": (prompts, alphas, True)}
+    settings = {"plain, int4 table": (False, alphas, False, "int4"), "weighted+folding, int4 table": (prompts, alphas, False, "int4"),
+                "plain (no calibration)": (False, alphas, False, "int8"), "weighted scales": (prompts, (0.0,), False, "int8"),
+                "weighted + folding": (prompts, alphas, False, "int8"), "weighted + GPTQ": (prompts, (0.0,), True, "int8"),
+                "weighted+folding+GPTQ": (prompts, alphas, True, "int8")}
     tmp = tempfile.mkdtemp()
     for g in args.groups:
-        for label, (cal, calibrate.ALPHAS, calibrate.GPTQ) in settings.items():
+        for label, (cal, calibrate.ALPHAS, calibrate.GPTQ, table) in settings.items():
             if args.only and label not in args.only:
                 continue
             out = os.path.join(tmp, f"g{g}.pgw")
             try:
-                convert(args.real, out, group=g, calibration=cal)
+                convert(args.real, out, group=g, calibration=cal, table=table)
             except Exception as e:  # a group the shapes do not allow
                 print(f"G={g:<3} {label:<22} {e}")
                 break
             f = file.load(out)
+            used = f.meta["quant"]["calibration"]
+            if used:
+                label += f" [{used['tokens']} rows, {used['prompts']} prompts]"
             engine = Model(f.config, f.tensors, f.head_ids, threads=2)
             float_model = oracle.hf_model(cfg, calibrate.float_checkpoint(cfg, f.tensors))
             rows = []
