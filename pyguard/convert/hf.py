@@ -1,6 +1,6 @@
 """Hugging Face Llama checkpoint (safetensors) -> one pyguard file, streamed tensor by tensor.
 
-By default the unquantized checkpoint is first run over a calibration set (pyguard/calibrate.py,
+By default the unquantized checkpoint is first run over a calibration set (pyguard/convert/calibrate.py,
 docs/CONVERT.md): its activations decide the folding of input scales and the importance of each
 input channel. Then each tensor is read in row chunks (float32), folded, quantized with searched
 group scales (quant.mse_scales, importance-weighted with calibration) on a few threads, and
