@@ -2,6 +2,7 @@
 imports this module).
 
     import ray, pyguard.ray
+    pyguard.ray.init()                                           # a lean local cluster (or ray.init(address=...))
     ds = ray.data.read_json("conversations.jsonl", lines=True)   # a "messages" column, optional "id"
     out = pyguard.ray.classify(ds, "guard.pgw", concurrency=2, threads_per_worker=1)
     out.write_parquet("results/")
@@ -33,8 +34,22 @@ except ImportError as e:
     raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
 
 from pyguard import checks
+from pyguard.engine.kernels import env_threads
 from pyguard.errors import PyguardError
 from pyguard.guard.guard import Guard, Result
+
+# Switches for a local cluster that pyguard starts for its own jobs (init without an address),
+# kept for their measured effect (docs/RAY.md, "A lean local cluster"). A cluster given by
+# address is never changed.
+LEAN_INIT = {"include_dashboard": False}  # no dashboard modules in the head's API server: nobody looks
+LEAN_SYSTEM = {  # Ray's _system_config, read by every process of the cluster
+    "prestart_worker_first_driver": False,  # no idle workers started with the driver: the actors start their own
+    "enable_metrics_collection": False,  # no Prometheus metrics: nothing scrapes a private cluster
+    "task_events_report_interval_ms": 0,  # no task state events to the GCS (`ray list tasks`, the timeline)
+    # the actors are the job, not background work: at Ray's default (15) any other process of the
+    # machine takes their cores first, where `pyguard classify` without --ray would share them
+    "worker_niceness": 0,
+}
 
 # The columns added to the input's; `error` is null for a judged row, the others for a failed one.
 RESULTS = pa.schema([("verdict", pa.string()), ("categories", pa.list_(pa.string())),
@@ -131,6 +146,24 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           num_cpus=threads_per_worker, udf_modifying_row_count=False)
 
 
+def init(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect this process to Ray: to the cluster at `address` as it is ("auto": this node's
+    running cluster; ray.init's other forms too), or, with no address, to a new local cluster
+    of this machine started lean (LEAN_INIT, LEAN_SYSTEM) with num_cpus CPUs (None:
+    this process's cores plus one, for Ray Data's own tasks: see local_cpus)."""
+    if address is not None:
+        ray.init(address=address)
+        return
+    ray.init("local", num_cpus=num_cpus or local_cpus(), **LEAN_INIT, _system_config=LEAN_SYSTEM)
+
+
+def local_cpus() -> int:
+    """The CPUs of a local cluster: the cores this process may use, and one more for Ray Data's
+    own tasks (reading, writing: light). Ray's CPUs are scheduling tokens, not pinned cores, so
+    the pool can use every core and a reading task still finds a CPU (else the job waits forever)."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) + 1
+
+
 def _cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
@@ -164,8 +197,11 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
     their names end in .parquet, else JSON lines (OUT: stdout when None); rows in input order.
     Exit status as the CLI's: 2 if any row has an error, else 1 if any is unsafe, else 0."""
     if not ray.is_initialized():
-        # a local cluster of this machine's cores, or the one at ADDRESS ("auto": this node's)
-        ray.init("local", include_dashboard=False) if address is None else ray.init(address=address)
+        init(address)  # a new lean local cluster, or the one at ADDRESS ("auto": this node's)
+    if threads is None and address is None:
+        # on this machine, one actor on all the cores (PYGUARD_THREADS) as without --ray: one
+        # process of n threads needs less CPU per row than n processes of one thread
+        threads = env_threads()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     for what, name in (("-m", model), ("--jsonl", src)):
         if address is None and not os.path.exists(name):  # a local cluster reads them here

@@ -98,12 +98,24 @@ def workers() -> list[int]:
     return pids
 
 
+def assert_lean() -> None:
+    """The connected cluster was started as pyguard.ray.init starts a local one."""
+    config = ray._private.state.state.get_system_config()  # what the GCS gives every process
+    assert {k: config.get(k) for k in pgray.LEAN_SYSTEM} == pgray.LEAN_SYSTEM
+    assert ray._private.worker.get_dashboard_url() == ""  # include_dashboard=False
+
+
 @pytest.fixture(scope="module")
 def local():
-    ray.init("local", num_cpus=3, include_dashboard=False)  # 2 actors and a CPU for Ray Data's own tasks
+    pgray.init(num_cpus=3)  # 2 actors and a CPU for Ray Data's own tasks
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
+
+
+def test_a_local_cluster_starts_lean(local):
+    assert ray.cluster_resources()["CPU"] == 3
+    assert_lean()
 
 
 def test_local_cluster_gives_the_cli_results(data, local):
@@ -153,8 +165,11 @@ def test_result_columns_in_the_input_are_refused(data, local):
 
 
 def test_the_cli_on_a_local_cluster(data, local, capsys):
+    ray.shutdown()  # the CLI starts its own: lean, this machine's cores and a CPU for Ray Data
     out = data["dir"] / "ray.jsonl"
     assert cli.main(["classify", "-m", data["model"], "--jsonl", data["src"], "--out", str(out), "--ray"]) == 2
+    assert ray.cluster_resources()["CPU"] == len(os.sched_getaffinity(0)) + 1
+    assert_lean()
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["id"] for r in lines] == [r["id"] for r in rows()]  # input order
     check(lines, data["refs"]["default"])
@@ -176,6 +191,13 @@ def two_nodes(local):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+def test_an_address_is_used_as_it_is(two_nodes):
+    ray.shutdown()
+    pgray.init(two_nodes.address)  # Ray refuses a _system_config for a running cluster: none was passed
+    assert ray.get_runtime_context().gcs_address == two_nodes.address
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
 
 
 def test_two_nodes_through_the_cli_with_parquet(data, two_nodes, capsys):

@@ -183,27 +183,76 @@ def on_ray(path: str, rows: list[dict], actors: int, threads: int) -> dict:
     return {"rows_s": len(rows) / dt, **watch.stop(dt)}
 
 
+def lean_local(init: dict, system: dict) -> None:
+    """A local cluster as pyguard.ray.init starts it (its cores and one CPU more), with these switches."""
+    import ray
+
+    import pyguard.ray as pgray
+
+    ray.init("local", num_cpus=pgray.local_cpus(), **init, _system_config=system)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def switches(path: str, rows: list[dict], rounds: int) -> None:
+    """Each of pyguard.ray's lean switches (LEAN_INIT, LEAN_SYSTEM) left out in turn:
+    CPU seconds of Ray's processes and the driver while the cluster starts and while it runs the
+    rows on 1 actor x 2 threads, against all of them and none (Ray's defaults)."""
+    import ray
+
+    import pyguard.ray as pgray
+
+    lean = (pgray.LEAN_INIT, pgray.LEAN_SYSTEM)
+    configs = {"lean": lean, "none (Ray's defaults)": ({}, {})}
+    for i, part in enumerate(lean):
+        for key in part:
+            configs[f"lean but {key}"] = tuple({k: v for k, v in p.items() if k != key} if j == i else p for j, p in enumerate(lean))
+    runs: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for name, (init, system) in list(configs.items()) + [("lean, progress bars on", lean)]:
+            watch = Watch()
+            t0 = time.perf_counter()
+            lean_local(init, system)
+            ray.data.DataContext.get_current().enable_progress_bars = name.endswith("bars on")
+            start = watch.stop(time.perf_counter() - t0)
+            run = on_ray(path, rows, 1, 2)
+            ray.shutdown()
+            runs.setdefault(name, []).append({"start": start, "run": run})
+            print(name, json.dumps(runs[name][-1]), file=sys.stderr, flush=True)
+    print(f"{len(rows)} conversations, 1 actor x 2 threads, {rounds} round(s): Ray's processes' and the driver's CPU s, "
+          "starting the cluster, then running the rows (per second of the run); rows/s")
+    for name, rs in runs.items():
+        ours = [(r["start"]["cpu_s"]["ray"] + r["start"]["cpu_s"]["driver"],
+                 r["run"]["cpu_s"]["ray"], r["run"]["cpu_s"]["driver"], r["run"]["wall_s"], r["run"]["rows_s"]) for r in rs]
+        print(f"{name:40s} " + "  ".join(f"start {a:.1f}, run ray {b:.1f} ({b / w:.3f}/s) driver {c:.1f} ({c / w:.3f}/s), {x:.3f} rows/s"
+                                         for a, b, c, w, x in ours))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--group", type=int, default=256)
     ap.add_argument("--workdir", default="/tmp/pyguard-ray-bench")
+    ap.add_argument("--switches", action="store_true", help="measure each lean switch instead (a few rows are enough)")
     args = ap.parse_args()
     import ray
     from ray.cluster_utils import Cluster
 
+    import pyguard.ray as pgray
+
     path, rows = model_file(args.workdir, args.group), conversations(args.rows)
+    if args.switches:
+        return switches(path, rows, args.rounds)
     runs: dict[str, list[dict]] = {}
     for _ in range(args.rounds):  # the configurations take turns: a slow spell of the machine hits all alike
         runs.setdefault("single 1x2", []).append(single(path, rows))
         runs.setdefault("shards 2x1", []).append(shards(path, rows))
-        ray.init("local", num_cpus=2, include_dashboard=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        lean_local(pgray.LEAN_INIT, pgray.LEAN_SYSTEM)
         runs.setdefault("ray 1x2", []).append(on_ray(path, rows, 1, 2))
         runs.setdefault("ray 2x1", []).append(on_ray(path, rows, 2, 1))
         ray.shutdown()
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        # the nodes started as lean as pyguard.ray.init's local cluster
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **pgray.LEAN_INIT, "_system_config": pgray.LEAN_SYSTEM})
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address)
         ray.data.DataContext.get_current().enable_progress_bars = False
