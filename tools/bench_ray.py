@@ -1,6 +1,7 @@
 """Rows/s of dataset classification on Ray Data against one process (not a test).
 
     python tools/bench_ray.py [--rows 512] [--rounds 1] [--group 256] [--workdir /tmp/pyguard-ray-bench]
+    python tools/bench_ray.py --switches --rows 12 --rounds 2     # each of pyguard.ray's lean switches
 
 Llama Guard 3 1B geometry with random int4 weights (drawn directly, tests/synth.py), guard
 head, the real Llama 3 tokenizer; the file is made in --workdir on first use. The same
@@ -8,15 +9,17 @@ conversations (bench_guard's one- and two-turn ones, each made distinct) through
 
 - single: Guard.classify_many in this process, 2 threads (batches of 16);
 - shards 2x1: the rows in two halves, each in its own process with 1 thread (the CLI per shard);
-- ray 1x2: pyguard.ray.classify on a local cluster of 2 CPUs, 1 actor x 2 threads;
+- ray 1x2: pyguard.ray.classify on a local cluster started as pyguard.ray.init starts it (lean,
+  the machine's cores and a CPU for Ray Data), 1 actor x 2 threads;
 - ray 2x1: the same cluster, 2 actors x 1 thread;
-- 2 nodes: ray.cluster_utils.Cluster, two nodes of 1 CPU on this machine, 2 actors x 1 thread.
+- 2 nodes: ray.cluster_utils.Cluster, two nodes of 1 CPU on this machine, started with the same
+  lean switches, 2 actors x 1 thread.
 
 Each Ray run takes its rows from memory (ray.data.from_items: no read task) and is timed from the job's
 start to its last row, actor start-up (a worker importing Ray, pyarrow and pyguard: ~3 CPU s)
 included, cluster start-up not. The configurations take turns for --rounds rounds; the best of each counts.
 Each run also reports the CPU seconds spent meanwhile by pyguard's actors, Ray's own
-processes (raylet, GCS, idle workers), the driver and everything else on the machine (other
+processes (raylet, GCS, agents, Ray Data's helper actors), the driver and everything else on the machine (other
 people's work: the figures mean little when that is large), and each actor's peak memory:
 its own (RssAnon) and the mapped file's pages (RssFile), which the actors of a machine
 share, so the total counts them once.
@@ -244,19 +247,24 @@ def main() -> None:
     if args.switches:
         return switches(path, rows, args.rounds)
     runs: dict[str, list[dict]] = {}
+
+    def record(name: str, run: dict) -> None:  # each run as it ends: a later failure loses none
+        runs.setdefault(name, []).append(run)
+        print(name, json.dumps(run), file=sys.stderr, flush=True)
+
     for _ in range(args.rounds):  # the configurations take turns: a slow spell of the machine hits all alike
-        runs.setdefault("single 1x2", []).append(single(path, rows))
-        runs.setdefault("shards 2x1", []).append(shards(path, rows))
+        record("single 1x2", single(path, rows))
+        record("shards 2x1", shards(path, rows))
         lean_local(pgray.LEAN_INIT, pgray.LEAN_SYSTEM)
-        runs.setdefault("ray 1x2", []).append(on_ray(path, rows, 1, 2))
-        runs.setdefault("ray 2x1", []).append(on_ray(path, rows, 2, 1))
+        record("ray 1x2", on_ray(path, rows, 1, 2))
+        record("ray 2x1", on_ray(path, rows, 2, 1))
         ray.shutdown()
         # the nodes started as lean as pyguard.ray.init's local cluster
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, **pgray.LEAN_INIT, "_system_config": pgray.LEAN_SYSTEM})
         cluster.add_node(num_cpus=1)
         ray.init(address=cluster.address)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        runs.setdefault("2 nodes 2x1", []).append(on_ray(path, rows, 2, 1))
+        record("2 nodes 2x1", on_ray(path, rows, 2, 1))
         ray.shutdown()
         cluster.shutdown()
     print(f"{args.rows} conversations, 1B geometry, group {args.group}, guard head, 2 cores, {args.rounds} round(s): best, then each run")
