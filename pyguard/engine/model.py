@@ -24,7 +24,9 @@ from ..errors import PyguardError
 from ..formats import quant
 from ..formats.quant import Q8Tensor, QTensor
 
-PREFILL_CHUNK = 64  # tokens per pass: bounds prefill buffers (~20 MB for the 1B geometry at 4096 positions)
+# Tokens per pass: bounds the prefill buffers (~24 MB for the 1B geometry); each pass streams every
+# weight matrix, and 128 tokens run 16% faster per token than 64 (1B, AVX2, 2 threads)
+PREFILL_CHUNK = 128
 SPREAD_MIN = 1 << 22  # float operations below which numpy work stays on one thread (decode)
 HEAD_ROWS = 256  # rows of an int8 head converted to float64 at once: 4 MB at dim 2048, cache-sized
 
