@@ -325,3 +325,33 @@ def test_float_overflow_is_an_error(tmp_path):
     with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration: the float model overflows at layer 1"):
         convert(d, str(tmp_path / "m.pgw"), calibration=PROMPTS)
     assert not list(tmp_path.glob("m.pgw*"))
+
+
+def test_shared_prefixes_are_run_once(hf, monkeypatch):
+    """Prompts sharing a prefix (the guard's policy text): the prefix's rows are run once and
+    its keys and values reused, so the pass sees exactly the distinct rows, each with the
+    activations it has when its own prompt runs alone (same values to float32 rounding); a
+    repeated prompt adds nothing, and MAX_TOKENS counts distinct rows."""
+    monkeypatch.setattr(calibrate, "ALPHAS", (0.0,))  # no folding: the inputs are the activations
+    seen: list[np.ndarray] = []
+    original = calibrate._mean_square
+    monkeypatch.setattr(calibrate, "_mean_square", lambda x: seen.append(x.copy()) or original(x))
+
+    def inputs(prompts) -> tuple[calibrate.Calibration, list[np.ndarray]]:
+        seen.clear()
+        cal = calibrate.calibrate(Checkpoint(hf), TINY, prompts, 32)
+        cal.close()
+        return cal, list(seen)
+
+    policy, a, b = list(range(10, 90)), list(range(200, 230)), list(range(300, 345))
+    cal, shared = inputs([policy + a, policy + b, policy + a, policy[:40]])
+    assert (cal.tokens, cal.prompts) == (80 + 30 + 45, 2)
+    alone_a, alone_b = inputs([policy + a])[1], inputs([policy + b])[1]
+    assert len(shared) == len(alone_a) == 4 * TINY.n_layers + 1  # every matrix's input, then the head's
+    for x, xa, xb in zip(shared, alone_a, alone_b):
+        want = np.concatenate([xa, xb[80:]])
+        np.testing.assert_allclose(x, want, rtol=0, atol=1e-4 * np.abs(want).max())  # float32 sums: ~2e-5
+    monkeypatch.setattr(calibrate, "MAX_TOKENS", 120)
+    cal, cut = inputs([policy + a, policy + b])
+    assert (cal.tokens, cal.prompts) == (120, 2) and len(cut[-1]) == 120
+    np.testing.assert_allclose(cut[-1], shared[-1][:120], rtol=0, atol=1e-4 * np.abs(shared[-1]).max())

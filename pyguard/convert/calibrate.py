@@ -47,7 +47,7 @@ from ..formats.safetensors import Checkpoint
 ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
 SEARCH_ROWS = 256  # rows of a matrix (evenly spaced) on which alpha is chosen
 SEARCH_TOKENS = 256  # calibration tokens (evenly spaced) on which alpha is chosen
-MAX_TOKENS = 2048  # calibration tokens at most: bounds the float pass (4096 measured no better on SmolLM2)
+MAX_TOKENS = 2048  # distinct calibration rows at most: bounds the float pass (docs/CONVERT.md)
 GPTQ = False  # error feedback within rows: measured no better on SmolLM2 with this calibration set (docs/CONVERT.md)
 DAMP = 1.0  # share of the mean Hessian diagonal added before inverting: 2048 tokens, much policy text repeated, need a strong prior (0.01 and 0.1 measured worse)
 BLOCK = 128  # columns whose error feedback is applied to the later columns at once
@@ -138,7 +138,8 @@ class Calibration:
     channels) and a row divisor (divides rows; for a norm weight, its elements); per pyguard
     matrix, the importance of each of its (folded) input channels."""
 
-    tokens: int
+    tokens: int  # distinct rows run
+    prompts: int = 0  # prompts reached (wholly or, the last one, in part)
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     col: dict[str, np.ndarray] = field(default_factory=dict)
     row: dict[str, np.ndarray] = field(default_factory=dict)
@@ -189,44 +190,63 @@ class Calibration:
     def describe(self) -> dict:
         """What the file's metadata records."""
         folded = {k: v for k, v in self.alphas.items() if v}
-        return {"tokens": self.tokens, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
+        return {"tokens": self.tokens, "prompts": self.prompts, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
                 "error_feedback": "GPTQ within rows" if self.hinv else None,
                 "alpha_mean": round(float(np.mean(list(self.alphas.values()))) if self.alphas else 0.0, 4)}
 
 
 def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int,
               progress: Callable[[float, str], None] | None = None) -> Calibration:
-    """Run the float checkpoint over the prompts (at most MAX_TOKENS tokens in all), layer by
-    layer, and decide the folding and importances. Memory: one layer's float weights and the
+    """Run the float checkpoint over the prompts (at most MAX_TOKENS distinct rows in all), layer
+    by layer, and decide the folding and importances. A prompt's longest prefix shared with an
+    earlier prompt (the guard's policy text) is not run again: its rows are that prompt's, whose
+    keys and values its own tokens attend to, so each distinct row is computed and counted once
+    and the budget reaches many more prompts. Memory: one layer's float weights and the
     calibration activations (MAX_TOKENS x hidden_dim float32 at most). A tied embedding table
     is also the output head, so it takes the head's importances (whichever head the file keeps:
     a pruned head's rows are then exactly the full head's)."""
-    seqs, total = [], 0
+    kept, seqs, new, total = [], [], [], 0
     for p in prompts:
-        p = np.asarray(p, dtype=np.int64)[: MAX_TOKENS - total]
+        p = np.asarray(p, dtype=np.int64)
         if len(p) and (p.min() < 0 or p.max() >= cfg.vocab_size):
             raise PyguardError(f"calibration token ids must be in 0..{cfg.vocab_size - 1}")
-        if len(p):
-            seqs.append(p)
-            total += len(p)
+        start, src = max(((_common(p, q), j) for j, q in enumerate(kept)), default=(0, 0))
+        p = p[: start + MAX_TOKENS - total]
+        if len(p) <= start:  # nothing new: a repeat, or the budget is spent
+            continue
+        rows = np.arange(total, total + len(p) - start)
+        seqs.append((slice(total, total + len(rows)), np.concatenate([seqs[src][1][:start], rows]) if start else rows))
+        kept.append(p)
+        new.append(p[start:])
+        total += len(rows)
     if not total:
         raise PyguardError("calibration needs at least one token")
-    ids = np.concatenate(seqs)
-    bounds = np.cumsum([0] + [len(s) for s in seqs])
+    ids = np.concatenate(new)
     pick = np.linspace(0, total - 1, min(SEARCH_TOKENS, total)).astype(np.int64)
-    cal = Calibration(int(total))
+    cal = Calibration(int(total), len(seqs))
     try:
-        _pass(cal, ckpt, cfg, ids, bounds, pick, group, progress)
+        _pass(cal, ckpt, cfg, ids, seqs, pick, group, progress)
     except BaseException:
         cal.close()
         raise
     return cal
 
 
-def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray, bounds: np.ndarray, pick: np.ndarray,
-          group: int, progress: Callable[[float, str], None] | None) -> None:
-    """The float pass of `calibrate`, layer by layer, filling `cal`."""
-    pos = np.concatenate([np.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray, seqs: list[tuple[slice, np.ndarray]],
+          pick: np.ndarray, group: int, progress: Callable[[float, str], None] | None) -> None:
+    """The float pass of `calibrate`, layer by layer, filling `cal`. ids: the distinct rows'
+    tokens; seqs: per prompt, (its own rows, every row of the prompt in order: the shared
+    prefix's, then its own)."""
+    pos = np.empty(len(ids), np.int64)
+    for own, rows in seqs:
+        pos[own] = np.arange(len(rows) - (own.stop - own.start), len(rows))
     cos, sin = rope_tables(rope_frequencies(cfg), pos)
     x = np.concatenate([ckpt.read("model.embed_tokens.weight", slice(int(t), int(t) + 1)) for t in ids])
     hd, q_rows, kv_rows = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -253,8 +273,8 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
         qkv = h @ np.concatenate([wq, wk, wv]).T
         apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
         att = np.empty((len(x), q_rows), np.float32)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            att[a:b] = _attention(qkv[a:b], cfg)
+        for own, rows in seqs:
+            att[own] = _attention(qkv[own, :q_rows], qkv[rows, q_rows:], cfg)
         # wo's input channel (head h, j) is value channel (h // rep, j): one s per value channel
         s = _choose(cal, f"layers.{i}.wo", wo, att, group, pick, tie=rep, hd=hd)
         if s is not None:
@@ -399,18 +419,20 @@ def _scales(mag: np.ndarray, alpha: float, tie: int, hd: int) -> np.ndarray:
     return np.exp2(np.clip(np.rint(np.log2(s)), -7, 7)).astype(np.float32)
 
 
-def _attention(qkv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    """Causal grouped-query attention of one sequence in float32: [T, n_heads * head_dim]."""
-    t, hd, kv = len(qkv), cfg.head_dim, cfg.n_kv_heads
-    rep = cfg.n_heads // kv
-    q = qkv[:, : cfg.n_heads * hd].reshape(t, kv, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, T, hd]
-    k = qkv[:, cfg.n_heads * hd : (cfg.n_heads + kv) * hd].reshape(t, kv, 1, hd).transpose(1, 2, 3, 0)  # [kv, 1, hd, T]
-    v = qkv[:, (cfg.n_heads + kv) * hd :].reshape(t, kv, 1, hd).transpose(1, 2, 0, 3)  # [kv, 1, T, hd]
+def _attention(q: np.ndarray, kv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """Causal grouped-query attention in float32 of the last n positions of a sequence of T:
+    q [n, n_heads * head_dim], kv [T, 2 n_kv_heads head_dim] (keys, then values, of all T);
+    returns [n, n_heads * head_dim]."""
+    n, t, hd, kvh = len(q), len(kv), cfg.head_dim, cfg.n_kv_heads
+    rep = cfg.n_heads // kvh
+    q = q.reshape(n, kvh, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, n, hd]
+    k = kv[:, : kvh * hd].reshape(t, kvh, 1, hd).transpose(1, 2, 3, 0)  # [kv, 1, hd, T]
+    v = kv[:, kvh * hd :].reshape(t, kvh, 1, hd).transpose(1, 2, 0, 3)  # [kv, 1, T, hd]
     s = (q @ k) * np.float32(hd**-0.5)
-    s[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] = -np.inf
+    s[..., np.arange(t)[None, :] > np.arange(t - n, t)[:, None]] = -np.inf  # query i sits at position t - n + i
     s = np.exp(s - s.max(axis=-1, keepdims=True))
     s /= s.sum(axis=-1, keepdims=True)
-    return (s @ v).transpose(2, 0, 1, 3).reshape(t, cfg.n_heads * hd)
+    return (s @ v).transpose(2, 0, 1, 3).reshape(n, cfg.n_heads * hd)
 
 
 def float_checkpoint(cfg: ModelConfig, tensors: dict, head_ids=None) -> dict[str, np.ndarray]:
