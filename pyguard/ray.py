@@ -34,7 +34,6 @@ except ImportError as e:
     raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
 
 from pyguard import checks
-from pyguard.engine.kernels import env_threads
 from pyguard.errors import PyguardError
 from pyguard.guard.guard import Guard, Result
 
@@ -198,10 +197,6 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
     Exit status as the CLI's: 2 if any row has an error, else 1 if any is unsafe, else 0."""
     if not ray.is_initialized():
         init(address)  # a new lean local cluster, or the one at ADDRESS ("auto": this node's)
-    if threads is None and address is None:
-        # on this machine, one actor on all the cores (PYGUARD_THREADS) as without --ray: one
-        # process of n threads needs less CPU per row than n processes of one thread
-        threads = env_threads()
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     for what, name in (("-m", model), ("--jsonl", src)):
         if address is None and not os.path.exists(name):  # a local cluster reads them here
