@@ -267,7 +267,8 @@ def main() -> None:
         record("2 nodes 2x1", on_ray(path, rows, 2, 1))
         ray.shutdown()
         cluster.shutdown()
-    print(f"{args.rows} conversations, 1B geometry, group {args.group}, guard head, 2 cores, {args.rounds} round(s): best, then each run")
+    print(f"{args.rows} conversations, 1B geometry, group {args.group}, guard head, 2 cores, Ray started lean "
+          f"(pyguard.ray.LEAN_INIT, LEAN_SYSTEM), {args.rounds} round(s): best, then each run")
     base = max(r["rows_s"] for r in runs["single 1x2"])
     for name, rs in runs.items():
         best = max(r["rows_s"] for r in rs)
