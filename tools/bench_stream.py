@@ -1,7 +1,7 @@
 """Streaming and multi-turn moderation: guard.stream against checking from scratch, and beside
 llama.cpp reusing the longest common prefix of consecutive prompts (not a test).
 
-    python tools/bench_stream.py [--threads 2] [--group 256] [--reply-tokens 1000] [--every 32]
+    python tools/bench_stream.py [--threads 2] [--group 256] [--reply-tokens 1000] [--every 32] [--answer safe|model]
         [--workdir /tmp/pyguard-guard-bench] [--no-llama-cpp] [--venv /tmp/benchenv]
 
 Llama Guard 3 1B geometry with random weights and the real tokenizer (tools/bench_guard.py
@@ -18,6 +18,11 @@ check every --every tokens and a final one:
   greedy steps as pyguard's answer took.
 
 Then a 10-message conversation checked after every message, with and without the cache.
+
+--answer safe (the default) asks every check with threshold 1, so the verdict is `safe`, read
+from the prefill's logits: a real guard's answer for a story, and the common case. Random weights
+otherwise answer `unsafe` and decode up to ~30 category tokens per check (--answer model: that
+decoding is the same work for every engine, and dilutes the prefill the cache saves).
 Every pyguard result is compared with (b) (bit for bit); timings are wall clock. Prints the CPU
 and the load average: the ratios are what to read.
 """
@@ -109,7 +114,8 @@ def bench_pyguard(setup: dict, args) -> dict:
     chunks = reply_chunks(tok, args.reply_tokens, args.seed)
 
     # (a) the stream
-    s = guard.stream(USER, every=args.every)
+    threshold = 1.0 if args.answer == "safe" else None
+    s = guard.stream(USER, every=args.every, threshold=threshold)
     checks, times, feed_s = [], [], 0.0
     for c in chunks:
         t0 = time.perf_counter()
@@ -131,7 +137,7 @@ def bench_pyguard(setup: dict, args) -> dict:
         times = []
         for conv, (_, want) in zip(convs, checks):
             t0 = time.perf_counter()
-            r = g.classify(conv)
+            r = g.classify(conv, threshold=threshold)
             times.append(time.perf_counter() - t0)
             assert key(r) == key(want), f"{name}: a result differs from the stream's"
         res[name] = summary(times)
@@ -150,7 +156,7 @@ def bench_pyguard(setup: dict, args) -> dict:
         times, results = [], []
         for conv in convs:
             t0 = time.perf_counter()
-            results.append(key(g.classify(conv)))
+            results.append(key(g.classify(conv, threshold=threshold)))
             times.append(time.perf_counter() - t0)
         res[name] = {**summary(times), "per_turn_s": times, "results": results}
     assert res["turns_cached"]["results"] == res["turns_policy_only"]["results"], "multi-turn results differ"
@@ -215,6 +221,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reply-tokens", type=int, default=1000)
     ap.add_argument("--every", type=int, default=32)
+    ap.add_argument("--answer", choices=("safe", "model"), default="safe", help="safe: threshold 1 (no category decoding)")
     ap.add_argument("--workdir", default="/tmp/pyguard-guard-bench")
     ap.add_argument("--venv", default="/tmp/benchenv", help="llama-cpp-python's environment (see tools/bench.py)")
     ap.add_argument("--no-llama-cpp", action="store_true")
@@ -232,7 +239,7 @@ def main() -> None:
     pg = bench_pyguard(setup, args)
     lc = "skipped" if args.no_llama_cpp else run_llama_cpp(args, {"files": setup["files"], "check_prompts": pg["check_prompts"],
                                                                   "answers": pg["answers"], "warm": pg["warm"]})
-    print(f"CPU: {cpu()}\nthreads {args.threads}, group {args.group}; {load()}")
+    print(f"CPU: {cpu()}\nthreads {args.threads}, group {args.group}, answer {args.answer}; {load()}")
     s = pg["stream"]
     print(f"\nA reply of {s['reply_tokens']} tokens in chunks of 1-8 tokens, a check every {args.every} tokens "
           f"({s['checks']} checks incl. the final one); feeds without a check took {s['feeds_without_check_s']:.3f} s in all")
