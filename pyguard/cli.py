@@ -57,6 +57,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="output head: the whole vocabulary, or only the tokens of a Llama Guard answer (default full)")
     p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b"),
                    help="prompt template and categories (auto: by model size)")
+    p.add_argument("--table", choices=("int8", "int4"), default=None,
+                   help="embedding table (and a pruned or tied head): int8 per row (default) or int4 like the other matrices")
     p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: all cores)")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--calibration", metavar="FILE.jsonl",
@@ -75,15 +77,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
         if is_pte_dir(a.hf_dir):  # the program decides the group sizes and the head
             if a.calibration or a.no_calibration:
                 raise PyguardError(f"{a.hf_dir} is an ExecuTorch program, already quantized: no calibration options")
-            if a.group is not None or a.head is not None:
-                raise PyguardError(f"{a.hf_dir} is an ExecuTorch program: its group size and head are taken as they are "
-                                   "(leave out --group and --head)")
+            if a.group is not None or a.head is not None or a.table is not None:
+                raise PyguardError(f"{a.hf_dir} is an ExecuTorch program: its group size, head and table are taken as "
+                                   "they are (leave out --group, --head and --table)")
             family = "llama-guard-3-1b" if a.family == "auto" else a.family
             summary = convert_pte(a.hf_dir, a.out_file, family=family, progress=Progress("converting"))
         else:
             summary = convert(a.hf_dir, a.out_file, group=a.group or 32, head=a.head or "full", family=a.family,
                               threads=a.threads, progress=Progress("converting"),
-                              calibration=False if a.no_calibration else a.calibration or True)
+                              calibration=False if a.no_calibration else a.calibration or True, table=a.table or "int8")
     except OSError as e:  # the temporary file, or a full disk or file size limit while writing it (no name)
         if e.filename != a.out_file + ".part" and not (e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)):
             raise

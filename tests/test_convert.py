@@ -304,6 +304,20 @@ def test_cli_convert_and_verify(tmp_path):
     assert r.returncode == 2 and "checksum mismatch" in r.stderr
 
 
+def test_cli_table_option(tmp_path):
+    """The table is int8 by default and int4 with --table int4, the same rounding as every matrix."""
+    from pyguard import cli
+
+    hf = make(tmp_path)
+    for table, kind in ((None, quant.Q8Tensor), ("int4", quant.QTensor)):
+        out = str(tmp_path / f"{table}.pg")
+        assert cli.main(["convert", hf, out, "--no-calibration"] + (["--table", table] if table else [])) == 0
+        assert isinstance(file.load(out).tensors["tok_embeddings"], kind)
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error
+        cli.main(["convert", hf, str(tmp_path / "x.pg"), "--table", "int2"])
+    assert e.value.code == 2
+
+
 # ---- fuzzed readers: corrupt and truncated files raise PyguardError, never anything else
 
 

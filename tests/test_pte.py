@@ -125,7 +125,7 @@ def test_cli_converts_the_meta_layout(exported, tmp_path, capsys):
     assert cli.main(["convert", str(d), str(tmp_path / "cli.pgw")]) == 0
     assert open(tmp_path / "cli.pgw", "rb").read() == open(out, "rb").read()
     assert cli.main(["convert", str(d), str(tmp_path / "no.pgw"), "--group", "256"]) == 2
-    assert "leave out --group and --head" in capsys.readouterr().err and not os.path.exists(tmp_path / "no.pgw")
+    assert "leave out --group, --head and --table" in capsys.readouterr().err and not os.path.exists(tmp_path / "no.pgw")
 
 
 def test_int4_values_are_taken_as_stored(exported):

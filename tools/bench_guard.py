@@ -133,7 +133,8 @@ def prepare(args) -> dict:
         files[head] = str(work / f"guard1b-g{args.group}-{head}.pgw")
         if not os.path.exists(files[head]):
             print(f"converting ({head} head) ...", file=sys.stderr)
-            convert(str(hf), files[head], group=args.group, head=head)
+            # int4 table: llama.cpp's GGUF is written from these very int4 weights (Q4_0 blocks)
+            convert(str(hf), files[head], group=args.group, head=head, table="int4")
     tok = Tokenizer.from_file(str(hf / "original" / "tokenizer.model"))
     one, two = conversations()
     ids = {"one": [prompt_tokens(tok, c) for c in one], "two": [prompt_tokens(tok, c) for c in two]}
