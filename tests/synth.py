@@ -184,8 +184,9 @@ def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
 
 def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int = 0) -> str:
     """Path of a pyguard file of the decisive model (decisive_weights) with the real Llama 3
-    tokenizer, converted as `pyguard convert` does; the checkpoint is written once per tmp_dir,
-    group and seed and reused for the other head."""
+    tokenizer, converted as `pyguard convert --table int4` does (every matrix on the int4 grid
+    the weights were made for, so the guard head's rows are exactly the full head's); the
+    checkpoint is written once per tmp_dir, group and seed and reused for the other head."""
     import os
 
     from pyguard.convert.checkpoint import reference_tokenizer_model, write_checkpoint
@@ -196,5 +197,5 @@ def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int
         write_checkpoint(hf_dir, DECISIVE, decisive_weights(group, seed), dtype="F32", tokenizer_model=reference_tokenizer_model())
     out = os.path.join(tmp_dir, f"decisive-{head}-g{group}-s{seed}.pgw")
     if not os.path.exists(out):
-        convert(hf_dir, out, group=group, head=head)
+        convert(hf_dir, out, group=group, head=head, table="int4")
     return out
