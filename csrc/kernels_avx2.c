@@ -158,9 +158,9 @@ INLINE __m256 exp_neg8(__m256 x) {
  * side by side: 7 adds and 15 shuffles instead of 24 and 24. */
 INLINE __m256 hsum8(const __m256 *a) {
     __m256 s[4], p[2];
-    for (int t = 0; t < 4; t++) /* lanes 0+4, 1+5, 2+6, 3+7 of a[2t] | of a[2t + 1] */
+    UNROLL for (int t = 0; t < 4; t++) /* lanes 0+4, 1+5, 2+6, 3+7 of a[2t] | of a[2t + 1] */
         s[t] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * t], a[2 * t + 1], 0x20), _mm256_permute2f128_ps(a[2 * t], a[2 * t + 1], 0x31));
-    for (int t = 0; t < 2; t++) /* then 0+2, 1+3: (a[4t], a[4t + 2]) | (a[4t + 1], a[4t + 3]) */
+    UNROLL for (int t = 0; t < 2; t++) /* then 0+2, 1+3: (a[4t], a[4t + 2]) | (a[4t + 1], a[4t + 3]) */
         p[t] = _mm256_add_ps(_mm256_shuffle_ps(s[2 * t], s[2 * t + 1], 0x44), _mm256_shuffle_ps(s[2 * t], s[2 * t + 1], 0xEE));
     /* then 0+1: sums of a[0], a[2], a[4], a[6] | a[1], a[3], a[5], a[7] */
     __m256 r = _mm256_add_ps(_mm256_shuffle_ps(p[0], p[1], 0x88), _mm256_shuffle_ps(p[0], p[1], 0xDD));
@@ -169,11 +169,14 @@ INLINE __m256 hsum8(const __m256 *a) {
 
 /* KEYS dot products of one query head qh[hd] with consecutive keys k[KEYS][hd] (KEYS <= 8):
  * per key, lanes accumulate products in order of the 8-column chunk, then hsum (the scalar
- * dot8's order). Several keys at once give the core independent sums to overlap. */
-INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const int KEYS) {
+ * dot8's order). Several keys at once give the core independent sums to overlap. HD is the
+ * head size when it is a compile-time constant (every address an immediate offset, the loop
+ * unrolled: index arithmetic had cost as much as the products), else 0 and hd is used. */
+INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const int KEYS, const int HD) {
+    if (HD) hd = HD;
     __m256 acc[8];
     UNROLL for (int t = 0; t < KEYS; t++) acc[t] = _mm256_mul_ps(_mm256_loadu_ps(qh), _mm256_loadu_ps(k + (int64_t)t * hd));
-    for (int32_t i = 8; i < hd; i += 8) {
+    _Pragma("GCC unroll 16") for (int32_t i = 8; i < hd; i += 8) {
         const __m256 qv = _mm256_loadu_ps(qh + i);
         UNROLL for (int t = 0; t < KEYS; t++)
             acc[t] = _mm256_add_ps(acc[t], _mm256_mul_ps(qv, _mm256_loadu_ps(k + (int64_t)t * hd + i)));
@@ -184,25 +187,44 @@ INLINE void dots(const float *qh, const float *k, int32_t hd, float *out, const 
         UNROLL for (int t = 0; t < KEYS; t++) out[t] = hsum(acc[t]);
 }
 
-TARGET static void scores(const float *q, const float *k, int32_t count, int32_t hd, float *out) {
+INLINE void scores_hd(const float *q, const float *k, int32_t count, int32_t hd, float *out, const int HD) {
     int32_t t = 0;
-    for (; t + 8 <= count; t += 8) dots(q, k + (int64_t)t * hd, hd, out + t, 8);
-    for (; t < count; t++) dots(q, k + (int64_t)t * hd, hd, out + t, 1);
+    for (; t + 8 <= count; t += 8) dots(q, k + (int64_t)t * hd, hd, out + t, 8, HD);
+    for (; t < count; t++) dots(q, k + (int64_t)t * hd, hd, out + t, 1, HD);
+}
+
+/* Llama Guard 3's heads are 64 (1B) and 128 (8B) wide. */
+TARGET static void scores(const float *q, const float *k, int32_t count, int32_t hd, float *out) {
+    if (hd == 64)
+        scores_hd(q, k, count, hd, out, 64);
+    else if (hd == 128)
+        scores_hd(q, k, count, hd, out, 128);
+    else
+        scores_hd(q, k, count, hd, out, 0);
 }
 
 /* pg_softmax_scalar's result, 8 positions at a time (lane l of the sum takes positions 8i + l,
  * zeros past the end). */
 TARGET static float softmax(float *s, int32_t len) {
-    float m = s[0]; /* the max is exact in any order */
-    int bad = 0;
-    for (int32_t j = 0; j < len; j++) {
+    /* the max is exact in any order; a non-finite score poisons it (inf - inf, or NaN) */
+    __m256 m8 = _mm256_set1_ps(s[0]), bad8 = _mm256_setzero_ps();
+    int32_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const __m256 v = _mm256_loadu_ps(s + j);
+        m8 = _mm256_max_ps(m8, v);
+        bad8 = _mm256_or_ps(bad8, _mm256_cmp_ps(_mm256_sub_ps(v, v), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    }
+    float lanes[8], m = s[0];
+    int bad = _mm256_movemask_ps(bad8) != 0;
+    _mm256_storeu_ps(lanes, m8);
+    for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;
+    for (; j < len; j++) {
         bad |= !isfinite(s[j]);
         m = s[j] > m ? s[j] : m;
     }
     __m256 sum = _mm256_setzero_ps();
     const __m256 mv = _mm256_set1_ps(m);
-    int32_t j = 0;
-    for (; j + 8 <= len; j += 8) {
+    for (j = 0; j + 8 <= len; j += 8) {
         __m256 e = exp_neg8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
         _mm256_storeu_ps(s + j, e);
         sum = _mm256_add_ps(sum, e);
