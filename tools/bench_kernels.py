@@ -64,7 +64,7 @@ def bench_gemv(rng, m, k, group, reps):
     def read():
         for _ in range(copies):
             b = bufs[state["i"] % copies]
-            lib.pg_stream_read(ffi.cast("uint8_t *", ffi.from_buffer(b)), b.nbytes)
+            lib.pg_stream_read(kernels.default_pool().c, ffi.cast("uint8_t *", ffi.from_buffer(b)), b.nbytes)
             state["i"] += 1
 
     calls = copies
