@@ -190,23 +190,34 @@ def correlated_inputs(n: int, k: int, seed: int) -> np.ndarray:
     return (np.random.default_rng([k, seed]).standard_normal((n, k)) @ mix).astype(np.float32)
 
 
-def test_inverse_factor():
-    x = correlated_inputs(300, 96, 0)
-    h = calibrate.hessian(x, None)
-    u = calibrate.inverse_factor(h)
-    assert np.abs(np.tril(u, -1)).max() < 1e-6 * np.abs(u).max() and np.all(np.diag(u) > 0)  # GPTQ reads the upper part
-    damped = h.astype(np.float64) + calibrate.DAMP * np.mean(np.diag(h)) * np.eye(96)
-    np.testing.assert_allclose(u.T.astype(np.float64) @ u @ damped, np.eye(96), atol=1e-3)
+def test_inverse_factors(monkeypatch):
+    """The columns by decreasing mean square, and per span of SPAN columns in that order
+    U^T U = (H_b + damp I)^-1, H_b the span's Hessian (600 columns: a full span and a short one)."""
+    monkeypatch.setattr(calibrate, "SPAN", 512)
+    k = 600
+    x, s = correlated_inputs(1000, k, 0), np.exp2(np.arange(k) % 5 - 2.0).astype(np.float32)
+    xs = x / s
+    h = xs.T.astype(np.float64) @ xs / len(xs)
+    order, factors = calibrate.inverse_factors(x, s)
+    assert np.array_equal(order, np.argsort(-np.diag(h), kind="stable")) and not np.array_equal(order, np.arange(k))
+    assert [len(u) for u in factors] == [512, 88]
+    for u, span in zip(factors, (order[:512], order[512:])):
+        assert np.abs(np.tril(u, -1)).max() < 1e-6 * np.abs(u).max() and np.all(np.diag(u) > 0)  # GPTQ reads the upper part
+        damped = h[np.ix_(span, span)] + calibrate.DAMP * np.mean(np.diag(h)) * np.eye(len(span))
+        np.testing.assert_allclose(u.T.astype(np.float64) @ u @ damped, np.eye(len(span)), atol=1e-3)
 
 
 @pytest.mark.parametrize("group", [32, 64])
-def test_gptq_without_correlation_is_weighted_rounding(group):
-    """With a diagonal Hessian no error has anywhere to go: GPTQ's values and scales are then
-    exactly the importance-weighted rounding's (the bookkeeping of groups and blocks is right)."""
+def test_gptq_without_correlation_is_weighted_rounding(group, monkeypatch):
+    """With uncorrelated inputs no error has anywhere to go: GPTQ's values and scales are then
+    exactly the importance-weighted rounding's (the bookkeeping of the column order, spans and
+    sub-blocks is right: the mean squares are not sorted, so the order is not the identity)."""
+    monkeypatch.setattr(calibrate, "SPAN", 128)
     rng = np.random.default_rng(1)
     w = rng.standard_normal((24, 320)).astype(np.float32)
     a = rng.exponential(1, 320).astype(np.float32)
-    q, scales = calibrate.gptq(w, calibrate.inverse_factor(np.diag(a)), group, a)
+    x = np.diag(np.sqrt(320 * a)).astype(np.float32)  # X^T X / n = diag(a)
+    q, scales = calibrate.gptq(w, *calibrate.inverse_factors(x, None), group, a)
     want = quant.mse_scales(w, group, a)
     assert np.array_equal(scales, want) and np.array_equal(q, quant.quantize_with_scales(w, want))
 
@@ -215,20 +226,21 @@ def test_gptq_without_correlation_is_weighted_rounding(group):
 def test_gptq_lowers_the_output_error(group, monkeypatch):
     """On correlated inputs, error feedback brings the products X W^T closer than weighted
     rounding alone does, on inputs it was not fitted on (same distribution, other samples;
-    1024 independent samples: GPTQ's usual light damping)."""
+    1024 independent samples: GPTQ's usual light damping; two spans)."""
     monkeypatch.setattr(calibrate, "DAMP", 0.01)
+    monkeypatch.setattr(calibrate, "SPAN", 256)
     k = 512
     x, held = correlated_inputs(1024, k, 2), correlated_inputs(1024, k, 3)
     w = np.random.default_rng(4).standard_normal((64, k)).astype(np.float32)
-    h = calibrate.hessian(x, None)
-    a = np.diag(h).copy()
-    q, scales = calibrate.gptq(w, calibrate.inverse_factor(h), group, a)
+    a = np.mean(x * x, axis=0)
+    q, scales = calibrate.gptq(w, *calibrate.inverse_factors(x, None), group, a)
     rtn = quant.mse_scales(w, group, a)
 
     def err(q, scales):
         deq = quant.dequantize(quant.pack_weights(q, scales))
         return float(np.sum((held @ (deq - w).T) ** 2))
 
+    assert np.array_equal(scales, rtn)  # static groups: the scales are chosen before any error is fed back
     assert err(q, scales) < 0.95 * err(quant.quantize_with_scales(w, rtn), rtn)
 
 
@@ -243,6 +255,21 @@ def test_store_is_removed(hf, tmp_path, monkeypatch):
     monkeypatch.setattr(calibrate, "MAX_TOKENS", 10**6)
     monkeypatch.setattr(calibrate.Calibration, "keep", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
+        convert(hf, str(tmp_path / "n.pgw"), calibration=PROMPTS)
+    assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_error_on_the_quantizing_thread(hf, tmp_path, monkeypatch):
+    """Error feedback runs on a second thread: its errors reach the conversion, and the store
+    is removed."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def broken(*a):
+        raise ValueError("gptq failed")
+
+    monkeypatch.setattr(calibrate, "gptq", broken)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="gptq failed"):
         convert(hf, str(tmp_path / "n.pgw"), calibration=PROMPTS)
     assert not list((tmp_path / "tmp").iterdir())
 

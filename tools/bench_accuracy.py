@@ -11,8 +11,9 @@ the calibration conversations). Each converter setting is converted with `pyguar
 code and run by the engine (int4 weights, int8 activations), and its dequantized weights are
 run by transformers (float activations: what weight rounding alone costs). Calibration prompts
 are the built-in conversations in the guard template, tokenized by the checkpoint's tokenizer.
-Settings: plain scales, importance-weighted scales, folding, GPTQ, with the int8 embedding
-table/head (the default) or, for the first two rows, the int4 table (as before format 2).
+Settings: plain scales, importance-weighted scales, folding, GPTQ (error feedback in activation
+order; with folding: the converter's default), with the int8 embedding table/head (the default)
+or, for the first two rows, the int4 table (as before format 2).
 --llama-cpp: llama.cpp's Q4_0 and Q4_K_M of the same weights (the source GGUF's values written as
 an F32 GGUF, then llama_model_quantize), run by llama-cpp-python on the same token ids; the F32
 GGUF is run too, as a check that both runtimes compute the same model. Each pyguard row then says
@@ -173,7 +174,7 @@ def real_benchmark(args) -> None:
     settings = {"plain, int4 table": (False, alphas, False, "int4"), "weighted+folding, int4 table": (prompts, alphas, False, "int4"),
                 "plain (no calibration)": (False, alphas, False, "int8"), "weighted scales": (prompts, (0.0,), False, "int8"),
                 "weighted + folding": (prompts, alphas, False, "int8"), "weighted + GPTQ": (prompts, (0.0,), True, "int8"),
-                "weighted+folding+GPTQ": (prompts, alphas, True, "int8")}
+                "default (w+f+GPTQ)": (prompts, alphas, True, "int8")}
     tmp = tempfile.mkdtemp()
     for g in args.groups:
         for label, (cal, calibrate.ALPHAS, calibrate.GPTQ, table) in settings.items():

@@ -19,9 +19,12 @@ Then:
   in float arithmetic), alpha chosen per matrix from `ALPHAS` by the
   output error it gives on the calibration activations (int4 weights and int8 activations
   as the engine computes them, on a sample of rows); alpha 0 (no folding) is a candidate.
-- **Error feedback** (GPTQ, `gptq`; off by default: no better on SmolLM2 with the built-in
-  set, docs/CONVERT.md): each layer's matrices are quantized in the pass from their inputs'
-  Hessians and kept in a temporary store, so that the pass still holds one layer at a time.
+- **Error feedback** (GPTQ, `gptq`, in activation order with static groups): within a row
+  the columns are rounded by decreasing mean square input, each rounding error spread over the
+  columns of its span (SPAN columns in that order) not yet rounded. Each layer's matrices are
+  quantized in the pass from their inputs and kept in a temporary store, so that the pass still
+  holds one layer at a time. In column order it was no better on SmolLM2; in activation order
+  it is, and spans bound its memory and time on the 1B model (docs/CONVERT.md).
 
 Everything is deterministic (no random sampling, fixed summation order in numpy for a given
 input), so the same checkpoint and calibration set give the same file bytes.
@@ -33,6 +36,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -48,9 +52,10 @@ ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
 SEARCH_ROWS = 256  # rows of a matrix (evenly spaced) on which alpha is chosen
 SEARCH_TOKENS = 256  # calibration tokens (evenly spaced) on which alpha is chosen
 MAX_TOKENS = 2048  # distinct calibration rows at most: bounds the float pass (docs/CONVERT.md)
-GPTQ = False  # error feedback within rows: measured no better on SmolLM2 with this calibration set (docs/CONVERT.md)
+GPTQ = True  # error feedback within rows (activation order): SmolLM2's KL 0.200 -> 0.191 at G=32 (docs/CONVERT.md)
 DAMP = 1.0  # share of the mean Hessian diagonal added before inverting: 2048 tokens, much policy text repeated, need a strong prior (0.01 and 0.1 measured worse)
-BLOCK = 128  # columns whose error feedback is applied to the later columns at once
+SPAN = 512  # columns (in activation order) among which rounding errors are fed back: the Hessian's diagonal blocks (docs/CONVERT.md)
+SUB = 16  # columns whose error feedback is applied to the rest of their span at once
 MAX_LINE = 1 << 20  # bytes of one calibration JSONL line
 
 # The built-in calibration conversations: what a guard reads (the eight languages Llama Guard 3
@@ -144,8 +149,9 @@ class Calibration:
     col: dict[str, np.ndarray] = field(default_factory=dict)
     row: dict[str, np.ndarray] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
-    hinv: dict[str, np.ndarray] = field(default_factory=dict)  # the head's inverse Hessian factor (error feedback)
     store: str | None = None  # directory of the matrices quantized during the pass
+    worker: ThreadPoolExecutor | None = None  # the thread quantizing them
+    pending: list = field(default_factory=list)  # its futures
 
     def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
         """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied."""
@@ -158,10 +164,7 @@ class Calibration:
 
     def quantize(self, name: str, w: np.ndarray, group: int) -> quant.QTensor:
         """Rows of pyguard matrix `name` (already folded) with importance-weighted scales."""
-        a = self.importance.get(name)
-        if name in self.hinv:
-            return quant.pack_weights(*gptq(w, self.hinv[name], group, a))
-        scales = quant.mse_scales(w, group, a)
+        scales = quant.mse_scales(w, group, self.importance.get(name))
         return quant.pack_weights(quant.quantize_with_scales(w, scales), scales)
 
     def stored(self, name: str) -> quant.QTensor | None:
@@ -171,18 +174,35 @@ class Calibration:
         qs, scales, rowsum = (np.load(os.path.join(self.store, f"{name}.{n}.npy"), mmap_mode="r") for n in ("qs", "scales", "rowsum"))
         return quant.QTensor(qs, scales, rowsum, qs.shape[1] * 2 // scales.shape[1])
 
-    def keep(self, name: str, w: np.ndarray, h: np.ndarray, group: int) -> None:
-        """Quantize folded matrix `name` with error feedback (Hessian h of its inputs) into the
-        store: a layer's Hessians are then freed, and the pass holds one layer at a time."""
+    def keep(self, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
+        """Quantize folded matrix `name` with error feedback (its inputs x, divided by its folding
+        s) into the store, on a second thread: the float pass uses one core, and goes on with
+        the next layer meanwhile (`wait` bounds that to one layer's matrices in flight)."""
         quant.check_weights(w, name, quantized=True)
-        t = quant.pack_weights(*gptq(w, inverse_factor(h), group, self.importance[name]))
         if self.store is None:
             self.store = tempfile.mkdtemp(prefix="pyguard-calibration-")
+            self.worker = ThreadPoolExecutor(1)
+        self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
+
+    def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
+        t = quant.pack_weights(*gptq(w, *inverse_factors(x, s), group, self.importance[name]))
         for n in ("qs", "scales", "rowsum"):
-            np.save(os.path.join(self.store, f"{name}.{n}.npy"), getattr(t, n))
+            np.save(os.path.join(store, f"{name}.{n}.npy"), getattr(t, n))
+
+    def wait(self) -> None:
+        """Wait for the matrices being quantized (their errors are raised here)."""
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()
 
     def close(self) -> None:
-        """Remove the store of quantized matrices."""
+        """Stop quantizing and remove the store of quantized matrices."""
+        for f in self.pending:
+            f.cancel()
+        self.pending = []
+        if self.worker is not None:
+            self.worker.shutdown(wait=True)
+            self.worker = None
         if self.store is not None:
             shutil.rmtree(self.store, ignore_errors=True)
             self.store = None
@@ -191,7 +211,7 @@ class Calibration:
         """What the file's metadata records."""
         folded = {k: v for k, v in self.alphas.items() if v}
         return {"tokens": self.tokens, "prompts": self.prompts, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
-                "error_feedback": "GPTQ within rows" if self.hinv else None,
+                "error_feedback": f"GPTQ in activation order, spans of {SPAN}" if self.store else None,
                 "alpha_mean": round(float(np.mean(list(self.alphas.values()))) if self.alphas else 0.0, 4)}
 
 
@@ -258,18 +278,18 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
         return w
 
     for i in range(cfg.n_layers):
+        cal.wait()  # the previous layer's matrices: one layer in flight
         p = f"model.layers.{i}."
         wq, wk, wv, wo = (read(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
         wg, wu, wd = (read(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
         n_att, n_ffn = read(p + "input_layernorm.weight"), read(p + "post_attention_layernorm.weight")
 
         h = rms_norm(x, n_att, cfg.norm_eps)
-        s = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, pick)
-        if s is not None:
-            cal.row[p + "input_layernorm.weight"] = s
+        s_qkv = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, pick)
+        if s_qkv is not None:
+            cal.row[p + "input_layernorm.weight"] = s_qkv
             for n in "qkv":
-                cal.col[p + f"self_attn.{n}_proj.weight"] = s
-        h_qkv = hessian(h, s) if GPTQ else None  # quantized once wo's folding has set the v rows
+                cal.col[p + f"self_attn.{n}_proj.weight"] = s_qkv
         qkv = h @ np.concatenate([wq, wk, wv]).T
         apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
         att = np.empty((len(x), q_rows), np.float32)
@@ -280,42 +300,37 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
         if s is not None:
             cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
             cal.col[p + "self_attn.o_proj.weight"] = s
-        if GPTQ:
+        if GPTQ:  # wqkv is quantized once wo's folding has set the v rows
             cal.keep(f"layers.{i}.wqkv", np.concatenate([cal.fold(p + f"self_attn.{n}_proj.weight", slice(None), w)
-                                                         for n, w in zip("qkv", (wq, wk, wv))]), h_qkv, group)
-            cal.keep(f"layers.{i}.wo", cal.fold(p + "self_attn.o_proj.weight", slice(None), wo), hessian(att, s), group)
-            del h_qkv
+                                                         for n, w in zip("qkv", (wq, wk, wv))]), h, s_qkv, group)
+            cal.keep(f"layers.{i}.wo", cal.fold(p + "self_attn.o_proj.weight", slice(None), wo), att, s, group)
         x = x + att @ wo.T
 
         h = rms_norm(x, n_ffn, cfg.norm_eps)
-        s = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, pick)
-        if s is not None:
-            cal.row[p + "post_attention_layernorm.weight"] = s
-            cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s
-        h_13 = hessian(h, s) if GPTQ else None  # quantized once w2's folding has set the up rows
+        s_13 = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, pick)
+        if s_13 is not None:
+            cal.row[p + "post_attention_layernorm.weight"] = s_13
+            cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s_13
         g, u = h @ wg.T, h @ wu.T
         act = g / (1 + np.exp(-np.maximum(g, -80))) * u
         s = _choose(cal, f"layers.{i}.w2", wd, act, group, pick)
         if s is not None:
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
-        if GPTQ:
+        if GPTQ:  # w13 is quantized once w2's folding has set the up rows
             cal.keep(f"layers.{i}.w13", np.concatenate([cal.fold(p + f"mlp.{n}_proj.weight", slice(None), w)
-                                                        for n, w in (("gate", wg), ("up", wu))]), h_13, group)
-            cal.keep(f"layers.{i}.w2", cal.fold(p + "mlp.down_proj.weight", slice(None), wd), hessian(act, s), group)
-            del h_13
+                                                        for n, w in (("gate", wg), ("up", wu))]), h, s_13, group)
+            cal.keep(f"layers.{i}.w2", cal.fold(p + "mlp.down_proj.weight", slice(None), wd), act, s, group)
         x = x + act @ wd.T
         if not np.isfinite(x).all():
             raise PyguardError(f"calibration: the float model overflows at layer {i} (convert with --no-calibration)")
         if progress:
             progress((i + 1) / cfg.n_layers, f"calibration layer {i}")
+    cal.wait()
     h = rms_norm(x, read("model.norm.weight"), cfg.norm_eps)
     cal.importance["output"] = _mean_square(h)
-    if GPTQ:  # the head is quantized by the converter, rows being independent: a pruned head needs its rows only
-        cal.hinv["output"] = inverse_factor(hessian(h, None))
     if cfg.tie_embeddings:
         cal.importance["tok_embeddings"] = cal.importance["output"]
-        cal.hinv.update({"tok_embeddings": cal.hinv["output"]} if GPTQ else {})
 
 
 def _mean_square(x: np.ndarray) -> np.ndarray:
@@ -325,52 +340,62 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
 
 
-def hessian(x: np.ndarray, s: np.ndarray | None) -> np.ndarray:
-    """X^T X / n of a matrix's inputs x as the folded matrix sees them (x / s)."""
+def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """What GPTQ needs of a matrix's inputs x (as the folded matrix sees them: x / s): the
+    columns by decreasing mean square (activation order: the inputs that matter most are
+    rounded first, while the most columns are left to absorb their error) and, for each span of
+    SPAN columns in that order, the upper triangular U with U^T U = (H_b + damp I)^-1, H_b =
+    X_b^T X_b / n the span's Hessian, float32. Damping by DAMP of the mean diagonal keeps H_b
+    invertible (inputs silent or collinear on the calibration text). With J the reversal,
+    chol(J H J) = L gives U = J L^-1 J: one Cholesky and one small inverse per span."""
     xs = x if s is None else x / s
-    return (xs.T @ xs) / np.float32(len(x))
+    diag = np.einsum("ij,ij->j", xs, xs, dtype=np.float64) / len(xs)
+    order = np.argsort(-diag, kind="stable")
+    damp = np.float32(DAMP * diag.mean() + 1e-30)
+    factors = []
+    for b0 in range(0, len(order), SPAN):
+        xb = xs[:, order[b0 : b0 + SPAN]]
+        h = (xb.T @ xb) / np.float32(len(xs))
+        h[np.arange(len(h)), np.arange(len(h))] += damp
+        low = np.linalg.cholesky(h[::-1, ::-1])
+        factors.append(np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1]))
+    return order, factors
 
 
-def inverse_factor(h: np.ndarray) -> np.ndarray:
-    """Upper triangular U with U^T U = (H + damp I)^-1, float32, as GPTQ uses it. Damping by DAMP
-    of the mean diagonal keeps H invertible (inputs silent or collinear on the calibration text).
-    With J the reversal, chol(J H J) = L gives U = J L^-1 J: one Cholesky and one inverse."""
-    h = h.astype(np.float32, copy=True)
-    k = len(h)
-    h[np.arange(k), np.arange(k)] += np.float32(DAMP) * np.float32(np.mean(np.diag(h))) + np.float32(1e-30)
-    low = np.linalg.cholesky(h[::-1, ::-1])
-    del h
-    return np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
-
-
-def gptq(w: np.ndarray, u: np.ndarray, group: int, a: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group: int,
+         a: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int4 values int8 [M, K] and fp16 scales [M, K/G] of W by GPTQ's error feedback: the
-    columns are rounded in order, and each one's rounding error (scaled by U's diagonal) is
-    spread over the columns not yet rounded as the inverse Hessian factor U says, so that the
-    products X W^T, not the weights, stay close. A group's scale is chosen (importance-weighted
-    search, quant.mse_scales) when its first column is reached, on the weights updated so far.
-    Blocks of BLOCK columns apply the updates to later blocks at once (a matrix product)."""
-    w = np.array(w, dtype=np.float32)
+    columns are rounded in `order`, and each one's rounding error (scaled by U's diagonal) is
+    spread over the columns of its span not yet rounded as the span's inverse Hessian factor U
+    says (`inverse_factors`), so that the products X W^T, not the weights, stay close. The
+    scales are chosen first (importance-weighted search, quant.mse_scales, on W as it is) and
+    groups stay contiguous: static groups, as activation order needs (a group's columns are
+    rounded at different times). Within a span, sub-blocks of SUB columns pass their errors on
+    to the rest of the span at once (a matrix product)."""
+    w = np.asarray(w, dtype=np.float32)
     m, k = w.shape
-    a = np.ones(k, np.float32) if a is None else a
+    scales = quant.mse_scales(w, group, a)
+    # transposed, in the order rounded: a column is a contiguous row, updated in place below
+    wt = np.ascontiguousarray(w.T[order])
+    d = np.ascontiguousarray(scales.astype(np.float32).T[order // group])  # each column's scale
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    qt = np.empty((k, m), np.int8)
+    err = np.empty((SUB, m), np.float32)
+    b0 = 0
+    for u in factors:
+        b1 = b0 + len(u)
+        for s0 in range(b0, b1, SUB):
+            s1 = min(s0 + SUB, b1)
+            for c in range(s0, s1):
+                j, e = c - b0, err[c - s0]
+                qt[c] = np.clip(np.rint(wt[c] * inv[c]), -8, 7)
+                np.subtract(wt[c], qt[c] * d[c], out=e)
+                e /= u[j, j]
+                wt[c + 1 : s1] -= np.outer(u[j, j + 1 : s1 - b0], e)
+            wt[s1:b1] -= u[s0 - b0 : s1 - b0, s1 - b0 :].T @ err[: s1 - s0]
+        b0 = b1
     q = np.empty((m, k), np.int8)
-    scales = np.empty((m, k // group), np.float16)
-    block = max(BLOCK, group)  # a multiple of every group size: groups never straddle blocks
-    for b0 in range(0, k, block):
-        b1 = min(b0 + block, k)
-        wb, ub = w[:, b0:b1], u[b0:b1, b0:b1]
-        err = np.empty((m, b1 - b0), np.float32)
-        for j in range(b1 - b0):
-            c = b0 + j
-            if c % group == 0:
-                scales[:, c // group] = quant.mse_scales(wb[:, j : j + group], group, a[c : c + group])[:, 0]
-                d = scales[:, c // group].astype(np.float32)
-                inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
-            qc = np.clip(np.rint(wb[:, j] * inv), -8, 7)
-            q[:, c] = qc
-            err[:, j] = (wb[:, j] - qc * d) / ub[j, j]
-            wb[:, j + 1 :] -= np.outer(err[:, j], ub[j, j + 1 :])
-        w[:, b1:] -= err @ u[b0:b1, b1:]
+    q[:, order] = qt.T
     return q, scales
 
 
