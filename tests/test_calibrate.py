@@ -159,8 +159,10 @@ def test_calibration_memory_is_bounded_by_a_layer(tmp_path, monkeypatch):
     tracemalloc.stop()
     assert cal.stored("layers.23.w2") is not None
     cal.close()
-    assert peak < 4 * layer + acts + (4 << 20), (peak, layer, whole)
-    assert 4 * layer + acts + (4 << 20) < whole / 2  # the bound says something
+    # a layer's weights, its folded copies and their quantization's temporaries on two threads
+    bound = 8 * layer + acts + (4 << 20)
+    assert peak < bound, (peak, layer, whole)
+    assert bound < whole / 2  # the bound says something
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

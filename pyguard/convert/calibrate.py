@@ -150,7 +150,7 @@ class Calibration:
     row: dict[str, np.ndarray] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     store: str | None = None  # directory of the matrices quantized during the pass
-    worker: ThreadPoolExecutor | None = None  # the thread quantizing them
+    worker: ThreadPoolExecutor | None = None  # the threads quantizing them
     pending: list = field(default_factory=list)  # its futures
 
     def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
@@ -176,12 +176,12 @@ class Calibration:
 
     def keep(self, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
         """Quantize folded matrix `name` with error feedback (its inputs x, divided by its folding
-        s) into the store, on a second thread: the float pass uses one core, and goes on with
-        the next layer meanwhile (`wait` bounds that to one layer's matrices in flight)."""
+        s) into the store, on two more threads: the float pass uses about one core, and goes on
+        with the next layer meanwhile (`wait` bounds that to one layer's matrices in flight)."""
         quant.check_weights(w, name, quantized=True)
         if self.store is None:
             self.store = tempfile.mkdtemp(prefix="pyguard-calibration-")
-            self.worker = ThreadPoolExecutor(1)
+            self.worker = ThreadPoolExecutor(2)
         self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
 
     def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
@@ -377,8 +377,9 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
     scales = quant.mse_scales(w, group, a)
     # transposed, in the order rounded: a column is a contiguous row, updated in place below
     wt = np.ascontiguousarray(w.T[order])
-    d = np.ascontiguousarray(scales.astype(np.float32).T[order // group])  # each column's scale
+    d = np.ascontiguousarray(scales.astype(np.float32).T)  # [K/G, M]: column c's scales are d[gi[c]]
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
+    gi = order // group
     qt = np.empty((k, m), np.int8)
     err = np.empty((SUB, m), np.float32)
     b0 = 0
@@ -387,9 +388,9 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
         for s0 in range(b0, b1, SUB):
             s1 = min(s0 + SUB, b1)
             for c in range(s0, s1):
-                j, e = c - b0, err[c - s0]
-                qt[c] = np.clip(np.rint(wt[c] * inv[c]), -8, 7)
-                np.subtract(wt[c], qt[c] * d[c], out=e)
+                j, e, g = c - b0, err[c - s0], gi[c]
+                qt[c] = np.clip(np.rint(wt[c] * inv[g]), -8, 7)
+                np.subtract(wt[c], qt[c] * d[g], out=e)
                 e /= u[j, j]
                 wt[c + 1 : s1] -= np.outer(u[j, j + 1 : s1 - b0], e)
             wt[s1:b1] -= u[s0 - b0 : s1 - b0, s1 - b0 :].T @ err[: s1 - s0]
