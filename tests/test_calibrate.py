@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import threading
 import tracemalloc
 
 import numpy as np
@@ -259,6 +260,28 @@ def test_store_is_removed(hf, tmp_path, monkeypatch):
     with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
         convert(hf, str(tmp_path / "n.pgw"), calibration=PROMPTS)
     assert not list((tmp_path / "tmp").iterdir())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_error_feedback_threads_follow_the_conversion(hf, tmp_path, monkeypatch, threads):
+    """`convert(threads=1)` quantizes on the pass's own thread; more threads put error feedback
+    on its own threads. The file is the same either way."""
+    seen, real = set(), calibrate.gptq
+
+    def spy(*a):
+        seen.add(threading.get_ident())
+        return real(*a)
+
+    monkeypatch.setattr(calibrate, "GPTQ", True)
+    monkeypatch.setattr(calibrate, "gptq", spy)
+    out = str(tmp_path / "m.pgw")
+    with pytest.warns(UserWarning, match="tokenizer not converted"):
+        convert(hf, out, threads=threads, calibration=PROMPTS)
+    assert seen and (seen == {threading.get_ident()}) == (threads == 1)
+    ref = str(tmp_path / "ref.pgw")
+    convert_quiet(hf, ref, calibration=PROMPTS)
+    with open(out, "rb") as x, open(ref, "rb") as y:
+        assert x.read() == y.read()
 
 
 def test_error_on_the_quantizing_thread(hf, tmp_path, monkeypatch):

@@ -150,7 +150,8 @@ class Calibration:
     row: dict[str, np.ndarray] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
     store: str | None = None  # directory of the matrices quantized during the pass
-    worker: ThreadPoolExecutor | None = None  # the threads quantizing them
+    threads: int = 2  # threads quantizing them beside the pass (1: on the pass's own thread)
+    worker: ThreadPoolExecutor | None = None  # those threads
     pending: list = field(default_factory=list)  # its futures
 
     def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
@@ -176,13 +177,17 @@ class Calibration:
 
     def keep(self, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
         """Quantize folded matrix `name` with error feedback (its inputs x, divided by its folding
-        s) into the store, on two more threads: the float pass uses about one core, and goes on
-        with the next layer meanwhile (`wait` bounds that to one layer's matrices in flight)."""
+        s) into the store, on `threads` more threads: the float pass uses about one core, and goes
+        on with the next layer meanwhile (`wait` bounds that to one layer's matrices in flight).
+        With one thread in all, the matrix is quantized here, before the pass goes on."""
         quant.check_weights(w, name, quantized=True)
         if self.store is None:
             self.store = tempfile.mkdtemp(prefix="pyguard-calibration-")
-            self.worker = ThreadPoolExecutor(2)
-        self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
+            self.worker = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        if self.worker is None:
+            self._keep(self.store, name, w, x, s, group)
+        else:
+            self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
 
     def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
         t = quant.pack_weights(*gptq(w, *inverse_factors(x, s), group, self.importance[name]))
@@ -216,7 +221,7 @@ class Calibration:
 
 
 def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int]], group: int,
-              progress: Callable[[float, str], None] | None = None) -> Calibration:
+              progress: Callable[[float, str], None] | None = None, threads: int | None = None) -> Calibration:
     """Run the float checkpoint over the prompts (at most MAX_TOKENS distinct rows in all), layer
     by layer, and decide the folding and importances. A prompt's longest prefix shared with an
     earlier prompt (the guard's policy text) is not run again: its rows are that prompt's, whose
@@ -224,7 +229,9 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
     and the budget reaches many more prompts. Memory: one layer's float weights and the
     calibration activations (MAX_TOKENS x hidden_dim float32 at most). A tied embedding table
     is also the output head, so it takes the head's importances (whichever head the file keeps:
-    a pruned head's rows are then exactly the full head's)."""
+    a pruned head's rows are then exactly the full head's). threads: the conversion's threads
+    (None: all cores); error feedback runs on up to two of them beside the pass, or, with one,
+    on the pass's own thread."""
     kept, seqs, new, total = [], [], [], 0
     for p in prompts:
         p = np.asarray(p, dtype=np.int64)
@@ -243,7 +250,7 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         raise PyguardError("calibration needs at least one token")
     ids = np.concatenate(new)
     pick = np.linspace(0, total - 1, min(SEARCH_TOKENS, total)).astype(np.int64)
-    cal = Calibration(int(total), len(seqs))
+    cal = Calibration(int(total), len(seqs), threads=min(2, threads or os.cpu_count() or 1))
     try:
         _pass(cal, ckpt, cfg, ids, seqs, pick, group, progress)
     except BaseException:

@@ -169,7 +169,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
         else:
             prompts = calibrate.guard_prompts(tok, family, None if calibration is True else calibrate.read_conversations(calibration))
         if prompts is not None:
-            cal = calibrate.calibrate(ckpt, cfg, prompts, group, progress=progress)
+            cal = calibrate.calibrate(ckpt, cfg, prompts, group, progress=progress, threads=threads)
 
     plan = tensor_plan(cfg)
     if cfg.tie_embeddings and head_ids is None:
