@@ -32,12 +32,14 @@ static int supported(const pg_kernels **out) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { /* implies OSXSAVE and ymm state */
         const uint64_t avx512_state = 0xE6; /* XCR0: SSE, AVX, opmask, zmm upper halves, zmm16-31 */
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vnni") && (xcr0() & avx512_state) == avx512_state)
+            out[n++] = &pg_kernels_avx512vnni; /* zmm: twice avxvnni's work per instruction */
         if (__builtin_cpu_supports("avxvnni")) out[n++] = &pg_kernels_avxvnni;
-        if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && (xcr0() & avx512_state) == avx512_state)
-            out[n++] = &pg_kernels_avx512vnni;
         out[n++] = &pg_kernels_avx2;
 #ifdef PG_VNNI_EMULATION
         out[n++] = &pg_kernels_vnni_emulated; /* below avx2: tested, never chosen */
+        out[n++] = &pg_kernels_avx512vnni_emulated;
 #endif
     }
 #endif

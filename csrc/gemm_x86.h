@@ -1,9 +1,13 @@
 /* The x86 int4 GEMM and GEMV, instantiated once per instruction set by kernels_avx2.c: included
  * with NAME(x) (a suffix for every function), XTARGET / XINLINE (target attributes), and the
- * integer core as three macros over int lanes acc (8 x 32 bits, see below):
- *   MULADD(acc, x, w)          acc += the products of 32 activation bytes x and weights w
- *   MULADD2(acc, x, w, x2, w2) the same for two 32-byte chunks
- *   WIDEN(acc)                 the group's 8 int32 lane sums
+ * integer core, over 256-bit vectors (default) or 512-bit ones (WIDE):
+ *   256-bit: MULADD(acc, x, w)          acc += the products of 32 activation bytes x and weights w
+ *            MULADD2(acc, x, w, x2, w2) the same for two 32-byte chunks
+ *            WIDEN(acc)                 the group's 8 int32 lane sums
+ *   WIDE:    W512 (the vector type), W_ZERO(), W_LOAD(p) (64 bytes), W_UNPACK(p) (a block's 64
+ *            weights from its 32 packed bytes), W_DP(acc, x, w) (int32 lane l += the products of
+ *            bytes 4l..4l+3), W_ZEXT(v) (a 256-bit vector, upper half 0), W_FOLD(acc) (lanes
+ *            0..7 + lanes 8..15: a 64-column block's two 32-column chunks summed)
  * Whatever the instruction set, int32 lane l of a group holds the products of bytes 4l..4l+3
  * of each 32-column chunk, summed exactly: the integers, and so every float operation after
  * them, are the same on every x86 path (bit-identical results). No include guard: included
@@ -24,6 +28,37 @@ XINLINE __m256i NAME(unpack32)(const uint8_t *p, int hi) {
     return _mm256_sub_epi8(_mm256_and_si256(v, _mm256_set1_epi8(0x0F)), _mm256_set1_epi8(8));
 }
 
+/* A 64-column block's unpacked weights (wblock), acc += its products with the block's 64
+ * activation bytes x (block); a 32-column half's (hi: columns 32..63) the same (half); the
+ * group's 8 int32 lane sums (lanes). */
+#if !WIDE
+typedef __m256i NAME(acc_t);
+typedef struct { __m256i lo, hi; } NAME(wblock_t);
+XINLINE NAME(acc_t) NAME(zero)(void) { return _mm256_setzero_si256(); }
+XINLINE NAME(wblock_t) NAME(wblock)(const uint8_t *p) {
+    NAME(wblock_t) w;
+    NAME(unpack64)(p, &w.lo, &w.hi);
+    return w;
+}
+XINLINE NAME(acc_t) NAME(block)(NAME(acc_t) acc, const uint8_t *x, NAME(wblock_t) w) {
+    return MULADD2(acc, _mm256_loadu_si256((const __m256i *)x), w.lo, _mm256_loadu_si256((const __m256i *)(x + 32)), w.hi);
+}
+XINLINE NAME(acc_t) NAME(half)(NAME(acc_t) acc, const uint8_t *x, __m256i w) {
+    return MULADD(acc, _mm256_loadu_si256((const __m256i *)x), w);
+}
+XINLINE __m256i NAME(lanes)(NAME(acc_t) acc) { return WIDEN(acc); }
+#else /* one vpdpbusd per block: its two 32-column chunks side by side, folded per group */
+typedef W512 NAME(acc_t);
+typedef W512 NAME(wblock_t);
+XINLINE NAME(acc_t) NAME(zero)(void) { return W_ZERO(); }
+XINLINE NAME(wblock_t) NAME(wblock)(const uint8_t *p) { return W_UNPACK(p); }
+XINLINE NAME(acc_t) NAME(block)(NAME(acc_t) acc, const uint8_t *x, NAME(wblock_t) w) { return W_DP(acc, W_LOAD(x), w); }
+XINLINE NAME(acc_t) NAME(half)(NAME(acc_t) acc, const uint8_t *x, __m256i w) {
+    return W_DP(acc, W_ZEXT(_mm256_loadu_si256((const __m256i *)x)), W_ZEXT(w));
+}
+XINLINE __m256i NAME(lanes)(NAME(acc_t) acc) { return W_FOLD(acc); }
+#endif
+
 /* R rows x T tokens of Y (R, T <= 4). Rows m + r*step of W (r < R), activation rows q[t*K],
  * outputs y[t*M + m + r*step]; G32: W has G == 32 (else G is a multiple of 64). R, T and G32
  * are constants at every call, so the accumulators (fixed-size arrays, fully unrolled loops)
@@ -42,9 +77,9 @@ XINLINE void NAME(tile)(const pg_qtensor *w, int32_t m, int32_t step, const uint
         UNROLL for (int t = 0; t < T; t++) facc[r][t] = _mm256_setzero_ps();
     }
     for (int32_t g = 0; g < ngroups; g++) {
-        __m256i acc[4][4];
+        NAME(acc_t) acc[4][4];
         UNROLL for (int r = 0; r < R; r++)
-            UNROLL for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+            UNROLL for (int t = 0; t < T; t++) acc[r][t] = NAME(zero)();
         /* G >= 64: whole 64-column blocks. G == 32: one half (lo or hi nibbles) of a block. */
         for (int32_t c = g * G; c < (g + 1) * G; c += G32 ? 32 : 64) {
             UNROLL for (int r = 0; r < R; r++) {
@@ -53,24 +88,18 @@ XINLINE void NAME(tile)(const pg_qtensor *w, int32_t m, int32_t step, const uint
                  * the hardware prefetcher to ramp up; fetch 16 KB ahead */
                 if (T == 1 && (c & 127) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
                 if (G32) { /* only the half of the block this group covers */
-                    __m256i wv = NAME(unpack32)(p, c & 32);
-                    UNROLL for (int t = 0; t < T; t++)
-                        acc[r][t] = MULADD(acc[r][t], _mm256_loadu_si256((const __m256i *)(q + (int64_t)t * K + c)), wv);
+                    const __m256i wv = NAME(unpack32)(p, c & 32);
+                    UNROLL for (int t = 0; t < T; t++) acc[r][t] = NAME(half)(acc[r][t], q + (int64_t)t * K + c, wv);
                 } else {
-                    __m256i wlo, whi;
-                    NAME(unpack64)(p, &wlo, &whi);
-                    UNROLL for (int t = 0; t < T; t++) {
-                        const uint8_t *x = q + (int64_t)t * K + c;
-                        acc[r][t] = MULADD2(acc[r][t], _mm256_loadu_si256((const __m256i *)x), wlo,
-                                            _mm256_loadu_si256((const __m256i *)(x + 32)), whi);
-                    }
+                    const NAME(wblock_t) wb = NAME(wblock)(p);
+                    UNROLL for (int t = 0; t < T; t++) acc[r][t] = NAME(block)(acc[r][t], q + (int64_t)t * K + c, wb);
                 }
             }
         }
         UNROLL for (int r = 0; r < R; r++) {
             const __m256 d = _mm256_set1_ps(_cvtsh_ss(w->scales[(int64_t)(m + r * step) * ngroups + g]));
             UNROLL for (int t = 0; t < T; t++) {
-                __m256 v = _mm256_cvtepi32_ps(WIDEN(acc[r][t]));
+                __m256 v = _mm256_cvtepi32_ps(NAME(lanes)(acc[r][t]));
                 facc[r][t] = _mm256_fmadd_ps(v, d, facc[r][t]);
             }
         }

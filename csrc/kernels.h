@@ -39,7 +39,7 @@ extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
 extern const pg_kernels pg_kernels_avx2, pg_kernels_avxvnni, pg_kernels_avx512vnni;
 #ifdef PG_VNNI_EMULATION
-extern const pg_kernels pg_kernels_vnni_emulated; /* test builds: the VNNI code on AVX2 */
+extern const pg_kernels pg_kernels_vnni_emulated, pg_kernels_avx512vnni_emulated; /* test builds: the VNNI codes on AVX2 */
 #endif
 #endif
 #if defined(__aarch64__)

@@ -82,40 +82,101 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #undef WIDEN
 
 /* VNNI: vpdpbusd adds the four products of bytes 4l..4l+3 to int32 lane l in one instruction
- * (what vpmaddubsw + vpmaddwd + vpaddd do): the same integers as AVX2. AVX-VNNI (VEX) and
- * AVX512-VNNI with AVX512VL (EVEX, 256-bit vectors) are the same operation under two encodings.
- * PG_VNNI_EMULATION (test builds only) adds a path whose vpdpbusd is the AVX2 sequence, exact
- * here since no int16 sum can saturate, so the VNNI code's layout, tiling and edges are tested
- * on CPUs without VNNI. */
+ * (what vpmaddubsw + vpmaddwd + vpaddd do): the same integers as AVX2. AVX-VNNI (VEX) runs on
+ * ymm; AVX512-VNNI on zmm, a whole 64-column block per instruction. The integer sums, and so
+ * every result, are those of AVX2.
+ * PG_VNNI_EMULATION (test builds only) adds both codes with vpdpbusd replaced by the AVX2
+ * sequence (exact here: no int16 sum can saturate) and, for the zmm code, each 512-bit vector
+ * by a pair of 256-bit ones, so their layout, tiling and edges are tested on CPUs without VNNI. */
 #define XINLINE XTARGET __attribute__((always_inline)) static inline
 #define WIDEN(acc) (acc)
+#define MULADD2(acc, x, w, x2, w2) MULADD(MULADD(acc, x, w), x2, w2)
+#define DPBUSD_EMULATED(acc, x, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
 #define NAME(x) x##_avxvnni
 #define XTARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define MULADD(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
-#define MULADD2(acc, x, w, x2, w2) MULADD(MULADD(acc, x, w), x2, w2)
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
 #undef MULADD
+
+#define WIDE 1
+#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+/* 32 packed bytes -> a block's 64 signed weights: columns 0..31 (low nibbles) in the lower
+ * half, 32..63 in the upper, matching 64 activation bytes loaded as one vector. */
+AVX512 __attribute__((always_inline)) static inline __m512i unpack512(const uint8_t *p) {
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
+    return _mm512_sub_epi8(_mm512_and_si512(both, _mm512_set1_epi8(0x0F)), _mm512_set1_epi8(8));
+}
 #define NAME(x) x##_avx512vnni
-#define XTARGET __attribute__((target("avx2,fma,f16c,avx512vnni,avx512vl")))
-#define MULADD(acc, x, w) _mm256_dpbusd_epi32(acc, x, w)
+#define XTARGET AVX512
+#define W512 __m512i
+#define W_ZERO() _mm512_setzero_si512()
+#define W_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define W_UNPACK(p) unpack512(p)
+#define W_DP(acc, x, w) _mm512_dpbusd_epi32(acc, x, w)
+#define W_ZEXT(v) _mm512_zextsi256_si512(v)
+#define W_FOLD(acc) _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1))
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
-#undef MULADD
+#undef W512
+#undef W_ZERO
+#undef W_LOAD
+#undef W_UNPACK
+#undef W_DP
+#undef W_ZEXT
+#undef W_FOLD
+
 #ifdef PG_VNNI_EMULATION
+/* the zmm code on pairs of ymm vectors (lo: bytes 0..31, hi: 32..63) */
+typedef struct { __m256i lo, hi; } w512_emulated;
+INLINE w512_emulated w_load_emulated(const uint8_t *p) {
+    return (w512_emulated){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
+}
+INLINE w512_emulated w_unpack_emulated(const uint8_t *p) {
+    w512_emulated w;
+    unpack64_avx2(p, &w.lo, &w.hi);
+    return w;
+}
+INLINE w512_emulated w_dp_emulated(w512_emulated acc, w512_emulated x, w512_emulated w) {
+    return (w512_emulated){DPBUSD_EMULATED(acc.lo, x.lo, w.lo), DPBUSD_EMULATED(acc.hi, x.hi, w.hi)};
+}
+#define NAME(x) x##_avx512vnni_emulated
+#define XTARGET TARGET
+#define W512 w512_emulated
+#define W_ZERO() ((w512_emulated){_mm256_setzero_si256(), _mm256_setzero_si256()})
+#define W_LOAD(p) w_load_emulated(p)
+#define W_UNPACK(p) w_unpack_emulated(p)
+#define W_DP(acc, x, w) w_dp_emulated(acc, x, w)
+#define W_ZEXT(v) ((w512_emulated){v, _mm256_setzero_si256()})
+#define W_FOLD(acc) _mm256_add_epi32((acc).lo, (acc).hi)
+#include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+#undef W512
+#undef W_ZERO
+#undef W_LOAD
+#undef W_UNPACK
+#undef W_DP
+#undef W_ZEXT
+#undef W_FOLD
+#undef WIDE
 #define NAME(x) x##_emulated
 #define XTARGET TARGET
-#define MULADD(acc, x, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
+#define MULADD(acc, x, w) DPBUSD_EMULATED(acc, x, w)
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
 #undef MULADD
+#else
+#undef WIDE
 #endif
 #undef XINLINE
 #undef WIDEN
 #undef MULADD2
+#undef DPBUSD_EMULATED
 
 /* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
 TARGET static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
@@ -268,5 +329,6 @@ const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnn
 const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh};
 #ifdef PG_VNNI_EMULATION
 const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh};
 #endif
 #endif

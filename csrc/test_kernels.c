@@ -9,7 +9,7 @@
 #include <string.h>
 #include "kernels.h"
 
-static const char *PATHS[] = {"avx2", "avxvnni", "avx512vnni", "vnni-emulated", "neon", "neon-dotprod"};
+static const char *PATHS[] = {"avx2", "avxvnni", "avx512vnni", "vnni-emulated", "avx512vnni-emulated", "neon", "neon-dotprod"};
 /* paths whose float work follows the scalar order exactly: they must match bit for bit */
 static int exact_path(const char *name) { return strncmp(name, "neon", 4) == 0; }
 /* x86 paths other than avx2 compute the same integers and then avx2's float operations */

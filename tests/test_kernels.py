@@ -57,8 +57,9 @@ def test_vnni_paths_equal_avx2_bit_for_bit(path, tx):
 
 
 def test_vnni_code_by_emulation(tmp_path):
-    """The VNNI kernels' source built with vpdpbusd emulated by its exact AVX2 sequence
-    (-DPG_VNNI_EMULATION, a test-only path): layout, tiling and edges checked on any x86-64,
+    """The VNNI kernels' source, 256-bit and 512-bit, built with vpdpbusd emulated by its exact
+    AVX2 sequence and 512-bit vectors by pairs of 256-bit ones (-DPG_VNNI_EMULATION, test-only
+    paths): layout, tiling and edges checked on any x86-64,
     bit-identical to avx2 (csrc/test_kernels.c)."""
     import platform
 
@@ -69,7 +70,8 @@ def test_vnni_code_by_emulation(tmp_path):
     binary = build("gcc", tmp_path / "test_kernels", "-O2", "-DPG_VNNI_EMULATION")
     r = subprocess.run([str(binary), "11", "300", "50"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "ok vnni-emulated: 300 cases (bit-identical to avx2)" in r.stdout, r.stdout
+    for path in ("vnni-emulated", "avx512vnni-emulated"):
+        assert f"ok {path}: 300 cases (bit-identical to avx2)" in r.stdout, r.stdout
 
 
 @st.composite

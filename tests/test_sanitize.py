@@ -2,8 +2,10 @@
 scalar path and this CPU's SIMD paths against each other, pools of 1 and 3 threads, attention,
 the worst-case int16 sum, then back-to-back jobs of different task counts on a 2-thread pool):
 AddressSanitizer + UndefinedBehaviorSanitizer (float-cast-overflow included: a NaN must never
-reach an integer conversion), and ThreadSanitizer for the pool."""
+reach an integer conversion; on x86-64 with the emulated VNNI paths too, so the 512-bit code's
+loads are bounds-checked on any machine), and ThreadSanitizer for the pool."""
 
+import platform
 import re
 import subprocess
 
@@ -12,7 +14,8 @@ import pytest
 from test_neon import build
 
 SANITIZERS = {
-    "address,undefined": ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"],
+    "address,undefined": ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all"]
+    + (["-DPG_VNNI_EMULATION"] if platform.machine() == "x86_64" else []),
     "thread": ["-fsanitize=thread"],
 }
 
