@@ -210,6 +210,44 @@ int pg_attention(pg_pool *pool, const float *q, const float *k, const float *v, 
     return atomic_load(&j.failed) ? -1 : 0;
 }
 
+/* Rotary embeddings and SwiGLU: one task per token row (elementwise work: the same bits on any split). */
+typedef struct {
+    const pg_kernels *k;
+    float *x;
+    const float *cos, *sin;
+    int64_t stride;
+    int32_t heads, hd;
+} rope_job;
+
+static void rope_task(void *ctx, int32_t t) {
+    rope_job *j = ctx;
+    const int64_t half = j->hd / 2;
+    j->k->rope_row(j->x + t * j->stride, j->heads, j->hd, j->cos + t * half, j->sin + t * half);
+}
+
+void pg_rope(pg_pool *pool, float *x, int32_t n, int64_t stride, int32_t heads, int32_t hd, const float *cos, const float *sin) {
+    rope_job j = {.k = atomic_load(&active), .x = x, .cos = cos, .sin = sin, .stride = stride, .heads = heads, .hd = hd};
+    pg_pool_run(pool, rope_task, &j, n);
+}
+
+typedef struct {
+    const pg_kernels *k;
+    const float *gate_up;
+    float *out;
+    int32_t hidden;
+} swiglu_job;
+
+static void swiglu_task(void *ctx, int32_t t) {
+    swiglu_job *j = ctx;
+    const float *g = j->gate_up + 2 * (int64_t)t * j->hidden;
+    j->k->swiglu_row(g, g + j->hidden, j->hidden, j->out + (int64_t)t * j->hidden);
+}
+
+void pg_swiglu(pg_pool *pool, const float *gate_up, int32_t n, int32_t hidden, float *out) {
+    swiglu_job j = {.k = atomic_load(&active), .gate_up = gate_up, .out = out, .hidden = hidden};
+    pg_pool_run(pool, swiglu_task, &j, n);
+}
+
 typedef struct {
     const uint64_t *words;
     int64_t n, per_task;

@@ -29,6 +29,12 @@ typedef struct {
     float (*softmax)(float *s, int32_t len);
     /* o[hd] = w[0] v[0] + w[1] v[1] + ... in order of t (first), or o + w[0] v[0] + ... (not first) */
     void (*weigh)(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o);
+    /* One token's rotary embedding in place (model.apply_rope): `heads` heads of hd floats
+     * (hd even), cos and sin [hd / 2] of its position; for j < hd/2, a = x[j], b = x[j + hd/2]:
+     * x[j] = a cos[j] - b sin[j], x[j + hd/2] = b cos[j] + a sin[j]. */
+    void (*rope_row)(float *x, int32_t heads, int32_t hd, const float *cos, const float *sin);
+    /* out[len] = silu(g) * up (pg_silu_mul, model.swiglu_reference), elementwise */
+    void (*swiglu_row)(const float *g, const float *up, int32_t len, float *out);
 } pg_kernels;
 
 void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);
@@ -111,6 +117,22 @@ static inline float pg_exp_neg(float x) {
     float two_n;
     memcpy(&two_n, &bits, 4);
     return y * two_n;
+}
+
+/* Rotary pair j of one head x (half = hd / 2): the scalar statement of rope_row, and the
+ * SIMD paths' tail. */
+static inline void pg_rope_pair(float *x, int32_t half, int32_t j, float c, float s) {
+    const float a = x[j], b = x[j + half];
+    x[j] = a * c - b * s;
+    x[j + half] = b * c + a * s;
+}
+
+/* silu(g) * up without overflow (model.swiglu_reference): e = exp(-|g|), silu(g) = g / (1 + e)
+ * for g >= 0, g e / (1 + e) for g < 0 (a NaN g fails the test and gives NaN). The SIMD paths
+ * use these float32 operations in this order, and use this for their tails. */
+static inline float pg_silu_mul(float g, float up) {
+    const float e = pg_exp_neg(-fabsf(g));
+    return (g >= 0.0f ? g : g * e) / (1.0f + e) * up;
 }
 
 /* IEEE half (bits) -> float, portable. */

@@ -324,11 +324,38 @@ TARGET static void weigh(const float *w, const float *v, int32_t count, int32_t 
     for (; d < hd; d += 8) weigh_cols(w, v + d, count, hd, first, o + d, 1);
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh};
+/* rope_row, 8 pairs at a time in the scalar pair's operations, the rest pair by pair. */
+TARGET static void rope_row(float *x, int32_t heads, int32_t hd, const float *cos, const float *sin) {
+    const int32_t half = hd / 2;
+    for (int32_t h = 0; h < heads; h++, x += hd) {
+        int32_t j = 0;
+        for (; j + 8 <= half; j += 8) {
+            const __m256 a = _mm256_loadu_ps(x + j), b = _mm256_loadu_ps(x + j + half);
+            const __m256 c = _mm256_loadu_ps(cos + j), s = _mm256_loadu_ps(sin + j);
+            _mm256_storeu_ps(x + j, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+            _mm256_storeu_ps(x + j + half, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+        }
+        for (; j < half; j++) pg_rope_pair(x, half, j, cos[j], sin[j]);
+    }
+}
+
+/* pg_silu_mul, 8 lanes at a time (the tail one by one). */
+TARGET static void swiglu_row(const float *g, const float *up, int32_t len, float *out) {
+    int32_t j = 0;
+    for (; j + 8 <= len; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j), e = exp_neg8(_mm256_or_ps(gv, _mm256_set1_ps(-0.0f))); /* exp(-|g|) */
+        const __m256 ge0 = _mm256_cmp_ps(gv, _mm256_setzero_ps(), _CMP_GE_OQ); /* false for NaN, as in C */
+        const __m256 num = _mm256_blendv_ps(_mm256_mul_ps(gv, e), gv, ge0);
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_div_ps(num, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(up + j)));
+    }
+    for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
+}
+
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh};
-const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row};
 #endif
 #endif

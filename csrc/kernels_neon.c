@@ -173,6 +173,50 @@ static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     }
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
+/* pg_exp_neg, 4 lanes: its operations in its order (same bits; vmulq and vaddq stay apart,
+ * -ffp-contract=off). */
+static inline float32x4_t exp_neg4(float32x4_t x) {
+    const float32x4_t lo = vdupq_n_f32(PG_EXP_MIN);
+    x = vbslq_f32(vcgtq_f32(x, lo), x, lo); /* a NaN lane becomes -87, as in pg_exp_neg */
+    const float32x4_t n = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(PG_LOG2E)));
+    float32x4_t r = vsubq_f32(x, vmulq_f32(n, vdupq_n_f32(PG_LN2_HI)));
+    r = vsubq_f32(r, vmulq_f32(n, vdupq_n_f32(PG_LN2_LO)));
+    float32x4_t p = vdupq_n_f32(PG_EXP_P0);
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(PG_EXP_P1));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(PG_EXP_P2));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(PG_EXP_P3));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(PG_EXP_P4));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(PG_EXP_P5));
+    const float32x4_t y = vaddq_f32(vaddq_f32(vmulq_f32(p, vmulq_f32(r, r)), r), vdupq_n_f32(1.0f));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
+}
+
+/* rope_row, 4 pairs at a time in the scalar pair's operations, the rest pair by pair. */
+static void rope_row(float *x, int32_t heads, int32_t hd, const float *cos, const float *sin) {
+    const int32_t half = hd / 2;
+    for (int32_t h = 0; h < heads; h++, x += hd) {
+        int32_t j = 0;
+        for (; j + 4 <= half; j += 4) {
+            const float32x4_t a = vld1q_f32(x + j), b = vld1q_f32(x + j + half), c = vld1q_f32(cos + j), s = vld1q_f32(sin + j);
+            vst1q_f32(x + j, vsubq_f32(vmulq_f32(a, c), vmulq_f32(b, s)));
+            vst1q_f32(x + j + half, vaddq_f32(vmulq_f32(b, c), vmulq_f32(a, s)));
+        }
+        for (; j < half; j++) pg_rope_pair(x, half, j, cos[j], sin[j]);
+    }
+}
+
+/* pg_silu_mul, 4 lanes at a time (the tail one by one). */
+static void swiglu_row(const float *g, const float *up, int32_t len, float *out) {
+    int32_t j = 0;
+    for (; j + 4 <= len; j += 4) {
+        const float32x4_t gv = vld1q_f32(g + j), e = exp_neg4(vnegq_f32(vabsq_f32(gv)));
+        const float32x4_t num = vbslq_f32(vcgeq_f32(gv, vdupq_n_f32(0.0f)), gv, vmulq_f32(gv, e)); /* NaN: g e */
+        vst1q_f32(out + j, vmulq_f32(vdivq_f32(num, vaddq_f32(vdupq_n_f32(1.0f), e)), vld1q_f32(up + j)));
+    }
+    for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
+}
+
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row};
 #endif

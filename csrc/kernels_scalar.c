@@ -1,5 +1,5 @@
-/* Portable scalar kernels: the C statement of pyguard/formats/quant.py and model.attention_reference,
- * and the fallback path. */
+/* Portable scalar kernels: the C statement of pyguard/formats/quant.py and of model.py's
+ * attention_reference, apply_rope and swiglu_reference, and the fallback path. */
 #include <math.h>
 #include "kernels.h"
 
@@ -102,4 +102,14 @@ void pg_weigh_scalar(const float *w, const float *v, int32_t count, int32_t hd, 
         for (int32_t d = 0; d < hd; d++) o[d] = o[d] + w[t] * v[(int64_t)t * hd + d];
 }
 
-const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar};
+static void rope_row(float *x, int32_t heads, int32_t hd, const float *cos, const float *sin) {
+    for (int32_t h = 0; h < heads; h++)
+        for (int32_t j = 0; j < hd / 2; j++) pg_rope_pair(x + (int64_t)h * hd, hd / 2, j, cos[j], sin[j]);
+}
+
+static void swiglu_row(const float *g, const float *up, int32_t len, float *out) {
+    for (int32_t j = 0; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
+}
+
+const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar,
+                                      rope_row, swiglu_row};

@@ -52,6 +52,14 @@ void pg_dequant_rows(pg_pool *pool, const pg_qtensor *w, const int32_t *rows, in
 int pg_attention(pg_pool *pool, const float *q, const float *k, const float *v, int64_t kv_stride, int32_t n,
                  int32_t start, int32_t n_heads, int32_t n_kv, int32_t hd, float scale, float *out);
 
+/* Rotary embeddings in place (model.apply_rope): the first `heads` heads of hd floats (hd even) of
+ * each row of x[n] (rows `stride` floats apart), rotated by cos[n][hd/2] and sin[n][hd/2], the
+ * tables of the row's position ("rotate half" layout). */
+void pg_rope(pg_pool *pool, float *x, int32_t n, int64_t stride, int32_t heads, int32_t hd, const float *cos, const float *sin);
+/* out[n][hidden] = silu(gate) * up from gate_up[n][2 hidden], gate columns first
+ * (model.swiglu_reference: silu from the exp of attention's softmax, without overflow). */
+void pg_swiglu(pg_pool *pool, const float *gate_up, int32_t n, int32_t hidden, float *out);
+
 /* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
 uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);

@@ -1,4 +1,5 @@
-/* Standalone test of every kernel path this CPU runs against the scalar path, without Python:
+/* Standalone test of every kernel path this CPU runs against the scalar path, without Python
+ * (products, quantization, attention, rotary embeddings, SwiGLU):
  * cross-compiled for aarch64 and run under qemu by tests/test_neon.py, built with
  * -fsanitize=address,undefined and -fsanitize=thread by tests/test_sanitize.py.
  * Usage: test_kernels [seed [cases [stress_rounds]]]. Prints the path chosen at load, one line
@@ -171,6 +172,45 @@ static int attention_case(const char *path, int case_no) {
     return 0;
 }
 
+/* Equal bits, or both NaN (a NaN's payload may depend on the order of an operation's operands). */
+static int same_floats(const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(a + i, b + i, 4) && !(isnan(a[i]) && isnan(b[i]))) return 0;
+    return 1;
+}
+
+/* Random values of magnitude 10^-20..10^20, one in 40 a special value (NaN, inf, 0, -0, exp's
+ * clamp, the largest floats, a subnormal). */
+static void fill(float *x, int64_t n) {
+    static const float special[] = {NAN, INFINITY, -INFINITY, 0.0f, -0.0f, -87.0f, -88.7f, 88.7f, 1e-45f, 3e38f, -3e38f};
+    const float mag = powf(10.0f, (float)rnd_int(-20, 20));
+    for (int64_t i = 0; i < n; i++)
+        x[i] = rnd() % 40 ? rnd_unit() * mag : special[rnd() % (sizeof special / sizeof *special)];
+}
+
+/* Rotary embeddings (any even head size: SIMD tails; heads past `heads` untouched) and SwiGLU
+ * (lengths with tails) of random rows, every path against scalar. */
+static int fused_case(const char *path, int case_no) {
+    const int32_t n = rnd_int(1, 9), heads = rnd_int(1, 5), hd = 2 * rnd_int(1, 40), width = (heads + rnd_int(0, 2)) * hd;
+    const int32_t hidden = rnd_int(1, 100);
+    float *x = xmalloc(sizeof(float) * n * width), *xr = xmalloc(sizeof(float) * n * width), *cs = xmalloc(sizeof(float) * n * hd),
+          *gu = xmalloc(sizeof(float) * n * 2 * hidden), *ref = xmalloc(sizeof(float) * n * hidden), *got = xmalloc(sizeof(float) * n * hidden);
+    fill(x, (int64_t)n * width);
+    for (int32_t i = 0; i < n * hd; i++) cs[i] = rnd_unit(); /* cos [n][hd/2], then sin */
+    fill(gu, (int64_t)n * 2 * hidden);
+    memcpy(xr, x, sizeof(float) * n * width);
+    pg_set_isa("scalar");
+    pg_rope(NULL, xr, n, width, heads, hd, cs, cs + n * hd / 2);
+    pg_swiglu(NULL, gu, n, hidden, ref);
+    pg_set_isa(path);
+    pg_rope(pool, x, n, width, heads, hd, cs, cs + n * hd / 2);
+    pg_swiglu(pool, gu, n, hidden, got);
+    int bad = !same_floats(x, xr, (int64_t)n * width) ? fail(path, case_no, "rope not bit-identical to scalar")
+            : !same_floats(got, ref, (int64_t)n * hidden) ? fail(path, case_no, "swiglu not bit-identical to scalar") : 0;
+    free(x), free(xr), free(cs), free(gu), free(ref), free(got);
+    return bad;
+}
+
 /* The worst case of the int16 group sums: activations 255, weights -8, group 256, per path. */
 static int worst_case_sum(const char *path) {
     const int32_t M = 2, K = 512, G = 256;
@@ -262,7 +302,7 @@ int main(int argc, char **argv) {
             free_results(&ref);
             free_case(&c);
             pool = pool3;
-            if (bad || attention_case(PATHS[p], i)) return 1;
+            if (bad || attention_case(PATHS[p], i) || fused_case(PATHS[p], i)) return 1;
         }
         pool = pool3;
         if (worst_case_sum(PATHS[p]) || worst_case_sum("scalar")) return 1;

@@ -254,6 +254,39 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int, s
     return out
 
 
+def _float32(a: object, what: str) -> np.ndarray:
+    """a as a contiguous float32 array; any other dtype is an error, never converted."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise PyguardError(f"{what} must be a float32 array, not {getattr(a, 'dtype', type(a).__name__)}")
+    return np.ascontiguousarray(a)
+
+
+def rope(x: np.ndarray, heads: int, cos: np.ndarray, sin: np.ndarray, pool: Pool | None = None) -> None:
+    """Rotate the first `heads` heads of every row of x [n, width] in place (model.apply_rope):
+    cos and sin [n, head_dim / 2] float32 hold the angles of each row's position."""
+    cos, sin = _float32(cos, "rope cos"), _float32(sin, "rope sin")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous or not x.flags.writeable:
+        raise PyguardError("rope rotates a writable contiguous float32 array [n, width] in place")
+    n, width = x.shape
+    half = cos.shape[1] if cos.ndim == 2 else 0
+    if (type(heads) is not int or heads < 1 or half < 1 or cos.shape != (n, half) or sin.shape != (n, half)
+            or heads * 2 * half > width or max(n, width) >= 1 << 31):
+        raise PyguardError(f"rope shapes do not fit: x {x.shape}, {heads!r} heads, cos {cos.shape}, sin {sin.shape}")
+    lib.pg_rope(_pool(pool), _ptr("float *", x), n, width, heads, 2 * half, _ptr("float *", cos), _ptr("float *", sin))
+
+
+def swiglu(gate_up: np.ndarray, pool: Pool | None = None) -> np.ndarray:
+    """silu(gate) * up for gate_up [n, 2 hidden] float32, gate columns first: [n, hidden]
+    (model.swiglu_reference)."""
+    gate_up = _float32(gate_up, "swiglu input")
+    if gate_up.ndim != 2 or gate_up.shape[1] < 2 or gate_up.shape[1] % 2 or max(gate_up.shape) >= 1 << 31:
+        raise PyguardError(f"swiglu input must be [n, 2 hidden], not shape {gate_up.shape}")
+    n, hidden = gate_up.shape[0], gate_up.shape[1] // 2
+    out = np.empty((n, hidden), np.float32)
+    lib.pg_swiglu(_pool(pool), _ptr("float *", gate_up), n, hidden, _ptr("float *", out))
+    return out
+
+
 def _apply_env_isa() -> str | None:
     """Apply PYGUARD_ISA; the error, if any, is raised by the first pool made."""
     name = os.environ.get("PYGUARD_ISA")

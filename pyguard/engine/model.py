@@ -248,13 +248,13 @@ class Model:
         ids = np.concatenate([seg for _, seg in segments])
         n = len(ids)
         bounds = np.cumsum([0] + [len(seg) for _, seg in segments])
-        q_end, k_end = c.n_heads * c.head_dim, (c.n_heads + c.n_kv_heads) * c.head_dim
+        q_end = c.n_heads * c.head_dim
         cos, sin = rope_tables(self.inv_freq, np.concatenate([np.arange(st.pos, st.pos + len(seg)) for st, seg in segments]))
         pool, scale = self.pool, np.float32(c.head_dim**-0.5)
         x = lookup(self.tok_embeddings, ids, pool)
         for i, layer in enumerate(self.layers):
             qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps), pool)
-            apply_rope(qkv[:, :k_end].reshape(n, -1, 2, c.head_dim // 2), cos, sin)
+            kernels.rope(qkv, c.n_heads + c.n_kv_heads, cos, sin, pool)
             att = np.empty((n, q_end), np.float32)
             for (state, _), a, b in zip(segments, bounds[:-1], bounds[1:]):
                 kv, start = state.kv[i], state.pos
@@ -268,7 +268,7 @@ class Model:
                     break
             x += linear(layer.wo, att, pool)
             gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps), pool)
-            x += linear(layer.w2, swiglu(gate_up, pool), pool)
+            x += linear(layer.w2, kernels.swiglu(gate_up, pool), pool)
         for state, seg in segments:
             state.pos += len(seg)
         return x
@@ -328,24 +328,15 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return y
 
 
-def swiglu(gate_up: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
-    """silu(gate) * up for [n, 2 hidden] (gate columns first), silu(g) = g / (1 + exp(-g)).
-    exp(-g) overflows to inf for g < -88, giving -0, silu's limit there. (numpy's float32 exp
-    is vectorized and its tanh is not: this runs 1.5-1.8 times as fast as a tanh form.)"""
-    n, hidden = gate_up.shape[0], gate_up.shape[1] // 2
-    y = np.empty((n, hidden), np.float32)
-
-    def rows(a: int, b: int) -> None:
-        g, e = gate_up[a:b, :hidden], y[a:b]
-        np.negative(g, out=e)
-        with np.errstate(over="ignore"):
-            np.exp(e, out=e)
-        e += 1
-        np.divide(g, e, out=e)
-        e *= gate_up[a:b, hidden:]
-
-    spread(rows, n, 10 * n * hidden, pool)  # exp costs some 10 float operations
-    return y
+def swiglu_reference(gate_up: np.ndarray) -> np.ndarray:
+    """The specification of the SwiGLU kernel (kernels.swiglu): silu(gate) * up for gate_up
+    [n, 2 hidden] float32, gate columns first, in these float32 operations and this order:
+    e = exp_neg(-|g|) (attention's exp: no overflow, no libm); silu = g / (1 + e) for g >= 0,
+    (g e) / (1 + e) for g < 0 (a NaN g takes the second: NaN); out = silu * up."""
+    hidden = gate_up.shape[1] // 2
+    g, up = gate_up[:, :hidden], gate_up[:, hidden:]
+    e = exp_neg(-np.abs(g))
+    return np.where(g >= 0, g, g * e) / (np.float32(1) + e) * up
 
 
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
@@ -364,17 +355,20 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
 
 
 def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos [n, 1, 1, head_dim/2] and signed sin [n, 1, 2, head_dim/2] (-sin for the first half).
-    Angles are float32 products position * frequency, as the models were trained with."""
+    """cos and sin [n, head_dim/2] float32 of each position's angles, float32 products
+    position * frequency, as the models were trained with."""
     angles = positions.astype(np.float32)[:, None] * inv_freq
-    sin = np.sin(angles)[:, None, None, :]
-    return np.cos(angles)[:, None, None, :], np.concatenate([-sin, sin], axis=2)
+    return np.cos(angles), np.sin(angles)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
-    """Rotate heads x [n, heads, 2, head_dim/2] in place, "rotate half" layout:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); x[:, :, ::-1] is (x2, x1)."""
-    np.add(x * cos, x[:, :, ::-1] * sin, out=x)
+    """The specification of the rotary kernel (kernels.rope): rotate heads x [n, heads, 2,
+    head_dim/2] in place by cos, sin [n, head_dim/2], "rotate half" layout: with a, b the two
+    halves of a head, (a, b) -> (a cos - b sin, b cos + a sin)."""
+    c, s = cos[:, None], sin[:, None]
+    a, b = x[:, :, 0].copy(), x[:, :, 1]
+    x[:, :, 0] = a * c - b * s
+    x[:, :, 1] = b * c + a * s
 
 
 def tree8(a: np.ndarray) -> np.ndarray:
