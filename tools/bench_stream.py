@@ -12,7 +12,9 @@ check every --every tokens and a final one:
 - (a) `guard.stream`: the token-prefix cache keeps the conversation; a check prefills the
   reply's new tokens and the closing instructions.
 - (b) `guard.classify` of the reply so far at each check, from scratch (`cache_bytes=0`), and
-  (b') with only the policy prefix cached (pyguard before the token-prefix cache).
+  (b') with only the policy prefix cached (pyguard before the token-prefix cache). Both run
+  right after each of (a)'s checks, so that the VM's speed, which drifts by 10-20% over minutes,
+  is the same for (a), (b) and (b').
 - (c) llama.cpp (llama-cpp-python, --venv), each check's prompt evaluated after the longest
   common prefix with the previous one (what `Llama.generate` does by default), then as many
   greedy steps as pyguard's answer took.
@@ -113,10 +115,25 @@ def bench_pyguard(setup: dict, args) -> dict:
         g.classify(WARM)
     chunks = reply_chunks(tok, args.reply_tokens, args.seed)
 
-    # (a) the stream
+    # (a) the stream; at each of its checks, (b) and (b') classify the same text right away:
+    # interleaved, so that the VM's slow and fast minutes fall on the three alike
     threshold = 1.0 if args.answer == "safe" else None
     s = guard.stream(USER, every=args.every, threshold=threshold)
-    checks, times, feed_s = [], [], 0.0
+    checks, feed_s = [], 0.0
+    times = {"stream": [], "scratch": [], "policy_only": []}
+
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        r = fn()
+        times[name].append(time.perf_counter() - t0)
+        return r
+
+    def against(r) -> None:
+        checks.append((s.text, r))
+        conv = USER + [{"role": "assistant", "content": s.text}]
+        for name, g in (("scratch", scratch), ("policy_only", policy_only)):
+            assert key(timed(name, lambda: g.classify(conv, threshold=threshold))) == key(r), f"{name}: a result differs from the stream's"
+
     for c in chunks:
         t0 = time.perf_counter()
         r = s.feed(c)
@@ -124,23 +141,12 @@ def bench_pyguard(setup: dict, args) -> dict:
         if r is None:
             feed_s += dt
         else:
-            checks.append((s.text, r))
-            times.append(dt)
-    t0 = time.perf_counter()
-    checks.append((s.text, s.finish()))
-    times.append(time.perf_counter() - t0)
-    res = {"stream": {**summary(times), "feeds_without_check_s": feed_s, "reply_tokens": s.tokens}}
-
-    # (b) and (b'): classify the same texts
+            times["stream"].append(dt)
+            against(r)
+    against(timed("stream", s.finish))
+    res = {"stream": {**summary(times["stream"]), "feeds_without_check_s": feed_s, "reply_tokens": s.tokens},
+           "scratch": summary(times["scratch"]), "policy_only": summary(times["policy_only"])}
     convs = [USER + [{"role": "assistant", "content": text}] for text, _ in checks]
-    for name, g in (("scratch", scratch), ("policy_only", policy_only)):
-        times = []
-        for conv, (_, want) in zip(convs, checks):
-            t0 = time.perf_counter()
-            r = g.classify(conv, threshold=threshold)
-            times.append(time.perf_counter() - t0)
-            assert key(r) == key(want), f"{name}: a result differs from the stream's"
-        res[name] = summary(times)
     res["check_prompts"] = [[int(t) for t in guard.prepare(conv).ids] for conv in convs]
     res["answers"] = [r.generated_tokens for _, r in checks]
     res["warm"] = [int(t) for t in guard.prepare(WARM).ids]
