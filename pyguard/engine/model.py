@@ -1,4 +1,5 @@
-"""The Llama decoder: int4 weights, int8 dynamic activations, everything else float32 in numpy.
+"""The Llama decoder: int4 weights, int8 dynamic activations, everything else float32 (attention,
+rotary embeddings and SwiGLU in C kernels whose numpy references are here, the rest in numpy).
 
 One forward pass (`Model._forward`) serves prefill (a chunk of tokens through the int8 x int4
 GEMM) and decode (one token through the GEMV): per layer RMSNorm, the stacked q/k/v product,
