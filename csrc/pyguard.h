@@ -14,9 +14,9 @@ typedef struct {
     int32_t M, K, G;
 } pg_qtensor;
 
-/* Kernel path: "scalar", "avx2", "neon", "neon-dotprod". Chosen at load from the CPU (and
- * PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the path is unknown or the
- * CPU lacks it. The path is process-wide; each job reads it once when it starts. */
+/* Kernel path: "scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neon-dotprod". Chosen at load
+ * from the CPU (and PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the path is
+ * unknown or the CPU lacks it. The path is process-wide; each job reads it once when it starts. */
 const char *pg_isa(void);
 int pg_set_isa(const char *name);
 
