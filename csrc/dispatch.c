@@ -249,6 +249,39 @@ void pg_swiglu(pg_pool *pool, const float *gate_up, int32_t n, int32_t hidden, f
 }
 
 typedef struct {
+    const pg_kernels *k;
+    const float *x, *w;
+    float eps;
+    int32_t K;
+    uint8_t *q;
+    float *scale;
+    int32_t *zp;
+    atomic_int failed;
+} norm_job;
+
+/* Row t normalized into a buffer of its own (K floats: in L1 while quantize_row reads it back),
+ * never into the caller's memory. */
+static void norm_task(void *ctx, int32_t t) {
+    norm_job *j = ctx;
+    const int64_t at = (int64_t)t * j->K;
+    float *y = malloc(sizeof(float) * (size_t)j->K);
+    if (!y) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    j->k->rms_row(j->x + at, j->w, j->K, j->eps, y);
+    j->k->quantize_row(y, j->K, j->q + at, j->scale + t, j->zp + t);
+    free(y);
+}
+
+int pg_norm_quantize(pg_pool *pool, const float *x, int32_t N, int32_t K, const float *w, float eps, uint8_t *q, float *scale, int32_t *zp) {
+    norm_job j = {.k = atomic_load(&active), .x = x, .w = w, .eps = eps, .K = K, .q = q, .scale = scale, .zp = zp};
+    atomic_init(&j.failed, 0);
+    pg_pool_run(pool, norm_task, &j, N);
+    return atomic_load(&j.failed) ? -1 : 0;
+}
+
+typedef struct {
     const uint64_t *words;
     int64_t n, per_task;
     uint64_t sums[256];

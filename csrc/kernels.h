@@ -35,11 +35,15 @@ typedef struct {
     void (*rope_row)(float *x, int32_t heads, int32_t hd, const float *cos, const float *sin);
     /* out[len] = silu(g) * up (pg_silu_mul, model.swiglu_reference), elementwise */
     void (*swiglu_row)(const float *g, const float *up, int32_t len, float *out);
+    /* y[K] = (x r) w, r = pg_rms_scale of x's sum of squares: lane l sums x[8i + l]^2 in order
+     * of i, then tree8 (model.rms_norm_reference). K % 8 == 0. */
+    void (*rms_row)(const float *x, const float *w, int32_t K, float eps, float *y);
 } pg_kernels;
 
 void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);
 float pg_softmax_scalar(float *s, int32_t len);
 void pg_weigh_scalar(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o);
+void pg_rms_row_scalar(const float *x, const float *w, int32_t K, float eps, float *y);
 
 extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
@@ -133,6 +137,15 @@ static inline void pg_rope_pair(float *x, int32_t half, int32_t j, float c, floa
 static inline float pg_silu_mul(float g, float up) {
     const float e = pg_exp_neg(-fabsf(g));
     return (g >= 0.0f ? g : g * e) / (1.0f + e) * up;
+}
+
+/* RMSNorm's factor from the sum of squares ss of a row of K: 1 / sqrt(ss / K + eps), in
+ * model.rms_norm_reference's float32 operations (sqrtf and division are correctly rounded, like numpy's). */
+static inline float pg_rms_scale(float ss, int32_t K, float eps) {
+    float r = ss / (float)K;
+    r = r + eps;
+    r = sqrtf(r);
+    return 1.0f / r;
 }
 
 /* IEEE half (bits) -> float, portable. */

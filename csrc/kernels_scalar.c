@@ -1,5 +1,5 @@
 /* Portable scalar kernels: the C statement of pyguard/formats/quant.py and of model.py's
- * attention_reference, apply_rope and swiglu_reference, and the fallback path. */
+ * attention_reference, apply_rope, swiglu_reference and rms_norm_reference, and the fallback path. */
 #include <math.h>
 #include "kernels.h"
 
@@ -111,5 +111,13 @@ static void swiglu_row(const float *g, const float *up, int32_t len, float *out)
     for (int32_t j = 0; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
 }
 
+void pg_rms_row_scalar(const float *x, const float *w, int32_t K, float eps, float *y) {
+    float acc[8] = {0};
+    for (int32_t i = 0; i < K; i += 8)
+        for (int l = 0; l < 8; l++) acc[l] = acc[l] + x[i + l] * x[i + l];
+    const float r = pg_rms_scale(tree8(acc), K, eps);
+    for (int32_t k = 0; k < K; k++) y[k] = (x[k] * r) * w[k];
+}
+
 const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar,
-                                      rope_row, swiglu_row};
+                                      rope_row, swiglu_row, pg_rms_row_scalar};

@@ -1,5 +1,5 @@
 /* Standalone test of every kernel path this CPU runs against the scalar path, without Python
- * (products, quantization, attention, rotary embeddings, SwiGLU):
+ * (products, quantization, attention, rotary embeddings, SwiGLU, RMSNorm + quantization):
  * cross-compiled for aarch64 and run under qemu by tests/test_neon.py, built with
  * -fsanitize=address,undefined and -fsanitize=thread by tests/test_sanitize.py.
  * Usage: test_kernels [seed [cases [stress_rounds]]]. Prints the path chosen at load, one line
@@ -188,11 +188,31 @@ static void fill(float *x, int64_t n) {
         x[i] = rnd() % 40 ? rnd_unit() * mag : special[rnd() % (sizeof special / sizeof *special)];
 }
 
-/* Rotary embeddings (any even head size: SIMD tails; heads past `heads` untouched) and SwiGLU
- * (lengths with tails) of random rows, every path against scalar. */
+/* n rows of K normalized and quantized: q, scale, zp as the scalar path's. */
+static int norm_case(const char *path, int case_no, int32_t n, int32_t K) {
+    float *x = xmalloc(sizeof(float) * n * K), *w = xmalloc(sizeof(float) * K), s[2][9];
+    uint8_t *q[2] = {xmalloc((size_t)n * K), xmalloc((size_t)n * K)};
+    int32_t zp[2][9];
+    fill(x, (int64_t)n * K);
+    for (int32_t k = 0; k < K; k++) w[k] = rnd_unit();
+    int bad = 0;
+    for (int r = 0; r < 2; r++) {
+        pg_set_isa(r ? path : "scalar");
+        bad |= pg_norm_quantize(r ? pool : NULL, x, n, K, w, 1e-5f, q[r], s[r], zp[r]);
+    }
+    bad = bad ? fail(path, case_no, "norm_quantize out of memory")
+        : memcmp(q[0], q[1], (size_t)n * K) || !same_floats(s[0], s[1], n) || memcmp(zp[0], zp[1], sizeof(int32_t) * n)
+            ? fail(path, case_no, "norm_quantize not bit-identical to scalar") : 0;
+    free(x), free(w), free(q[0]), free(q[1]);
+    return bad;
+}
+
+/* Rotary embeddings (any even head size: SIMD tails; heads past `heads` untouched), SwiGLU
+ * (lengths with tails) and RMSNorm + quantization (K % 8 == 0) of random rows, every path
+ * against scalar. */
 static int fused_case(const char *path, int case_no) {
     const int32_t n = rnd_int(1, 9), heads = rnd_int(1, 5), hd = 2 * rnd_int(1, 40), width = (heads + rnd_int(0, 2)) * hd;
-    const int32_t hidden = rnd_int(1, 100);
+    const int32_t hidden = rnd_int(1, 100), K = 8 * rnd_int(1, 40);
     float *x = xmalloc(sizeof(float) * n * width), *xr = xmalloc(sizeof(float) * n * width), *cs = xmalloc(sizeof(float) * n * hd),
           *gu = xmalloc(sizeof(float) * n * 2 * hidden), *ref = xmalloc(sizeof(float) * n * hidden), *got = xmalloc(sizeof(float) * n * hidden);
     fill(x, (int64_t)n * width);
@@ -208,8 +228,9 @@ static int fused_case(const char *path, int case_no) {
     int bad = !same_floats(x, xr, (int64_t)n * width) ? fail(path, case_no, "rope not bit-identical to scalar")
             : !same_floats(got, ref, (int64_t)n * hidden) ? fail(path, case_no, "swiglu not bit-identical to scalar") : 0;
     free(x), free(xr), free(cs), free(gu), free(ref), free(got);
-    return bad;
+    return bad || norm_case(path, case_no, n, K);
 }
+
 
 /* The worst case of the int16 group sums: activations 255, weights -8, group 256, per path. */
 static int worst_case_sum(const char *path) {

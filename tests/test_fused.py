@@ -1,5 +1,6 @@
-"""The rotary and SwiGLU kernels on every ISA path this CPU has, against their numpy
-specifications (model.apply_rope, model.swiglu_reference), bit for bit, on 1-3 threads."""
+"""The rotary, SwiGLU and fused RMSNorm + quantization kernels on every ISA path this CPU has,
+against their numpy specifications (model.apply_rope, model.swiglu_reference,
+quant.quantize_acts(model.rms_norm_reference)), bit for bit, on 1-3 threads."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from pyguard import PyguardError
 from pyguard.engine import kernels, model
+from pyguard.formats import quant
 
 # inf and NaN inputs make the numpy references warn: they are inputs here, not faults
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -101,6 +103,60 @@ def test_swiglu_reference_is_silu():
     assert np.isnan(model.swiglu_reference(np.array([[np.nan, 1.0]], np.float32))).all()
 
 
+def same_acts(a: quant.QActs, b: quant.QActs) -> bool:
+    return np.array_equal(a.q, b.q) and same_bits(a.scale, b.scale) and np.array_equal(a.zp, b.zp)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 130), k=st.one_of(st.integers(1, 40).map(lambda i: 8 * i), st.sampled_from([64, 2048, 3072])),
+       log_mag=st.integers(-30, 30), w_mag=st.integers(-3, 3), specials=st.integers(0, 3), eps=st.sampled_from([1e-5, 1e-6, 0.1]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
+def test_norm_quantize_is_its_reference_bit_for_bit(isa, n, k, log_mag, w_mag, specials, eps, threads, seed):
+    """Magnitudes from 1e-30 (squares underflow to subnormals and zero) to 1e30 (squares
+    overflow: r = 0), with NaN/inf in some rows (q = 0, zp = 0, scale = NaN)."""
+    rng = np.random.default_rng(seed)
+    x = random_floats(rng, (n, k), log_mag, specials)
+    w = random_floats(rng, (k,), w_mag, 0)
+    ref = quant.quantize_acts(model.rms_norm_reference(x, w, eps))
+    kernels.set_isa(isa)
+    assert same_acts(kernels.norm_quantize(x, w, eps, POOLS[threads]), ref)
+
+
+def test_norm_quantize_rows_do_not_depend_on_the_batch():
+    """Each row alone gives the bits it gets among 130 others, on every path and thread count."""
+    rng = np.random.default_rng(7)
+    x, w = rng.standard_normal((130, 2048), dtype=np.float32), rng.standard_normal(2048, dtype=np.float32)
+    x[3] = np.nan
+    x[5, 100] = -np.inf
+    for isa in ISAS:
+        kernels.set_isa(isa)
+        whole = kernels.norm_quantize(x, w, 1e-5, POOLS[3])
+        for i in (0, 3, 5, 129):
+            one = kernels.norm_quantize(x[i : i + 1], w, 1e-5, POOLS[1])
+            assert same_acts(one, quant.QActs(whole.q[i : i + 1], whole.scale[i : i + 1], whole.zp[i : i + 1])), (isa, i)
+        assert np.isnan(whole.scale[[3, 5]]).all() and not whole.q[[3, 5]].any() and not whole.zp[[3, 5]].any()
+
+
+def test_rms_norm_order_is_lanes_then_tree8():
+    """The reference's sum of squares is the lane order written out by hand (a different order,
+    e.g. numpy's pairwise sum, differs in the last bits for most rows), and rms_norm is within
+    float32 rounding of the float64 RMSNorm."""
+    rng = np.random.default_rng(3)
+    x, w = (rng.standard_normal((64, 2048)) * 7).astype(np.float32), rng.standard_normal(2048).astype(np.float32)
+    lanes = np.zeros((64, 8), np.float32)
+    for i in range(0, 2048, 8):
+        lanes += x[:, i : i + 8] * x[:, i : i + 8]
+    ss = (lanes[:, 0] + lanes[:, 4] + (lanes[:, 2] + lanes[:, 6])) + (lanes[:, 1] + lanes[:, 5] + (lanes[:, 3] + lanes[:, 7]))
+    r = np.float32(1) / np.sqrt(ss / np.float32(2048) + np.float32(1e-5))
+    assert same_bits(model.rms_norm_reference(x, w, 1e-5), (x * r[:, None]) * w)
+    x64 = x.astype(np.float64)
+    exact = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5) * w
+    assert np.allclose(model.rms_norm_reference(x, w, 1e-5), exact, rtol=4e-7 * 8, atol=0)
+    with pytest.raises(PyguardError):
+        model.rms_norm_reference(x[:, :12], w[:12], 1e-5)
+
+
 def test_bad_arguments():
     x = np.zeros((2, 4 * 8), np.float32)
     cs = np.zeros((2, 4), np.float32)
@@ -129,6 +185,12 @@ def test_bad_arguments():
                np.zeros((2, 8), np.float64), np.zeros((2, 8), np.float16), [[0.0, 1.0]]):
         with pytest.raises(PyguardError):
             kernels.swiglu(gu)
+    w = np.ones(16, np.float32)
+    for args in ((np.zeros((2, 16), np.float64), w), (np.zeros((2, 12), np.float32), np.ones(12, np.float32)),  # dtype, K % 8
+                 (np.zeros((2, 16), np.float32), w[:8]), (np.zeros((2, 16), np.float32), w.astype(np.float64)),  # weight
+                 (np.zeros(16, np.float32), w), (np.zeros((1, 2, 16), np.float32), w), ([[0.0] * 16], w)):  # 1-D, 3-D, a list
+        with pytest.raises(PyguardError):
+            kernels.norm_quantize(*args, 1e-5)
 
 
 def test_strided_tables_and_gate_up_are_read_as_values():
@@ -143,3 +205,5 @@ def test_strided_tables_and_gate_up_are_read_as_values():
     model.apply_rope(ref.reshape(3, 1, 2, 8), cos, sin)
     kernels.rope(x, 1, cos, sin)
     assert same_bits(x, ref)
+    y, w = rng.standard_normal((6, 16), dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
+    assert same_acts(kernels.norm_quantize(y[::2], w[::2], 1e-5), quant.quantize_acts(model.rms_norm_reference(y[::2], w[::2], 1e-5)))

@@ -287,6 +287,20 @@ def swiglu(gate_up: np.ndarray, pool: Pool | None = None) -> np.ndarray:
     return out
 
 
+def norm_quantize(x: np.ndarray, w: np.ndarray, eps: float, pool: Pool | None = None) -> QActs:
+    """RMSNorm then per-row quantization, fused: bit for bit quant.quantize_acts(model.rms_norm_reference(
+    x, w, eps)) for float32 x [N, K] (K a multiple of 8) and w [K]."""
+    x, w = _float32(x, "norm input"), _float32(w, "norm weight")
+    if x.ndim != 2 or x.shape[1] < 8 or x.shape[1] % 8 or w.shape != x.shape[1:] or max(x.shape) >= 1 << 31:
+        raise PyguardError(f"norm input must be [N, K] with K a multiple of 8 and weight [K], not {x.shape} and {w.shape}")
+    n, k = x.shape
+    a = QActs(np.empty((n, k), np.uint8), np.empty(n, np.float32), np.empty(n, np.int32))
+    if lib.pg_norm_quantize(_pool(pool), _ptr("float *", x), n, k, _ptr("float *", w), eps, _ptr("uint8_t *", a.q),
+                            _ptr("float *", a.scale), _ptr("int32_t *", a.zp)) != 0:
+        raise MemoryError("norm rows")
+    return a
+
+
 def _apply_env_isa() -> str | None:
     """Apply PYGUARD_ISA; the error, if any, is raised by the first pool made."""
     name = os.environ.get("PYGUARD_ISA")

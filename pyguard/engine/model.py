@@ -329,6 +329,25 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return y
 
 
+def rms_norm_reference(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """The specification of the fused norm + quantization kernel (kernels.norm_quantize computes
+    quant.quantize_acts of this): rms_norm of float32 x [n, K], K % 8 == 0, in a fixed order:
+    lane l sums the squares of columns 8i + l in order of i, then tree8; r = 1 / sqrt(sum / K +
+    eps); y = (x r) w. Kept apart from rms_norm until the forward pass uses the kernel (then
+    rms_norm becomes this)."""
+    n, k = x.shape
+    if k % 8:
+        raise PyguardError(f"rms_norm needs a multiple of 8 columns, not {k}")
+    r = tree8(np.cumsum((x * x).reshape(n, k // 8, 8), axis=1, dtype=np.float32)[:, -1])
+    r /= k
+    r += eps
+    np.sqrt(r, out=r)
+    np.reciprocal(r, out=r)
+    y = x * r[:, None]
+    y *= w
+    return y
+
+
 def swiglu_reference(gate_up: np.ndarray) -> np.ndarray:
     """The specification of the SwiGLU kernel (kernels.swiglu): silu(gate) * up for gate_up
     [n, 2 hidden] float32, gate columns first, in these float32 operations and this order:
