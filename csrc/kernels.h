@@ -36,7 +36,7 @@ typedef struct {
     /* out[len] = silu(g) * up (pg_silu_mul, model.swiglu_reference), elementwise */
     void (*swiglu_row)(const float *g, const float *up, int32_t len, float *out);
     /* y[K] = (x r) w, r = pg_rms_scale of x's sum of squares: lane l sums x[8i + l]^2 in order
-     * of i, then tree8 (model.rms_norm_reference). K % 8 == 0. */
+     * of i, then tree8 (model.rms_norm). K % 8 == 0. */
     void (*rms_row)(const float *x, const float *w, int32_t K, float eps, float *y);
 } pg_kernels;
 
@@ -140,7 +140,7 @@ static inline float pg_silu_mul(float g, float up) {
 }
 
 /* RMSNorm's factor from the sum of squares ss of a row of K: 1 / sqrt(ss / K + eps), in
- * model.rms_norm_reference's float32 operations (sqrtf and division are correctly rounded, like numpy's). */
+ * model.rms_norm's float32 operations (sqrtf and division are correctly rounded, like numpy's). */
 static inline float pg_rms_scale(float ss, int32_t K, float eps) {
     float r = ss / (float)K;
     r = r + eps;

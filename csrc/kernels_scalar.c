@@ -1,5 +1,5 @@
 /* Portable scalar kernels: the C statement of pyguard/formats/quant.py and of model.py's
- * attention_reference, apply_rope, swiglu_reference and rms_norm_reference, and the fallback path. */
+ * attention_reference, apply_rope, swiglu_reference and rms_norm, and the fallback path. */
 #include <math.h>
 #include "kernels.h"
 

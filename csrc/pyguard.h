@@ -60,7 +60,7 @@ void pg_rope(pg_pool *pool, float *x, int32_t n, int64_t stride, int32_t heads, 
  * (model.swiglu_reference: silu from the exp of attention's softmax, without overflow). */
 void pg_swiglu(pg_pool *pool, const float *gate_up, int32_t n, int32_t hidden, float *out);
 /* RMSNorm fused with activation quantization: q, scale, zp of each row of x[N][K] normalized by
- * w[K] (K % 8 == 0), bit for bit quant.quantize_acts(model.rms_norm_reference(x, w, eps)); the normalized
+ * w[K] (K % 8 == 0), bit for bit quant.quantize_acts(model.rms_norm(x, w, eps)); the normalized
  * rows are never written out. Returns 0, or -1 if out of memory. */
 int pg_norm_quantize(pg_pool *pool, const float *x, int32_t N, int32_t K, const float *w, float eps, uint8_t *q, float *scale, int32_t *zp);
 

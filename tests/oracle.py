@@ -130,7 +130,11 @@ def linear_inputs(replay: dict | None = None, rtol: float = 1e-3):
         return original(w, x, pool)
 
     pgmodel.linear = linear
+    # the fused norm + quantization equals linear(rms_norm(x)) bit for bit: record its rows here
+    original_norm = pgmodel.norm_linear
+    pgmodel.norm_linear = lambda w, x, norm, eps, pool=None: linear(w, pgmodel.rms_norm(x, norm, eps), pool)
     try:
         yield record
     finally:
         pgmodel.linear = original
+        pgmodel.norm_linear = original_norm

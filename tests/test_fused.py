@@ -1,6 +1,6 @@
 """The rotary, SwiGLU and fused RMSNorm + quantization kernels on every ISA path this CPU has,
 against their numpy specifications (model.apply_rope, model.swiglu_reference,
-quant.quantize_acts(model.rms_norm_reference)), bit for bit, on 1-3 threads."""
+quant.quantize_acts(model.rms_norm)), bit for bit, on 1-3 threads."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_norm_quantize_is_its_reference_bit_for_bit(isa, n, k, log_mag, w_mag, s
     rng = np.random.default_rng(seed)
     x = random_floats(rng, (n, k), log_mag, specials)
     w = random_floats(rng, (k,), w_mag, 0)
-    ref = quant.quantize_acts(model.rms_norm_reference(x, w, eps))
+    ref = quant.quantize_acts(model.rms_norm(x, w, eps))
     kernels.set_isa(isa)
     assert same_acts(kernels.norm_quantize(x, w, eps, POOLS[threads]), ref)
 
@@ -149,12 +149,12 @@ def test_rms_norm_order_is_lanes_then_tree8():
         lanes += x[:, i : i + 8] * x[:, i : i + 8]
     ss = (lanes[:, 0] + lanes[:, 4] + (lanes[:, 2] + lanes[:, 6])) + (lanes[:, 1] + lanes[:, 5] + (lanes[:, 3] + lanes[:, 7]))
     r = np.float32(1) / np.sqrt(ss / np.float32(2048) + np.float32(1e-5))
-    assert same_bits(model.rms_norm_reference(x, w, 1e-5), (x * r[:, None]) * w)
+    assert same_bits(model.rms_norm(x, w, 1e-5), (x * r[:, None]) * w)
     x64 = x.astype(np.float64)
     exact = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + 1e-5) * w
-    assert np.allclose(model.rms_norm_reference(x, w, 1e-5), exact, rtol=4e-7 * 8, atol=0)
+    assert np.allclose(model.rms_norm(x, w, 1e-5), exact, rtol=4e-7 * 8, atol=0)
     with pytest.raises(PyguardError):
-        model.rms_norm_reference(x[:, :12], w[:12], 1e-5)
+        model.rms_norm(x[:, :12], w[:12], 1e-5)
 
 
 def test_bad_arguments():
@@ -206,4 +206,4 @@ def test_strided_tables_and_gate_up_are_read_as_values():
     kernels.rope(x, 1, cos, sin)
     assert same_bits(x, ref)
     y, w = rng.standard_normal((6, 16), dtype=np.float32), rng.standard_normal(32, dtype=np.float32)
-    assert same_acts(kernels.norm_quantize(y[::2], w[::2], 1e-5), quant.quantize_acts(model.rms_norm_reference(y[::2], w[::2], 1e-5)))
+    assert same_acts(kernels.norm_quantize(y[::2], w[::2], 1e-5), quant.quantize_acts(model.rms_norm(y[::2], w[::2], 1e-5)))

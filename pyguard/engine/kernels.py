@@ -288,7 +288,7 @@ def swiglu(gate_up: np.ndarray, pool: Pool | None = None) -> np.ndarray:
 
 
 def norm_quantize(x: np.ndarray, w: np.ndarray, eps: float, pool: Pool | None = None) -> QActs:
-    """RMSNorm then per-row quantization, fused: bit for bit quant.quantize_acts(model.rms_norm_reference(
+    """RMSNorm then per-row quantization, fused: bit for bit quant.quantize_acts(model.rms_norm(
     x, w, eps)) for float32 x [N, K] (K a multiple of 8) and w [K]."""
     x, w = _float32(x, "norm input"), _float32(w, "norm weight")
     if x.ndim != 2 or x.shape[1] < 8 or x.shape[1] % 8 or w.shape != x.shape[1:] or max(x.shape) >= 1 << 31:

@@ -1,5 +1,6 @@
 """The Llama decoder: int4 weights, int8 dynamic activations, everything else float32 (attention,
-rotary embeddings and SwiGLU in C kernels whose numpy references are here, the rest in numpy).
+rotary embeddings, SwiGLU and RMSNorm fused with the quantization of the products' inputs in C
+kernels whose numpy references are here, the rest in numpy).
 
 One forward pass (`Model._forward`) serves prefill (a chunk of tokens through the int8 x int4
 GEMM) and decode (one token through the GEMV): per layer RMSNorm, the stacked q/k/v product,
@@ -254,7 +255,7 @@ class Model:
         pool, scale = self.pool, np.float32(c.head_dim**-0.5)
         x = lookup(self.tok_embeddings, ids, pool)
         for i, layer in enumerate(self.layers):
-            qkv = linear(layer.wqkv, rms_norm(x, layer.attention_norm, c.norm_eps), pool)
+            qkv = norm_linear(layer.wqkv, x, layer.attention_norm, c.norm_eps, pool)
             kernels.rope(qkv, c.n_heads + c.n_kv_heads, cos, sin, pool)
             att = np.empty((n, q_end), np.float32)
             for (state, _), a, b in zip(segments, bounds[:-1], bounds[1:]):
@@ -268,7 +269,7 @@ class Model:
                 if not len(x):
                     break
             x += linear(layer.wo, att, pool)
-            gate_up = linear(layer.w13, rms_norm(x, layer.ffn_norm, c.norm_eps), pool)
+            gate_up = norm_linear(layer.w13, x, layer.ffn_norm, c.norm_eps, pool)
             x += linear(layer.w2, kernels.swiglu(gate_up, pool), pool)
         for state, seg in segments:
             state.pos += len(seg)
@@ -292,6 +293,13 @@ def linear(w: QTensor | Q8Tensor, x: np.ndarray, pool: kernels.Pool | None = Non
     if len(x) == 1:
         return kernels.gemv(w, x[0], pool=pool)[None]
     return kernels.gemm(w, kernels.quantize_acts(x, pool), pool=pool)
+
+
+def norm_linear(w: QTensor, x: np.ndarray, norm: np.ndarray, eps: float, pool: kernels.Pool | None = None) -> np.ndarray:
+    """linear(w, rms_norm(x, norm, eps)) with the norm fused into the rows' quantization
+    (kernels.norm_quantize, the same bits): the normalized rows are never written out. One row
+    goes through the GEMV inside kernels.gemm, as in linear."""
+    return kernels.gemm(w, kernels.norm_quantize(x, norm, eps, pool), pool=pool)
 
 
 def linear8(w: Q8Tensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
@@ -318,23 +326,10 @@ def linear8(w: Q8Tensor, x: np.ndarray, pool: kernels.Pool | None = None) -> np.
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * w over the last axis."""
-    r = np.einsum("ij,ij->i", x, x)
-    r /= x.shape[1]
-    r += eps
-    np.sqrt(r, out=r)
-    np.reciprocal(r, out=r)
-    y = x * r[:, None]
-    y *= w
-    return y
-
-
-def rms_norm_reference(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """The specification of the fused norm + quantization kernel (kernels.norm_quantize computes
-    quant.quantize_acts of this): rms_norm of float32 x [n, K], K % 8 == 0, in a fixed order:
-    lane l sums the squares of columns 8i + l in order of i, then tree8; r = 1 / sqrt(sum / K +
-    eps); y = (x r) w. Kept apart from rms_norm until the forward pass uses the kernel (then
-    rms_norm becomes this)."""
+    """x / sqrt(mean(x^2) + eps) * w over the last axis of float32 x [n, K], K % 8 == 0, in a
+    fixed order, the specification of the fused norm + quantization kernel (kernels.norm_quantize
+    computes quant.quantize_acts of this): lane l sums the squares of columns 8i + l in order of
+    i, then tree8; r = 1 / sqrt(sum / K + eps); y = (x r) w."""
     n, k = x.shape
     if k % 8:
         raise PyguardError(f"rms_norm needs a multiple of 8 columns, not {k}")
