@@ -163,3 +163,12 @@ XTARGET static void NAME(gemv_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
         NAME(gemv_rows_g)(w, m0, m1, q, scale, zp, y, 0);
 }
 
+#if WIDE /* each 512-bit instantiation sets these anew */
+#undef W512
+#undef W_ZERO
+#undef W_LOAD
+#undef W_UNPACK
+#undef W_DP
+#undef W_ZEXT
+#undef W_FOLD
+#endif

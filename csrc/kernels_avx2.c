@@ -121,13 +121,6 @@ AVX512 __attribute__((always_inline)) static inline __m512i unpack512(const uint
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
-#undef W512
-#undef W_ZERO
-#undef W_LOAD
-#undef W_UNPACK
-#undef W_DP
-#undef W_ZEXT
-#undef W_FOLD
 
 #ifdef PG_VNNI_EMULATION
 /* the zmm code on pairs of ymm vectors (lo: bytes 0..31, hi: 32..63) */
@@ -155,13 +148,6 @@ INLINE w512_emulated w_dp_emulated(w512_emulated acc, w512_emulated x, w512_emul
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
-#undef W512
-#undef W_ZERO
-#undef W_LOAD
-#undef W_UNPACK
-#undef W_DP
-#undef W_ZEXT
-#undef W_FOLD
 #undef WIDE
 #define NAME(x) x##_emulated
 #define XTARGET TARGET
