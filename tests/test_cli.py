@@ -250,8 +250,11 @@ def test_an_interrupted_write_leaves_complete_lines(model, tmp_path, monkeypatch
 def test_sigint_keeps_complete_lines(model, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, 4000)
+    # SIGINT as at a terminal: a suite started in the background of a shell without job control
+    # inherits SIGINT ignored, and so would the child (Python then never raises KeyboardInterrupt)
     p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "classify", "-m", model, "--jsonl", str(src), "--out", str(out)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while p.poll() is None and (not out.exists() or out.stat().st_size == 0):
             select.select([], [], [], 0.05)  # wait for the first batch
