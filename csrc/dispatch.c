@@ -119,10 +119,29 @@ static void run_rows(pg_pool *pool, job *j) {
     pg_pool_run(pool, gemm_task, j, (j->w->M + j->rows_per_task - 1) / j->rows_per_task);
 }
 
-void pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
-             int32_t N, float *y) {
+/* q[N][K] (K % 4 == 0) -> [K/4][NP][4]: the 4 bytes of columns 4c..4c+3 of token n at
+ * (c NP + n) 4, NP = N rounded up to a multiple of lanes, the padding tokens 0. NULL if out of
+ * memory. Once per product: N K bytes, against the product's M N K multiply-adds. */
+static uint8_t *pack_tokens(const uint8_t *q, int32_t N, int32_t K, int32_t lanes) {
+    const int64_t NP = ((int64_t)N + lanes - 1) / lanes * lanes;
+    uint8_t *qt = calloc((size_t)(NP * K), 1);
+    if (!qt) return NULL;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t c = 0; c < K / 4; c++) memcpy(qt + (c * NP + n) * 4, q + n * K + c * 4, 4);
+    return qt;
+}
+
+int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
+            int32_t N, float *y) {
     job j = {.k = atomic_load(&active), .w = w, .q = q, .scale = scale, .zp = zp, .N = N, .y = y};
+    uint8_t *packed = NULL;
+    if (N > 1 && j.k->gemm_lanes) {
+        if (!(packed = pack_tokens(q, N, w->K, j.k->gemm_lanes))) return -1;
+        j.q = packed;
+    }
     run_rows(pool, &j);
+    free(packed);
+    return 0;
 }
 
 int pg_gemv(pg_pool *pool, const pg_qtensor *w, const float *x, float *y) {

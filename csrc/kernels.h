@@ -12,7 +12,8 @@ typedef struct {
     const char *name;
     /* one row x[K] -> q[K], *scale, *zp (quant.quantize_acts) */
     void (*quantize_row)(const float *x, int32_t K, uint8_t *q, float *scale, int32_t *zp);
-    /* rows [m0, m1) of Y[N][M] (row stride M) from q[N][K] */
+    /* rows [m0, m1) of Y[N][M] (row stride M) from q[N][K], N > 1, or from the activations packed
+     * for gemm_lanes (see there) */
     void (*gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
                       const float *scale, const int32_t *zp, int32_t N, float *y);
     /* y[m0, m1) for one quantized row q[K] */
@@ -38,6 +39,9 @@ typedef struct {
     /* y[K] = (x r) w, r = pg_rms_scale of x's sum of squares: lane l sums x[8i + l]^2 in order
      * of i, then tree8 (model.rms_norm). K % 8 == 0. */
     void (*rms_row)(const float *x, const float *w, int32_t K, float eps, float *y);
+    /* 0: gemm_rows reads q[N][K]. L > 0: gemm_rows reads the activations packed with
+     * pg_pack_tokens for L tokens a vector (csrc/gemm_x86.h). */
+    int32_t gemm_lanes;
 } pg_kernels;
 
 void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);

@@ -11,6 +11,13 @@
 #define INLINE TARGET __attribute__((always_inline)) static inline
 #define UNROLL _Pragma("GCC unroll 8") /* tile loops must unroll for the tile to live in registers */
 
+/* 4 bytes at p (any alignment) */
+static inline int32_t pg_load32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
 /* Sum of 8 floats in a fixed order (every output uses this same order). */
 INLINE float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -73,6 +80,9 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #define MULADD(acc, x, w) _mm256_maddubs_epi16(x, w) /* G = 32: one chunk per group, acc is 0 */
 #define MULADD2(acc, x, w, x2, w2) _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(x, w), _mm256_maddubs_epi16(x2, w2)))
 #define WIDEN(acc) _mm256_madd_epi16(acc, _mm256_set1_epi16(1))
+/* GEMM: acc += the products of each 4-byte unit of x with the 4 bytes of w, as int16 pairs */
+#define DOT4(acc, x, w) _mm256_add_epi16(acc, _mm256_maddubs_epi16(x, w))
+#define PARTIAL16 1 /* 8 such sums (32 columns) reach 8 * 2 * 255 * 8 = 32640 at most: no overflow */
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
@@ -80,6 +90,8 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #undef MULADD
 #undef MULADD2
 #undef WIDEN
+#undef DOT4
+#undef PARTIAL16
 
 /* VNNI: vpdpbusd adds the four products of bytes 4l..4l+3 to int32 lane l in one instruction
  * (what vpmaddubsw + vpmaddwd + vpaddd do): the same integers as AVX2. AVX-VNNI (VEX) runs on
@@ -90,6 +102,8 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
  * by a pair of 256-bit ones, so their layout, tiling and edges are tested on CPUs without VNNI. */
 #define XINLINE XTARGET __attribute__((always_inline)) static inline
 #define WIDEN(acc) (acc)
+#define DOT4(acc, x, w) MULADD(acc, x, w)
+#define PARTIAL16 0 /* int32 lanes hold a whole group (G <= 256) */
 #define MULADD2(acc, x, w, x2, w2) MULADD(MULADD(acc, x, w), x2, w2)
 #define DPBUSD_EMULATED(acc, x, w) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
 #define NAME(x) x##_avxvnni
@@ -101,50 +115,120 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #undef MULADD
 
 #define WIDE 1
-#define AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
-/* 32 packed bytes -> a block's 64 signed weights: columns 0..31 (low nibbles) in the lower
- * half, 32..63 in the upper, matching 64 activation bytes loaded as one vector. */
-AVX512 __attribute__((always_inline)) static inline __m512i unpack512(const uint8_t *p) {
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(v), _mm256_srli_epi16(v, 4), 1);
-    return _mm512_sub_epi8(_mm512_and_si512(both, _mm512_set1_epi8(0x0F)), _mm512_set1_epi8(8));
-}
 #define NAME(x) x##_avx512vnni
-#define XTARGET AVX512
+#define XTARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define W512 __m512i
+#define W512F __m512
+#define W_BCAST32(p) _mm512_set1_epi32(pg_load32(p))
+#define W_ZEROF() _mm512_setzero_ps()
+#define W_LOADF(p) _mm512_loadu_ps(p)
+#define W_STOREF(p, v) _mm512_storeu_ps(p, v)
+#define W_CVTF(v) _mm512_cvtepi32_ps(v)
+#define W_MULF(a, b) _mm512_mul_ps(a, b)
+#define W_ADDF(a, b) _mm512_add_ps(a, b)
+#define W_SPLATF(f) _mm512_set1_ps(f)
 #define W_ZERO() _mm512_setzero_si512()
 #define W_LOAD(p) _mm512_loadu_si512((const void *)(p))
-#define W_UNPACK(p) unpack512(p)
+#define W_SPLAT8(b) _mm512_set1_epi8(b)
+#define W_AND(a, b) _mm512_and_si512(a, b)
+#define W_SUB8(a, b) _mm512_sub_epi8(a, b)
+#define W_JOIN(lo, hi) _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
 #define W_DP(acc, x, w) _mm512_dpbusd_epi32(acc, x, w)
-#define W_ZEXT(v) _mm512_zextsi256_si512(v)
-#define W_FOLD(acc) _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1))
+#define W_ADD32(a, b) _mm512_add_epi32(a, b)
+#define W_UNPACKLO32(a, b) _mm512_unpacklo_epi32(a, b)
+#define W_UNPACKHI32(a, b) _mm512_unpackhi_epi32(a, b)
+#define W_UNPACKLO64(a, b) _mm512_unpacklo_epi64(a, b)
+#define W_UNPACKHI64(a, b) _mm512_unpackhi_epi64(a, b)
+#define W_SHUF128(a, b, imm) _mm512_shuffle_i32x4(a, b, imm)
+#define W_LO(v) _mm512_castsi512_si256(v)
+#define W_HI(v) _mm512_extracti64x4_epi64(v, 1)
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
+#undef W512
+#undef W_ZERO
+#undef W_LOAD
+#undef W_SPLAT8
+#undef W_AND
+#undef W_SUB8
+#undef W_JOIN
+#undef W_DP
+#undef W_ADD32
+#undef W_UNPACKLO32
+#undef W_UNPACKHI32
+#undef W_UNPACKLO64
+#undef W_UNPACKHI64
+#undef W_SHUF128
+#undef W_LO
+#undef W_HI
+#undef W512F
+#undef W_BCAST32
+#undef W_ZEROF
+#undef W_LOADF
+#undef W_STOREF
+#undef W_CVTF
+#undef W_MULF
+#undef W_ADDF
+#undef W_SPLATF
 
 #ifdef PG_VNNI_EMULATION
-/* the zmm code on pairs of ymm vectors (lo: bytes 0..31, hi: 32..63) */
-typedef struct { __m256i lo, hi; } w512_emulated;
-INLINE w512_emulated w_load_emulated(const uint8_t *p) {
-    return (w512_emulated){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
+/* Each 512-bit instruction the zmm code uses, on a pair of 256-bit vectors (lo: bytes 0..31,
+ * 128-bit lanes 0 and 1; hi: bytes 32..63, lanes 2 and 3), with the instruction's semantics. */
+typedef struct { __m256i lo, hi; } w512e;
+typedef struct { __m256 lo, hi; } w512fe;
+INLINE w512fe w512fe_mul(w512fe a, w512fe b) { return (w512fe){_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+INLINE w512fe w512fe_add(w512fe a, w512fe b) { return (w512fe){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+#define W512E_OP(name, op) INLINE w512e name(w512e a, w512e b) { return (w512e){op(a.lo, b.lo), op(a.hi, b.hi)}; }
+W512E_OP(w512e_and, _mm256_and_si256)
+W512E_OP(w512e_sub8, _mm256_sub_epi8)
+W512E_OP(w512e_add32, _mm256_add_epi32)
+W512E_OP(w512e_unpacklo32, _mm256_unpacklo_epi32)
+W512E_OP(w512e_unpackhi32, _mm256_unpackhi_epi32)
+W512E_OP(w512e_unpacklo64, _mm256_unpacklo_epi64)
+W512E_OP(w512e_unpackhi64, _mm256_unpackhi_epi64)
+#undef W512E_OP
+INLINE w512e w512e_load(const uint8_t *p) {
+    return (w512e){_mm256_loadu_si256((const __m256i *)p), _mm256_loadu_si256((const __m256i *)(p + 32))};
 }
-INLINE w512_emulated w_unpack_emulated(const uint8_t *p) {
-    w512_emulated w;
-    unpack64_avx2(p, &w.lo, &w.hi);
-    return w;
+INLINE w512e w512e_dp(w512e acc, w512e x, w512e w) {
+    return (w512e){DPBUSD_EMULATED(acc.lo, x.lo, w.lo), DPBUSD_EMULATED(acc.hi, x.hi, w.hi)};
 }
-INLINE w512_emulated w_dp_emulated(w512_emulated acc, w512_emulated x, w512_emulated w) {
-    return (w512_emulated){DPBUSD_EMULATED(acc.lo, x.lo, w.lo), DPBUSD_EMULATED(acc.hi, x.hi, w.hi)};
+INLINE __m128i w512e_lane(w512e v, int i) { /* 128-bit lane i (0..3) */
+    const __m256i h = i < 2 ? v.lo : v.hi;
+    return i & 1 ? _mm256_extracti128_si256(h, 1) : _mm256_castsi256_si128(h);
+}
+/* vshufi32x4: lanes 0, 1 from a, 2, 3 from b, each picked by two bits of imm */
+INLINE w512e w512e_shuf128(w512e a, w512e b, int imm) {
+    return (w512e){_mm256_setr_m128i(w512e_lane(a, imm & 3), w512e_lane(a, imm >> 2 & 3)),
+                   _mm256_setr_m128i(w512e_lane(b, imm >> 4 & 3), w512e_lane(b, imm >> 6 & 3))};
 }
 #define NAME(x) x##_avx512vnni_emulated
 #define XTARGET TARGET
-#define W512 w512_emulated
-#define W_ZERO() ((w512_emulated){_mm256_setzero_si256(), _mm256_setzero_si256()})
-#define W_LOAD(p) w_load_emulated(p)
-#define W_UNPACK(p) w_unpack_emulated(p)
-#define W_DP(acc, x, w) w_dp_emulated(acc, x, w)
-#define W_ZEXT(v) ((w512_emulated){v, _mm256_setzero_si256()})
-#define W_FOLD(acc) _mm256_add_epi32((acc).lo, (acc).hi)
+#define W512 w512e
+#define W512F w512fe
+#define W_BCAST32(p) ((w512e){_mm256_set1_epi32(pg_load32(p)), _mm256_set1_epi32(pg_load32(p))})
+#define W_ZEROF() ((w512fe){_mm256_setzero_ps(), _mm256_setzero_ps()})
+#define W_LOADF(p) ((w512fe){_mm256_loadu_ps(p), _mm256_loadu_ps((p) + 8)})
+#define W_STOREF(p, v) (_mm256_storeu_ps(p, (v).lo), _mm256_storeu_ps((p) + 8, (v).hi))
+#define W_CVTF(v) ((w512fe){_mm256_cvtepi32_ps((v).lo), _mm256_cvtepi32_ps((v).hi)})
+#define W_MULF(a, b) w512fe_mul(a, b)
+#define W_ADDF(a, b) w512fe_add(a, b)
+#define W_SPLATF(f) ((w512fe){_mm256_set1_ps(f), _mm256_set1_ps(f)})
+#define W_ZERO() ((w512e){_mm256_setzero_si256(), _mm256_setzero_si256()})
+#define W_LOAD(p) w512e_load(p)
+#define W_SPLAT8(b) ((w512e){_mm256_set1_epi8(b), _mm256_set1_epi8(b)})
+#define W_AND(a, b) w512e_and(a, b)
+#define W_SUB8(a, b) w512e_sub8(a, b)
+#define W_JOIN(lo, hi) ((w512e){lo, hi})
+#define W_DP(acc, x, w) w512e_dp(acc, x, w)
+#define W_ADD32(a, b) w512e_add32(a, b)
+#define W_UNPACKLO32(a, b) w512e_unpacklo32(a, b)
+#define W_UNPACKHI32(a, b) w512e_unpackhi32(a, b)
+#define W_UNPACKLO64(a, b) w512e_unpacklo64(a, b)
+#define W_UNPACKHI64(a, b) w512e_unpackhi64(a, b)
+#define W_SHUF128(a, b, imm) w512e_shuf128(a, b, imm)
+#define W_LO(v) ((v).lo)
+#define W_HI(v) ((v).hi)
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
@@ -162,6 +246,8 @@ INLINE w512_emulated w_dp_emulated(w512_emulated acc, w512_emulated x, w512_emul
 #undef XINLINE
 #undef WIDEN
 #undef MULADD2
+#undef DOT4
+#undef PARTIAL16
 #undef DPBUSD_EMULATED
 
 /* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
@@ -349,11 +435,11 @@ TARGET static void rms_row(const float *x, const float *w, int32_t K, float eps,
         _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), r), _mm256_loadu_ps(w + k)));
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row};
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row};
-const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
 #endif
 #endif

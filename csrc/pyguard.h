@@ -35,8 +35,9 @@ int pg_pool_threads(const pg_pool *pool);
 
 /* X[N][K] float32 -> q[N][K] uint8, scale[N], zp[N]: per-row asymmetric (quant.quantize_acts). */
 void pg_quantize_acts(pg_pool *pool, const float *x, int32_t N, int32_t K, uint8_t *q, float *scale, int32_t *zp);
-/* Y[N][M] = W . X^T from quantized activations q[N][K] (quant.gemm). */
-void pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
+/* Y[N][M] = W . X^T from quantized activations q[N][K] (quant.gemm). Returns 0, or -1 if out
+ * of memory. */
+int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
              int32_t N, float *y);
 /* y[M] = W . x for float32 x[K], quantized internally like a one-row pg_gemm (quant.gemv).
  * Returns 0, or -1 if out of memory. */

@@ -207,7 +207,9 @@ def gemm(t: QTensor, a: QActs, out: np.ndarray | None = None, pool: Pool | None 
     if a.scale.shape != (n,) or a.zp.shape != (n,) or a.scale.dtype != np.float32 or a.zp.dtype != np.int32:
         raise PyguardError("activation scales and zero points must be float32 and int32 [N]")
     y = np.empty((n, m), np.float32) if out is None else _check_out(out, (n, m))
-    lib.pg_gemm(_pool(pool), _qtensor(t), _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp), n, _ptr("float *", y))
+    if lib.pg_gemm(_pool(pool), _qtensor(t), _ptr("uint8_t *", a.q), _ptr("float *", a.scale), _ptr("int32_t *", a.zp), n,
+                   _ptr("float *", y)) != 0:
+        raise MemoryError("gemm activations")
     return y
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import kernels
+from . import detmath, kernels
 from ..formats.config import ModelConfig
 from ..errors import PyguardError
 from ..formats import quant
@@ -252,7 +252,7 @@ class Model:
         bounds = np.cumsum([0] + [len(seg) for _, seg in segments])
         q_end = c.n_heads * c.head_dim
         cos, sin = rope_tables(self.inv_freq, np.concatenate([np.arange(st.pos, st.pos + len(seg)) for st, seg in segments]))
-        pool, scale = self.pool, np.float32(c.head_dim**-0.5)
+        pool, scale = self.pool, np.float32(1 / math.sqrt(c.head_dim))  # correctly rounded: the same everywhere
         x = lookup(self.tok_embeddings, ids, pool)
         for i, layer in enumerate(self.layers):
             qkv = norm_linear(layer.wqkv, x, layer.attention_norm, c.norm_eps, pool)
@@ -357,7 +357,7 @@ def swiglu_reference(gate_up: np.ndarray) -> np.ndarray:
 def rope_frequencies(c: ModelConfig) -> np.ndarray:
     """Rotation frequencies [head_dim / 2], float32 as in Hugging Face and Meta's code, with
     Llama 3 scaling: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between."""
-    inv_freq = 1.0 / (np.float32(c.rope_theta) ** (np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim)))
+    inv_freq = np.float32(1) / detmath.pow32(c.rope_theta, np.arange(0, c.head_dim, 2, dtype=np.float32) / np.float32(c.head_dim))
     s = c.rope_scaling
     if s:
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
@@ -371,9 +371,9 @@ def rope_frequencies(c: ModelConfig) -> np.ndarray:
 
 def rope_tables(inv_freq: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin [n, head_dim/2] float32 of each position's angles, float32 products
-    position * frequency, as the models were trained with."""
+    position * frequency, as the models were trained with (detmath: the same bits on every CPU)."""
     angles = positions.astype(np.float32)[:, None] * inv_freq
-    return np.cos(angles), np.sin(angles)
+    return detmath.sincos32(angles)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:

@@ -246,8 +246,15 @@ def group_dots(t: QTensor, a: QActs) -> np.ndarray:
 
 
 def gemm(t: QTensor, a: QActs) -> np.ndarray:
-    """Y[N, M] = s_n * (sum_g d[m, g] * dot[n, m, g] - zp_n * rowsum[m]), float32."""
-    acc = (group_dots(t, a).astype(np.float32) * t.scales.astype(np.float32)[None]).sum(axis=2)
+    """Y[N, M] = s_n * (sum_g d[m, g] * dot[n, m, g] - zp_n * rowsum[m]), float32, in the one
+    order every kernel path follows (so results are the same bits on every CPU): per output,
+    acc = acc + d_g * float(dot_g), group after group (each a float32 multiply, then an add),
+    from acc = 0; then s * (acc - zp * rowsum). dot_g is exact (|dot_g| < 2^24: exact in float32)."""
+    dots = group_dots(t, a).astype(np.float32)
+    d = t.scales.astype(np.float32)
+    acc = np.zeros(dots.shape[:2], np.float32)
+    for g in range(dots.shape[2]):
+        acc += dots[:, :, g] * d[None, :, g]
     y = a.scale[:, None] * (acc - a.zp[:, None].astype(np.float32) * t.rowsum[None, :])
     return y.astype(np.float32)
 

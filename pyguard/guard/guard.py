@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .. import checks
+from ..engine import detmath
 from ..engine.cache import PrefixCache
 from ..errors import PyguardError
 from ..engine.model import Model
@@ -172,8 +173,8 @@ class Guard:
         """score x the softmax, over the codes' next-token rows, of the logits after _code_step's tokens."""
         _, rows = self._code_step(tuple(cats))
         kept = sorted({r for r in rows if r is not None})
-        z = logits[kept].astype(np.float64)
-        p = dict(zip(kept, np.exp(z - z.max()) / np.exp(z - z.max()).sum()))
+        e = detmath.exp(logits[kept].astype(np.float64) - logits[kept].max())
+        p = dict(zip(kept, e / e.sum()))
         return {c: score * float(p[r]) if r is not None else 0.0 for c, r in zip(cats, rows)}
 
     def prepare(self, conversation: Conversation, categories: Mapping[str, str] | None = None,
@@ -322,7 +323,7 @@ class Guard:
             raise PyguardError("the model's output head has no 'unsafe' token")
         z = logits.astype(np.float64)
         z -= z.max()
-        p = np.exp(z)
+        p = detmath.exp(z)  # numpy's exp differs in the last bits between CPUs
         score = float(p[self._unsafe_rows[0]] / p.sum())
         if not math.isfinite(score):
             raise PyguardError("the model computed non-finite logits (NaN or inf): no verdict (is the file damaged?)")
