@@ -212,7 +212,7 @@ XINLINE void NAME(gemm_part)(const int8_t *w, int32_t c, const uint8_t *qt, int6
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int t = 0; t < T; t++) part[r][t] = PARTIAL16 || first ? NAME(tv_zero)() : acc[r][t];
     qt += (int64_t)v * LANES * 4;
-    UNROLL for (int j = 0; j < 8; j++, qt += NP * 4) {
+    for (int j = 0; j < 8; j++, qt += NP * 4) { /* not unrolled: unrolled, the compiler regroups the int16 sums and spills */
         NAME(tvi) x[TILE_T];
         UNROLL for (int t = 0; t < T; t++) x[t] = NAME(tv_load)(qt + t * LANES * 4);
         UNROLL for (int r = 0; r < R; r++) {
@@ -236,8 +236,8 @@ XINLINE void NAME(gemm_tile)(const int8_t *w, const float *d, int32_t k0, int32_
             facc[r][t] = first ? NAME(tv_zerof)() : NAME(tv_loadf)(fsum[r] + (v - v0 + t) * LANES);
     for (int32_t g0 = k0; g0 < k1; g0 += G) {
         NAME(tvi) acc[TILE_R][TILE_T];
-        for (int32_t c = g0; c < g0 + G; c += 32)
-            NAME(gemm_part)(w, c - k0, qt + (int64_t)(c / 4) * NP * 4, NP, v, acc, c == g0, R, T);
+        NAME(gemm_part)(w, g0 - k0, qt + (int64_t)(g0 / 4) * NP * 4, NP, v, acc, 1, R, T);
+        for (int32_t c = g0 + 32; c < g0 + G; c += 32) NAME(gemm_part)(w, c - k0, qt + (int64_t)(c / 4) * NP * 4, NP, v, acc, 0, R, T);
         UNROLL for (int r = 0; r < R; r++)
             UNROLL for (int t = 0; t < T; t++) facc[r][t] = NAME(tv_fma)(facc[r][t], acc[r][t], d[r * (SPAN / 32) + (g0 - k0) / G]);
     }
