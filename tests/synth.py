@@ -113,7 +113,8 @@ def _final_hidden(cfg: ModelConfig, hf: dict[str, np.ndarray], group: int, promp
 def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     """Hugging Face weights of a small Llama (the real vocabulary) that judges conversations
     decisively: P(unsafe) depends on the conversation and spreads over ~0.05..0.95 on SAMPLES,
-    about half of them greedy-unsafe; unsafe answers name varying categories.
+    about half of them greedy-unsafe; unsafe answers name varying categories. The same weights
+    on every machine (whatever its BLAS, numpy SIMD or kernel path: tests/test_any_cpu.py).
 
     The body is random (checkpoint.random_tensor). Only the head is designed, from the normed
     hidden states the model computes (same quantization as the converted file) after each
@@ -152,8 +153,8 @@ def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
         means and to the directions `away`."""
         means = np.stack([h[~agent].mean(axis=0), h[agent].mean(axis=0)])
         x = h - means[agent.astype(int)]
-        v = np.linalg.svd(x, full_matrices=False)[2][:k]
-        q = np.linalg.qr(np.concatenate([means, away]).T)[0]
+        v = _signed(np.linalg.svd(x, full_matrices=False)[2][:k])
+        q = np.linalg.qr(np.concatenate([means, away]).T)[0]  # (q q^T does not depend on q's signs)
         v -= (v @ q) @ q.T
         return x, v / np.linalg.norm(v, axis=1, keepdims=True)
 
@@ -168,7 +169,8 @@ def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     head[safe] = 24 * bias(h) - a / 2 * u
     head[unsafe] = 24 * bias(h) + a / 2 * u
     # the other rows stay ~12 logits below at the verdict: orthogonal to its deviations x
-    away = np.linalg.svd(x, full_matrices=False)[2]
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    away = vt[sv > 1e-6 * sv[0]]  # x's span: its null directions are arbitrary, and not the same in every LAPACK
     x_code, v = spread(h_code, 3, away)
     rng = np.random.default_rng([seed, 7])
     for i in set(answer_token_ids(tok, [f"S{k}" for k in range(1, 15)])) - {safe, unsafe}:
@@ -178,15 +180,25 @@ def decisive_weights(group: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     x_after, (w,) = spread(h_after, 1, away)
     eot, comma = tok.special("<|eot_id|>"), tok.encode(",")[0]
     head[comma] = head[eot] - 3 * bias(h_after) + 1.5 / np.std(x_after @ w) * w
-    hf["lm_head.weight"] = head
+    # LAPACK and BLAS round differently on different CPUs (their last bits): on the float16 grid
+    # the head is the same everywhere (it is stored as int4 anyway)
+    hf["lm_head.weight"] = head.astype(np.float16).astype(np.float32)
     return hf
+
+
+def _signed(v: np.ndarray) -> np.ndarray:
+    """Singular vectors with a sign fixed by the data (LAPACK builds choose signs differently):
+    each row's largest component positive."""
+    return v * np.sign(v[np.arange(len(v)), np.abs(v).argmax(axis=1)])[:, None]
 
 
 def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int = 0) -> str:
     """Path of a pyguard file of the decisive model (decisive_weights) with the real Llama 3
-    tokenizer, converted as `pyguard convert --table int4` does (every matrix on the int4 grid
-    the weights were made for, so the guard head's rows are exactly the full head's); the
-    checkpoint is written once per tmp_dir, group and seed and reused for the other head."""
+    tokenizer, converted as `pyguard convert --table int4 --no-calibration` does (every matrix on
+    the int4 grid the weights were made for, so the guard head's rows are exactly the full
+    head's; the searched scales decisive_weights designed with; no calibration pass, whose
+    float32 BLAS products round differently on different CPUs); the checkpoint is written once
+    per tmp_dir, group and seed and reused for the other head."""
     import os
 
     from pyguard.convert.checkpoint import reference_tokenizer_model, write_checkpoint
@@ -197,5 +209,5 @@ def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int
         write_checkpoint(hf_dir, DECISIVE, decisive_weights(group, seed), dtype="F32", tokenizer_model=reference_tokenizer_model())
     out = os.path.join(tmp_dir, f"decisive-{head}-g{group}-s{seed}.pgw")
     if not os.path.exists(out):
-        convert(hf_dir, out, group=group, head=head, table="int4")
+        convert(hf_dir, out, group=group, head=head, table="int4", calibration=False)
     return out
