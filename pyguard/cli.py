@@ -480,6 +480,14 @@ def parser() -> argparse.ArgumentParser:
                    "positions of the model, 256 MiB for 1B; 0: none): it sets the service's memory ceiling")
     s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: PYGUARD_API_KEY if set)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    s.add_argument("--max-tokens-in-flight", type=int, default=8192, metavar="N",
+                   help="tokens (prompt and answer positions) judged at once, which bounds inference memory; also the "
+                        "most one conversation may take (default 8192: 512 MiB of key/value state for 1B)")
+    s.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time for a request's headers, then for its body, beyond which the connection is cut (default 30)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, time to answer what is queued; then the rest gets 503 (default 30)")
+    s.add_argument("--no-verify", action="store_true", help="skip checking the file's checksums at start (faster start)")
     s.set_defaults(run=cmd_serve)
     return p
 
@@ -488,7 +496,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
     cache = None if a.cache_mb is None else a.cache_mb << 20
-    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body, cache)
+    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body, cache,
+                 a.max_tokens_in_flight, a.read_timeout, a.shutdown_timeout, not a.no_verify)
 
 
 def _line(message: object) -> str:

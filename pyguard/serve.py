@@ -611,17 +611,18 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, max_batch: int = 16,
           max_queue: int = 256, api_key: str | None = None, insecure: bool = False, max_body: int = 1 << 20,
-          cache_bytes: int | None = None, max_positions: int = 8192, read_timeout: float = 30.0,
+          cache_bytes: int | None = None, max_tokens_in_flight: int = 8192, read_timeout: float = 30.0,
           shutdown_timeout: float = 30.0, verify: bool = True) -> int:
     """Serve a pyguard file until SIGTERM/SIGINT, then finish what is queued (for up to
     shutdown_timeout seconds) and return 0. api_key None: PYGUARD_API_KEY if set; cache_bytes:
-    the guard's token-prefix cache (None: Guard's default); max_positions: the key/value
-    positions judged at once (also the most one conversation may take, below 8192);
+    the guard's token-prefix cache (None: Guard's default); max_tokens_in_flight: the
+    tokens (key/value positions: prompt and answer) judged at once, which bounds the memory
+    of inference; also the most one conversation may take (below 8192);
     read_timeout: seconds for a request's headers, and again for its body; verify: check every
     checksum of the file before serving."""
     for name, value, low, high in (("port", port, 0, 65535), ("max_batch", max_batch, 1, 1 << 16),
                                    ("max_queue", max_queue, 1, 1 << 20), ("max_body", max_body, 1, 1 << 30),
-                                   ("max_positions", max_positions, 1, 1 << 24)):
+                                   ("max_tokens_in_flight", max_tokens_in_flight, 1, 1 << 24)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise PyguardError(f"{name} must be an integer from {low} to {high}, not {value!r:.60}")
     for name, value in (("read_timeout", read_timeout), ("shutdown_timeout", shutdown_timeout)):
@@ -643,13 +644,13 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | 
         raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
     try:
         guard = Guard.load(model, threads=threads, verify=verify, cache_bytes=cache_bytes,
-                           max_tokens=min(8192, max_positions))
+                           max_tokens=min(8192, max_tokens_in_flight))
     except PyguardError as e:
         if "too small for any prompt" in str(e):
-            raise PyguardError(f"max_positions {max_positions} is too small: {e}") from None
+            raise PyguardError(f"max_tokens_in_flight {max_tokens_in_flight} is too small: {e}") from None
         raise
     sock = _listen(host, port)
-    service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body, max_positions,
+    service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body, max_tokens_in_flight,
                       read_timeout, shutdown_timeout)
     addr = sock.getsockname()
     where = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
