@@ -305,6 +305,16 @@ def id_text(x: Any) -> str:
 
 def parse_line(raw: bytes) -> dict:
     """One --jsonl line: a JSON object with "messages" and an optional writable "id"."""
+    item = parse_json(raw)
+    if not isinstance(item, dict) or "messages" not in item:
+        raise PyguardError('expected an object with "messages"')
+    if "id" in item:
+        id_text(item["id"])
+    return item
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of one line (strict: UTF-8, no NaN or Infinity, no \\r inside)."""
     body = raw[:-2] if raw.endswith(b"\r\n") else raw.rstrip(b"\n")
     if b"\r" in body:  # other tools would see a line break here: the line numbers would disagree
         raise PyguardError("a carriage return (\\r) inside the line")
@@ -316,10 +326,6 @@ def parse_line(raw: bytes) -> dict:
         raise PyguardError("not JSON (nested too deeply)") from None
     except ValueError as e:
         raise PyguardError(f"not JSON ({e})") from None
-    if not isinstance(item, dict) or "messages" not in item:
-        raise PyguardError('expected an object with "messages"')
-    if "id" in item:
-        id_text(item["id"])
     return item
 
 
