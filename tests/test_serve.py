@@ -236,6 +236,7 @@ def test_burst_on_a_tiny_queue(model, guard):
             else:
                 assert r.json()["results"][0]["pyguard"]["score"] == guard.classify(TEXTS[i % len(TEXTS)]).score
         assert post(s.url, "/v1/moderations", {"input": "hello"}).status_code == 200  # still serving
+        assert _metric(s.url, 'pyguard_batch_size_bucket{le="1"}') == _metric(s.url, "pyguard_batch_size_count") > 0
 
 
 LONG = "word " * 9000  # over max_tokens (8192) with the prompt
@@ -274,6 +275,7 @@ def test_bad_input(server, path, body, param, message):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert message in err["message"] and err["param"] == param and "\n" not in err["message"]
+    assert not err["message"].startswith(("input 0:", "conversation 0:"))  # an index only among several
 
 
 FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "category_scores", "role",
@@ -518,7 +520,7 @@ def _batcher_run(guard, submissions: list[tuple[dict, list]], max_queue: int = 2
         futures = [b.submit(opts, convs, loop) for opts, convs in submissions]
         if start:
             b.start()
-            out = [None if f is None else await asyncio.wait_for(asyncio.gather(*f, return_exceptions=True), 120)
+            out = [None if f is None else await asyncio.wait_for(asyncio.gather(*f, return_exceptions=True), 60)
                    for f in futures]
             b.close()
             return out, b
