@@ -346,6 +346,31 @@ def test_refused_at_start(model, args, message):
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
 
 
+def test_damaged_file_refused_at_start(model, tmp_path):
+    """A flipped weight byte (its checksum in the directory unchanged): pyguard serve checks
+    every checksum before listening and refuses the file with one line, exit 2; --no-verify
+    (documented as skipping it) starts."""
+    import shutil
+
+    from pyguard.formats.file import load
+
+    bad = tmp_path / "flipped.pgw"
+    shutil.copyfile(model, bad)
+    (entry,) = [e for e in load(model).meta["arrays"] if e["name"] == "layers.1.w2.qs"]
+    data_offset = int.from_bytes(open(model, "rb").read(32)[24:32], "little")
+    with open(bad, "r+b") as f:
+        f.seek(data_offset + entry["offset"] + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", str(bad), "--port", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert "'layers.1.w2.qs' is corrupt (checksum mismatch)" in p.stderr, p.stderr
+    with running(str(bad), "--no-verify") as s:
+        assert httpx.get(s.url + "/healthz").status_code == 200
+
+
 def test_cache_size_option(model, guard):
     """--cache-mb 0 keeps nothing: the same results, from scratch; a bad size is a usage error."""
     with running(model, "--cache-mb", "0") as s:
