@@ -17,6 +17,7 @@ the batch it held: every row comes out exactly once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -147,15 +148,17 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           num_cpus=threads_per_worker, udf_modifying_row_count=False)
 
 
-def init(address: str | None = None, num_cpus: int | None = None) -> None:
+def init(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect this process to Ray: to the cluster at `address` as it is ("auto": this node's
     running cluster; ray.init's other forms too), or, with no address, to a new local cluster
     of this machine started lean (LEAN_INIT, LEAN_SYSTEM) with num_cpus CPUs (None:
-    this process's cores plus one, for Ray Data's own tasks: see local_cpus)."""
+    this process's cores plus one, for Ray Data's own tasks: see local_cpus). log_to_driver:
+    print the workers' output here (ray.init's option; this process's only)."""
     if address is not None:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
-    ray.init("local", num_cpus=num_cpus or local_cpus(), **LEAN_INIT, _system_config=LEAN_SYSTEM)
+    ray.init("local", num_cpus=num_cpus or local_cpus(), log_to_driver=log_to_driver, **LEAN_INIT,
+             _system_config=LEAN_SYSTEM)
 
 
 def local_cpus() -> int:
@@ -213,13 +216,17 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
         Guard.load(model, threads=1).prepare("x", options["categories"], options["exclude"])
     if os.path.exists(src):
         _check_input(src)
+    # the actors print nothing of use here, but Ray forwards their tracebacks: an actor that
+    # cannot start would bury the one-line error under pages of them
     if not ray.is_initialized() and address is None:
-        init()  # a new lean local cluster
+        init(log_to_driver=False)  # a new lean local cluster
     elif not ray.is_initialized():
         if address != "auto":  # this node's running cluster, found by Ray from local files
             _reachable(address)
         _init_within(address, INIT_TIMEOUT)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # a failed job is reported below in one line; Ray Data would first log its whole stack
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
     try:
         return _run(model, src, out, threads, options)
     except ray.exceptions.RayError as e:  # the job failed (a file the actors cannot read, say): one line, not Ray's pages
@@ -294,7 +301,7 @@ def _init_within(address: str, timeout: float) -> None:
     watchdog.daemon = True
     watchdog.start()
     try:
-        init(address)
+        init(address, log_to_driver=False)
     finally:
         watchdog.cancel()
 
