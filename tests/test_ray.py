@@ -163,6 +163,21 @@ def test_arguments_fail_before_the_job(data, local):
         pgray.classify(ds, str(data["dir"] / "nope.pgw"), concurrency=1).take_all()
 
 
+def test_the_actors_verify_the_file(data, local, tmp_path):
+    """A flipped weight bit passes the driver's check (the header and small arrays) and would
+    change verdicts: the actors read every checksum when they start."""
+    from pyguard.formats import file
+
+    _, meta, start, _ = file._read_header(data["model"])
+    e = next(x for x in meta["arrays"] if x["name"].endswith(".qs"))
+    flipped = bytearray(open(data["model"], "rb").read())
+    flipped[start + e["offset"] + 7] ^= 0x10
+    bad = tmp_path / "flipped.pgw"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ray.exceptions.RayError, match="checksum mismatch"):
+        pgray.classify(read(data), str(bad), concurrency=1).take_all()
+
+
 def test_result_columns_in_the_input_are_refused(data, local):
     ds = ray.data.from_items([{"messages": [{"role": "user", "content": "hi"}], "score": 1}])
     with pytest.raises(Exception, match="already has result columns"):
