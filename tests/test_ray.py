@@ -283,6 +283,10 @@ def test_an_address_that_accepts_but_never_answers_fails_in_time(data):
         r = run_cli("classify", "-m", data["model"], "--jsonl", data["src"], "--ray", where,
                     code="import pyguard.ray\npyguard.ray.INIT_TIMEOUT = 3")
     assert r.returncode == 2 and r.err.splitlines()[-1] == f"pyguard: error: --ray {where}: no Ray cluster answered there within 3 s"
+    # once joined, the watchdog is off: a job may take longer than INIT_TIMEOUT
+    joined = "import pyguard.ray as r, time\nr.init = lambda *a, **k: None\nr._init_within('h:1', 0.2)\ntime.sleep(1)\nprint('done')"
+    r = subprocess.run([sys.executable, "-c", joined], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout == "done\n", r.stderr
 
 
 class Poisoned:
