@@ -60,6 +60,7 @@ MODERATION_CATEGORIES: dict[str, tuple[str, ...]] = {
 ENDPOINTS = ("/v1/moderations", "/v1/classify", "/healthz", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+GUARD_MAX_TOKENS = 8192  # Guard's default max_tokens: the longest conversation when the budget allows it
 
 
 def moderation(r: Result) -> dict[str, Any]:
@@ -364,9 +365,9 @@ class Service:
             self.batcher.start()
             print(self.ready, file=sys.stderr, flush=True)
             yield
-            # every request has been answered (or cut): the queue is empty. A batch still running
-            # after the cut is not waited for long (the thread is a daemon).
-            await asyncio.to_thread(self.batcher.close, None if math.isinf(self._cut_at) else 1.0)
+            # every request has been answered (or cut at the shutdown's deadline): the queue is
+            # empty. A batch still running after a cut is not waited for long (a daemon thread).
+            await asyncio.to_thread(self.batcher.close, 1.0)
 
         async def not_found(request, exc):
             return await self._respond(request, None, ApiError(exc.status_code, f"no route {request.method} {request.url.path}"))
@@ -644,7 +645,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | 
         raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
     try:
         guard = Guard.load(model, threads=threads, verify=verify, cache_bytes=cache_bytes,
-                           max_tokens=min(8192, max_tokens_in_flight))
+                           max_tokens=min(GUARD_MAX_TOKENS, max_tokens_in_flight))
     except PyguardError as e:
         if "too small for any prompt" in str(e):
             raise PyguardError(f"max_tokens_in_flight {max_tokens_in_flight} is too small: {e}") from None

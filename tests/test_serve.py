@@ -588,23 +588,27 @@ def test_mixed_batch_results_go_to_their_requests(guard):
 
 
 def test_tokens_in_flight_bound_each_inference_call(guard, monkeypatch):
-    """--max-tokens-in-flight: no inference call holds more positions (prompt and answer of
-    each conversation) than the budget; a batch over it is judged in several calls, every
-    result unchanged."""
-    budget = 700
-    calls: list[int] = []
+    """--max-tokens-in-flight: no inference call holds more positions (prompt tokens and the
+    policy's longest answer, per conversation) than the budget; a batch over it is judged in
+    several calls, every result unchanged. Conversations of equal size p: a budget of 2p - 1
+    takes one per call (a count that forgot the answer's positions would take two), 2p two."""
+    convs = [f"{i} " + "word " * 150 for i in range(6)]
+    sizes = {len(r.ids) + r.budget for r in (guard.prepare(c) for c in convs)}
+    assert len(sizes) == 1 and min(len(guard.prepare(c).ids) for c in convs) < min(sizes)
+    p = sizes.pop()
     real = guard.classify_many
+    for budget, per_call in ((2 * p - 1, 1), (2 * p, 2)):
+        calls: list[int] = []
 
-    def spy(conversations, **kw):
-        calls.append(sum(len(r.ids) + r.budget for r in (guard.prepare(c) for c in conversations)))
-        return real(conversations, **kw)
+        def spy(conversations, **kw):
+            calls.append(len(conversations))
+            return real(conversations, **kw)
 
-    monkeypatch.setattr(guard, "classify_many", spy)
-    convs = [f"{i} " + "word " * (40 * i) for i in range(10)]  # 230 to ~600 positions each
-    out, _ = _batcher_run(guard, [(PLAIN, convs)], max_positions=budget)
-    monkeypatch.undo()
-    assert len(calls) > 1 and max(calls) <= budget, calls
-    assert [native(r) for r in out[0]] == [native(guard.classify(c)) for c in convs]
+        monkeypatch.setattr(guard, "classify_many", spy)
+        out, _ = _batcher_run(guard, [(PLAIN, convs)], max_positions=budget)
+        monkeypatch.undo()
+        assert calls == [per_call] * (len(convs) // per_call), (budget, calls)
+        assert [native(r) for r in out[0]] == [native(guard.classify(c)) for c in convs]
 
 
 # ---- metrics
