@@ -407,6 +407,18 @@ def test_a_bad_variable_fails_every_command_before_any_work_unless_the_option_wi
     one_error(run("convert", hf, str(tmp_path / "x.pgw"), "--threads", "1", env={"PYGUARD_ISA": "bogus"}), "PYGUARD_ISA")
 
 
+def test_convert_threads_default_to_the_variable(model, tmp_path, monkeypatch):
+    import pyguard.convert.hf
+
+    seen = []
+    monkeypatch.setattr(pyguard.convert.hf, "convert", lambda *a, threads, **k: seen.append(threads) or 1 / 0)
+    hf = os.path.join(os.path.dirname(model), "decisive-g32-s0")
+    for env, option, expected in (("3", [], 3), ("3", ["--threads", "2"], 2)):
+        monkeypatch.setenv("PYGUARD_THREADS", env)
+        assert cli.main(["convert", hf, str(tmp_path / "x.pgw"), *option]) == 2  # 1 / 0: stopped there
+    assert seen == [3, 2]
+
+
 def test_verify_option_finds_a_damaged_weight(model, tmp_path):
     bad = tmp_path / "flipped.pgw"
     data = bytearray(open(model, "rb").read())
