@@ -453,8 +453,10 @@ def test_read_deadlines(model):
     with running(model, "--read-timeout", "1") as s:
         with _connect(s.url) as sock:
             sock.sendall(STALLED)
-            err = _json_error(_read_all(sock), 408)
+            response = _read_all(sock)
+            err = _json_error(response, 408)
             assert err["code"] == "timeout" and "within 1 s" in err["message"]
+            assert b"\r\nconnection: close\r\n" in response.partition(b"\r\n\r\n")[0].lower()  # not kept alive
         with _connect(s.url) as sock:
             sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")  # headers never finished
             assert _read_all(sock) == b""  # closed by the server (recv would time out otherwise)
@@ -609,6 +611,44 @@ def test_tokens_in_flight_bound_each_inference_call(guard, monkeypatch):
         monkeypatch.undo()
         assert calls == [per_call] * (len(convs) // per_call), (budget, calls)
         assert [native(r) for r in out[0]] == [native(guard.classify(c)) for c in convs]
+
+
+class _SlowGuard:
+    """A stand-in guard whose inference waits for a signal, to hold a batch running."""
+
+    def __init__(self, guard):
+        self.guard, self.running, self.release = guard, threading.Event(), threading.Event()
+
+    def prepare(self, conversation, categories=None, exclude=()):
+        return self.guard.prepare(conversation, categories, exclude)
+
+    def classify_many(self, conversations, **kw):
+        self.running.set()
+        assert self.release.wait(60), "never released"
+        return self.guard.classify_many(conversations, **kw)
+
+
+def test_shutdown_cut_answers_queued_and_running(guard):
+    """At the shutdown's deadline (Batcher.cut) every job still queued or in the batch being
+    judged gets the 503 at once; the batch's later results are dropped, not delivered twice."""
+    slow = _SlowGuard(guard)
+
+    async def run():
+        b = Batcher(slow, max_batch=2, max_queue=8, metrics=Metrics())
+        loop = asyncio.get_running_loop()
+        futures = b.submit(PLAIN, ["a", "b", "c", "d"], loop)
+        b.start()
+        assert await asyncio.to_thread(slow.running.wait, 60)  # "a" and "b" being judged, "c" and "d" queued
+        b.cut()
+        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 60)
+        slow.release.set()
+        b.close()
+        return done, b.depth()
+
+    done, depth = asyncio.run(run())
+    assert depth == 0
+    for r in done:
+        assert isinstance(r, ApiError) and r.status == 503 and r.code == "shutting_down", r
 
 
 # ---- metrics
