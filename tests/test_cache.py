@@ -90,6 +90,19 @@ def test_restore_stops_at_its_limit():
     assert held(cache, seq(5, 1), 2) == 0
 
 
+def test_a_lookup_stops_where_it_diverges_inside_an_edge():
+    """Past a partial match, the edge's children hold positions the lookup did not reach: a
+    request whose next token starts one of them must not take it."""
+    a, b = seq(0, 1, 2, 3), seq(0, 1, 2, 3, 5, 5)
+    cache = PrefixCache(100 * P)
+    cache.insert(a, filled(a))
+    cache.insert(b, filled(b))  # a child [5, 5] under [0, 1, 2, 3]
+    assert held(cache, seq(0, 5, 5, 9), 4) == 1
+    c = seq(0, 5, 5, 9)
+    cache.insert(c, filled(c))
+    assert [held(cache, x, 8) for x in (a, b, c)] == [4, 6, 4] and len(cache) == 9
+
+
 def test_least_recently_used_leaf_goes_first_not_the_oldest():
     """Three 2-token leaves fill the budget; using the oldest (by restore, by inserting it
     again, by a lookup that passes through it, or by one that ends inside its edge) makes the

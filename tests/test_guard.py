@@ -94,19 +94,27 @@ def test_exclusions_shape_the_answer(guards):
     assert r.categories == ["S13"] and r.category_names == ["Elections."]
 
 
-def test_guard_head_matches_full_head(guards):
-    full, pruned = guards["full"], guards["guard"]
-    ids = full.prepare(CONV).ids
-    a, b = full.model.logits(ids)[-1], pruned.model.logits(ids)[-1]
-    assert np.array_equal(a[pruned.model.head_ids], b)  # same rows, same arithmetic
-    rf, rp = full.classify(CONV), pruned.classify(CONV)
-    assert rf.answer == rp.answer
-    # the score is a softmax over the head's rows: the whole vocabulary, or the kept tokens
-    row = list(pruned.model.head_ids).index(39257)
-    p = np.exp(b.astype(np.float64) - b.max())
-    assert rp.score == pytest.approx(p[row] / p.sum(), rel=1e-9)
-    p = np.exp(a.astype(np.float64) - a.max())
-    assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9)
+@pytest.mark.parametrize("model", ["random", "decisive"])
+def test_guard_head_matches_full_head(guards, decisive, model):
+    """The same rows, the same logits; the score is a softmax over the head's rows (the whole
+    vocabulary, or the kept tokens) computed in float64: relative 1e-9 with no absolute
+    tolerance (pytest.approx's default 1e-12 would accept any value for the random model's
+    ~1e-65), and on the decisive model's mid-range scores, where P(safe) is about 1 - score."""
+    full, pruned = (guards if model == "random" else decisive)["full"], (guards if model == "random" else decisive)["guard"]
+    convs = [CONV] if model == "random" else SAMPLES[:3] + SAMPLES[12:14]
+    for c in convs:
+        ids = full.prepare(c).ids
+        a, b = full.model.logits(ids)[-1], pruned.model.logits(ids)[-1]
+        assert np.array_equal(a[pruned.model.head_ids], b)  # same rows, same arithmetic
+        rf, rp = full.classify(c), pruned.classify(c)
+        assert rf.answer == rp.answer
+        row = list(pruned.model.head_ids).index(39257)
+        p = np.exp(b.astype(np.float64) - b.max())
+        assert rp.score == pytest.approx(p[row] / p.sum(), rel=1e-9, abs=0)
+        p = np.exp(a.astype(np.float64) - a.max())
+        assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9, abs=0)
+        if model == "decisive":
+            assert abs(p[39257] - p[19193]) / p.sum() > 1e-3  # the safe row's probability would differ
 
 
 def test_prefix_cache_gives_the_same_logits(guards):
