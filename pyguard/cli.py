@@ -13,12 +13,21 @@ import os
 import shlex
 import sys
 import warnings
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO, NoReturn, Sequence
 
 from .errors import PyguardError
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 BATCH = 16  # conversations classified together from a --jsonl file
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit 2, like every other error,
+    naming the command whose usage was wrong (`pyguard classify: ...`)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("pyguard").strip()
+        self.exit(EXIT_ERROR, f"pyguard: error: {command + ': ' if command else ''}{_line(message)} (see {self.prog} --help)\n")
 
 
 def _threads(value: str) -> int:
@@ -59,7 +68,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="prompt template and categories (auto: by model size)")
     p.add_argument("--table", choices=("int8", "int4"), default=None,
                    help="embedding table (and a pruned or tied head): int8 per row (default) or int4 like the other matrices")
-    p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: PYGUARD_THREADS or all cores)")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--calibration", metavar="FILE.jsonl",
                    help='conversations ({"messages": [...]} lines, as for classify --jsonl) to calibrate the int4 rounding on, '
@@ -71,6 +80,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from .convert.hf import convert
     from .progress import Progress
     from .convert.pte import convert_pte, is_pte_dir
+    from .engine.kernels import env_threads
 
     check_output(a.out_file, "OUT_FILE")
     try:
@@ -84,7 +94,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
             summary = convert_pte(a.hf_dir, a.out_file, family=family, progress=Progress("converting"))
         else:
             summary = convert(a.hf_dir, a.out_file, group=a.group or 32, head=a.head or "full", family=a.family,
-                              threads=a.threads, progress=Progress("converting"),
+                              threads=a.threads or env_threads(), progress=Progress("converting"),
                               calibration=False if a.no_calibration else a.calibration or True, table=a.table or "int8")
     except OSError as e:  # the temporary file, or a full disk or file size limit while writing it (no name)
         if e.filename != a.out_file + ".part" and not (e.filename is None and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)):
@@ -107,7 +117,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 def _load_guard(a: argparse.Namespace):
     from .guard.guard import Guard
 
-    return Guard.load(a.model, threads=a.threads)
+    return Guard.load(a.model, threads=a.threads, verify=a.verify)
 
 
 def _options(a: argparse.Namespace) -> dict:
@@ -152,8 +162,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
         if a.stream:
             raise PyguardError("--stream judges one reply to TEXT, read from stdin: not with --jsonl")
         return _jsonl_command(a)
-    if a.out or a.resume or a.ray is not None:
-        raise PyguardError("--out, --resume and --ray go with --jsonl")
+    if a.out or a.resume or a.overwrite or a.ray is not None:
+        raise PyguardError("--out, --resume, --overwrite and --ray go with --jsonl")
     if a.every is not None and not a.stream:
         raise PyguardError("--every goes with --stream")
     if a.stream and a.response is not None:
@@ -175,6 +185,8 @@ def cmd_classify(a: argparse.Namespace) -> int:
 def _stream_command(a: argparse.Namespace, conversation: list, options: dict) -> int:
     """classify --stream: the reply to TEXT from stdin as it arrives, a line per check, exit 1 at
     the first unsafe one (the rest of the reply is not read)."""
+    import codecs
+
     s = _load_guard(a).stream(conversation, every=a.every or 32, **options)
 
     def report(r, final: bool) -> bool:
@@ -185,12 +197,28 @@ def _stream_command(a: argparse.Namespace, conversation: list, options: dict) ->
             print(f"{'final' if final else 'check'} at {s.tokens} reply tokens: {_summary(r)}", flush=True)
         return r.unsafe
 
-    fd = sys.stdin.fileno()
-    while chunk := os.read(fd, 1 << 16):  # what has arrived, without waiting for more
-        r = s.feed(chunk)
+    def judged(step):  # a check of a reply of nothing but white space: name the reply, not a message index
+        try:
+            return step()
+        except PyguardError:
+            if not s.text.strip():
+                raise PyguardError("the reply on stdin is empty (nothing but white space): there is nothing to judge") from None
+            raise
+
+    fd, utf8 = sys.stdin.fileno(), codecs.getincrementaldecoder("utf-8")()
+    while True:
+        chunk = os.read(fd, 1 << 16)  # what has arrived, without waiting for more
+        try:
+            text = utf8.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as e:  # e.object: the bytes held back from the last chunk, then this one
+            good = len(s.text) + len(e.object[: e.start].decode("utf-8"))
+            raise PyguardError(f"the reply on stdin is not UTF-8 ({e.reason} after {good} characters)") from None
+        if not chunk:
+            break
+        r = judged(lambda: s.feed(text))
         if r is not None and report(r, False):
             return EXIT_UNSAFE
-    return EXIT_UNSAFE if report(s.finish(), True) else EXIT_SAFE
+    return EXIT_UNSAFE if report(judged(s.finish), True) else EXIT_SAFE
 
 
 def _jsonl_command(a: argparse.Namespace) -> int:
@@ -199,24 +227,64 @@ def _jsonl_command(a: argparse.Namespace) -> int:
         raise PyguardError("--response does not go with --jsonl: put the reply in each line's messages")
     if a.resume and not a.out:
         raise PyguardError("--resume needs --out: the results file to continue")
+    if a.resume and a.overwrite:
+        raise PyguardError("--resume keeps OUT's results, --overwrite replaces them: one or the other")
     if a.out:
         check_output(a.out, "--out")
-        if a.jsonl != "-" and os.path.exists(a.out) and os.path.exists(a.jsonl) and os.path.samefile(a.out, a.jsonl):
-            raise PyguardError(f"--out {a.out}: the same file as --jsonl {a.jsonl} (it would be overwritten as it is read)")
+        for what, other in (("--jsonl", a.jsonl), ("-m", a.model)):
+            if _same_file(a.out, other):
+                raise PyguardError(f"--out {a.out}: the same file as {what} {other} (it would be overwritten as it is read)")
+        if not (a.resume or a.overwrite) and os.path.exists(a.out) and os.path.getsize(a.out) > 0:
+            raise PyguardError(f"--out {a.out}: holds results already: --resume to continue them, --overwrite to replace them")
     if a.ray is not None:
         if a.resume or a.jsonl == "-":
             raise PyguardError("--ray reads IN as a file and writes OUT whole: no stdin, no --resume")
         from .ray import run_cli  # the optional `ray` extra
 
         return run_cli(a.model, a.jsonl, a.out, a.ray or None, a.threads, _options(a))
-    done = done_results(a.out) if a.resume else None
     options = _options(a)
-    try:
-        src = sys.stdin.buffer if a.jsonl == "-" else open(a.jsonl, "rb")
-    except OSError as e:
-        raise PyguardError(f"--jsonl {a.jsonl}: cannot read ({e.strerror})") from None
+    src = _open_input(a.jsonl)  # before the model: a missing IN fails at once
     with src:
-        return _classify_jsonl(_load_guard(a), src, a.jsonl, a.out, done, options)
+        guard = _load_guard(a)
+        run = run_id(a.model, options)
+        done = done_results(a.out, run) if a.resume else None
+        return _classify_jsonl(guard, src, a.jsonl, a.out, done, options, run)
+
+
+def _open_input(path: str) -> BinaryIO:
+    try:
+        return sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise PyguardError(f"--jsonl {path}: cannot read ({e.strerror})") from None
+
+
+def _same_file(path: str, other: str) -> bool:
+    """PATH and OTHER ("-": stdin) are one file, by device and inode (links and `< F` included)."""
+    try:
+        a = os.stat(path)
+        b = os.fstat(sys.stdin.fileno()) if other == "-" else os.stat(other)
+    except (OSError, ValueError):  # either missing, or no stdin at all
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def run_id(model: str, options: dict) -> str:
+    """What produced a result, written on every --jsonl result line as "run" so that --resume
+    can refuse to mix results: 16 hex digits of a SHA-256 over the model file's identity (its
+    header and metadata, which hold the configuration, the tokenizer and every array's CRC-32,
+    so any change of the weights changes it: not its name or its time) and the options that
+    change results (--categories as read, --exclude, --threshold). Threads do not change results."""
+    import hashlib
+
+    from .formats.file import HEADER
+
+    with open(model, "rb") as f:  # loaded already: a pyguard file with a sound header
+        head = f.read(HEADER)
+        identity = hashlib.sha256(head + f.read(int.from_bytes(head[12:16], "little"))).hexdigest()
+    categories = options["categories"]
+    record = {"model": identity, "categories": None if categories is None else list(categories.items()),
+              "exclude": sorted(options["exclude"]), "threshold": options["threshold"]}
+    return hashlib.sha256(json.dumps(record, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _no_constant(name: str) -> None:
@@ -237,6 +305,16 @@ def id_text(x: Any) -> str:
 
 def parse_line(raw: bytes) -> dict:
     """One --jsonl line: a JSON object with "messages" and an optional writable "id"."""
+    item = parse_json(raw)
+    if not isinstance(item, dict) or "messages" not in item:
+        raise PyguardError('expected an object with "messages"')
+    if "id" in item:
+        id_text(item["id"])
+    return item
+
+
+def parse_json(raw: bytes) -> Any:
+    """The JSON value of one line (strict: UTF-8, no NaN or Infinity, no \\r inside)."""
     body = raw[:-2] if raw.endswith(b"\r\n") else raw.rstrip(b"\n")
     if b"\r" in body:  # other tools would see a line break here: the line numbers would disagree
         raise PyguardError("a carriage return (\\r) inside the line")
@@ -248,16 +326,13 @@ def parse_line(raw: bytes) -> dict:
         raise PyguardError("not JSON (nested too deeply)") from None
     except ValueError as e:
         raise PyguardError(f"not JSON ({e})") from None
-    if not isinstance(item, dict) or "messages" not in item:
-        raise PyguardError('expected an object with "messages"')
-    if "id" in item:
-        id_text(item["id"])
     return item
 
 
-def done_results(path: str) -> tuple[set[str], int, int]:
+def done_results(path: str, run: str) -> tuple[set[str], int, int]:
     """For --resume: the ids in OUT, how many of those results are unsafe, and the length of
-    OUT's complete lines (a line cut short by a kill is dropped and redone)."""
+    OUT's complete lines (a line cut short by a kill is dropped and redone). Every line must
+    have been made by the same model and options (its "run" is RUN: see run_id)."""
     ids, unsafe, end = set(), 0, 0
     if not os.path.exists(path):
         return ids, unsafe, end
@@ -271,6 +346,10 @@ def done_results(path: str) -> tuple[set[str], int, int]:
                 unsafe += r["verdict"] == "unsafe"
             except (ValueError, RecursionError, TypeError, KeyError, PyguardError):
                 raise PyguardError(f"--out {path}: line {n} is not a result with an id: cannot resume from it") from None
+            if r.get("run") != run:
+                raise PyguardError(f"--out {path}: line {n} was made " + ("by another model file or with other --categories, "
+                                   "--exclude or --threshold" if "run" in r else "with no record of its model and options")
+                                   + ": cannot resume from it (the same model and options, or --overwrite)")
             end += len(raw)
     return ids, unsafe, end
 
@@ -283,12 +362,13 @@ def _write(out: BinaryIO, data: bytes) -> None:
 
 
 def _classify_jsonl(guard, src: BinaryIO, path: str, out_path: str | None, done: tuple[set[str], int, int] | None,
-                    options: dict) -> int:
+                    options: dict, run: str) -> int:
     """One conversation per line, read a line at a time and classified BATCH at a time; results
     are written in input order as each batch completes. A bad line is reported on stderr with its
     number and costs only itself. On an error or an interrupt OUT keeps every complete batch and
-    nothing else. done: done_results(OUT) to resume from, or None. Exit status: 2 if any line
-    failed, else 1 if any result (including those resumed from) is unsafe, else 0."""
+    nothing else. done: done_results(OUT) to resume from, or None; run: run_id, on every result
+    line. The counts go to stderr at the end, also for an empty input. Exit status: 2 if any
+    line failed, else 1 if any result (including those resumed from) is unsafe, else 0."""
     from .progress import Progress
 
     done_ids, unsafe, end = done or (set(), 0, 0)
@@ -309,7 +389,8 @@ def _classify_jsonl(guard, src: BinaryIO, path: str, out_path: str | None, done:
                 failed += 1
                 continue
             unsafe += r.unsafe
-            lines.append(json.dumps(({"id": item["id"]} if "id" in item else {}) | r.to_dict(), ensure_ascii=False, allow_nan=False))
+            row = ({"id": item["id"]} if "id" in item else {}) | r.to_dict() | {"run": run}
+            lines.append(json.dumps(row, ensure_ascii=False, allow_nan=False))
         if lines:
             _write(out, ("\n".join(lines) + "\n").encode("utf-8"))
             written += len(lines)
@@ -354,6 +435,9 @@ def _classify_jsonl(guard, src: BinaryIO, path: str, out_path: str | None, done:
     finally:
         if out_path:
             out.close()
+    resumed = f"; {len(done_ids)} already in --out ({done[1]} unsafe)" if done else ""
+    print(f"pyguard: {written} conversations classified ({unsafe - (done[1] if done else 0)} unsafe), {failed} lines failed"
+          f"{resumed}", file=sys.stderr)
     return EXIT_ERROR if failed else EXIT_UNSAFE if unsafe else EXIT_SAFE
 
 
@@ -432,7 +516,7 @@ def _version() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyguard", description="Llama Guard 3 safety classification on CPUs.",
+    p = _Parser(prog="pyguard", description="Llama Guard 3 safety classification on CPUs.",
                                 epilog="exit status: 0 safe or success, 1 unsafe, 2 error")
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -449,11 +533,15 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--jsonl", metavar="IN", help='file of {"id": ..., "messages": [...]} lines ("-": stdin)')
     k.add_argument("--out", help="write the --jsonl results here (default stdout)")
     k.add_argument("--resume", action="store_true",
-                   help="continue an interrupted --jsonl run: keep the results in --out, skip the ids already there")
+                   help="continue an interrupted --jsonl run: keep the results in --out, skip the ids already there "
+                        "(refused if they were made by another model or other options)")
+    k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (refused without this or --resume)")
     k.add_argument("--stream", action="store_true", help="judge the reply to TEXT read from stdin as it is generated: "
                    "a line per check, exit 1 at the first unsafe one")
     k.add_argument("--every", type=_positive, help="with --stream: check every N new reply tokens (default 32)")
     k.add_argument("--json", action="store_true", help="print the result as JSON")
+    k.add_argument("--verify", action="store_true", help="check every checksum of the model file before classifying "
+                   "(reads the whole file once; off by default: see README; the Ray actors always do)")
     k.add_argument("--exclude", help="category codes to leave out, e.g. S6,S7")
     k.add_argument("--categories", metavar="JSON", help='file with {"code": "description"} replacing the default categories')
     k.add_argument("--threshold", type=float, help="unsafe when the score reaches this (default: greedy answer)")
@@ -480,7 +568,17 @@ def parser() -> argparse.ArgumentParser:
                    "positions of the model, 256 MiB for 1B; 0: none): it sets the service's memory ceiling")
     s.add_argument("--api-key", help="require Authorization: Bearer KEY (default: PYGUARD_API_KEY if set)")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    s.add_argument("--max-tokens-in-flight", type=int, default=8192, metavar="N",
+                   help="tokens (prompt and answer positions) judged at once, which bounds inference memory; also the "
+                        "most one conversation may take (default 8192: 512 MiB of key/value state for 1B)")
+    s.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time for a request's headers, then for its body, beyond which the connection is cut (default 30)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT, time to answer what is queued; then the rest gets 503 (default 30)")
+    s.add_argument("--no-verify", action="store_true", help="skip checking the file's checksums at start (faster start)")
     s.set_defaults(run=cmd_serve)
+    for command in sub.choices.values():
+        command.set_defaults(usage=command)  # whose usage an unrecognized argument is reported on
     return p
 
 
@@ -488,18 +586,40 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import serve
 
     cache = None if a.cache_mb is None else a.cache_mb << 20
-    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body, cache)
+    return serve(a.model, a.host, a.port, a.threads, a.max_batch, a.max_queue, a.api_key, a.insecure, a.max_body, cache,
+                 a.max_tokens_in_flight, a.read_timeout, a.shutdown_timeout, not a.no_verify)
 
 
 def _line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def check_environment(a: argparse.Namespace) -> None:
+    """One rule for PYGUARD_ISA and PYGUARD_THREADS in every command, before any work: an
+    explicit --threads wins over PYGUARD_THREADS; otherwise a bad value of either is an error."""
+    from .engine import kernels
+
+    kernels.check_environment()  # PYGUARD_ISA (applied at import, process-wide)
+    if getattr(a, "threads", None) is None:
+        kernels.env_threads()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a, extra = p.parse_known_args(argv)
+    if extra:  # a misspelled option: the usage problem of the command it was given to
+        top = extra[0] in argv and argv.index(extra[0]) < argv.index(a.command)
+        (p if top else a.usage).error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = lambda msg, *_: f"warning: {msg}\n"
     try:
-        return a.run(a)
+        with warnings.catch_warnings():
+            # numpy's floating-point warnings (a damaged file's forward pass overflowing): every
+            # result is checked for non-finite values and fails with its own one-line error
+            # (the guard's logits, the converter's calibration), which this would only precede
+            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+            check_environment(a)
+            return a.run(a)
     except PyguardError as e:
         print(f"pyguard: error: {_line(e)}", file=sys.stderr)
     except OSError as e:

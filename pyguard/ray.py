@@ -17,6 +17,7 @@ the batch it held: every row comes out exactly once.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -90,7 +91,9 @@ class Classifier:
     """The actor: one Guard, loaded once, judging batches (pyarrow tables) of rows."""
 
     def __init__(self, path: str, threads: int, options: dict, batch_size: int):
-        self.guard = Guard.load(path, threads=threads)
+        # every checksum read once at start: an actor judges many rows, and a damaged copy of
+        # the file on one node would otherwise change its verdicts without a word
+        self.guard = Guard.load(path, threads=threads, verify=True)
         self.options, self.batch_size = options, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -145,15 +148,17 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
                           num_cpus=threads_per_worker, udf_modifying_row_count=False)
 
 
-def init(address: str | None = None, num_cpus: int | None = None) -> None:
+def init(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Connect this process to Ray: to the cluster at `address` as it is ("auto": this node's
     running cluster; ray.init's other forms too), or, with no address, to a new local cluster
     of this machine started lean (LEAN_INIT, LEAN_SYSTEM) with num_cpus CPUs (None:
-    this process's cores plus one, for Ray Data's own tasks: see local_cpus)."""
+    this process's cores plus one, for Ray Data's own tasks: see local_cpus). log_to_driver:
+    print the workers' output here (ray.init's option; this process's only)."""
     if address is not None:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
-    ray.init("local", num_cpus=num_cpus or local_cpus(), **LEAN_INIT, _system_config=LEAN_SYSTEM)
+    ray.init("local", num_cpus=num_cpus or local_cpus(), log_to_driver=log_to_driver, **LEAN_INIT,
+             _system_config=LEAN_SYSTEM)
 
 
 def local_cpus() -> int:
@@ -191,16 +196,127 @@ def _json_row(row: dict) -> dict:
     return out
 
 
+# `--ray ADDRESS`: seconds for a TCP connection to ADDRESS, then for ray.init to join the
+# cluster there, before the CLI gives up (ray.init itself retries for minutes: over 5 seen)
+CONNECT_TIMEOUT = 10.0
+INIT_TIMEOUT = 60.0
+
+
 def run_cli(model: str, src: str, out: str | None, address: str | None, threads: int | None, options: dict) -> int:
     """`pyguard classify --jsonl IN [--out OUT] --ray [ADDRESS]`: IN and OUT are Parquet when
     their names end in .parquet, else JSON lines (OUT: stdout when None); rows in input order.
+    What can be checked here is checked before any cluster is started or joined: the model
+    file and the policy, IN (every line parses, as without --ray; no result columns), and that
+    ADDRESS answers within CONNECT_TIMEOUT. Any error is one PyguardError line.
     Exit status as the CLI's: 2 if any row has an error, else 1 if any is unsafe, else 0."""
-    if not ray.is_initialized():
-        init(address)  # a new lean local cluster, or the one at ADDRESS ("auto": this node's)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     for what, name in (("-m", model), ("--jsonl", src)):
         if address is None and not os.path.exists(name):  # a local cluster reads them here
             raise PyguardError(f"{what} {name}: no such file or directory")
+    if os.path.exists(model):  # else a path on the cluster's nodes: its actors check it
+        Guard.load(model, threads=1).prepare("x", options["categories"], options["exclude"])
+    if os.path.exists(src):
+        _check_input(src)
+    # the actors print nothing of use here, but Ray forwards their tracebacks: an actor that
+    # cannot start would bury the one-line error under pages of them
+    if not ray.is_initialized() and address is None:
+        init(log_to_driver=False)  # a new lean local cluster
+    elif not ray.is_initialized():
+        if address != "auto":  # this node's running cluster, found by Ray from local files
+            _reachable(address)
+        _init_within(address, INIT_TIMEOUT)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    # a failed job is reported below in one line; Ray Data would first log its whole stack
+    logging.getLogger("ray.data.exceptions").setLevel(logging.CRITICAL)
+    try:
+        return _run(model, src, out, threads, options)
+    except ray.exceptions.RayError as e:  # the job failed (a file the actors cannot read, say): one line, not Ray's pages
+        raise PyguardError(f"the Ray job failed: {_one_line(e)}") from None
+
+
+def _check_input(src: str) -> None:
+    """IN as the job will read it: no result columns; as JSON lines, every line a JSON object
+    (Ray's reader would fail the whole job on any other line; what is in the object, such as
+    "messages", is each row's own affair: an error in its row)."""
+    from pyguard.cli import parse_json
+
+    def clash(names) -> None:
+        names = [n for n in RESULTS.names if n in names]
+        if names:
+            raise PyguardError(f"--jsonl {src}: already has result columns ({', '.join(names)}): rename or drop them")
+
+    if src.endswith(".parquet"):
+        try:
+            clash(pq.read_schema(src).names)
+        except (OSError, pa.ArrowException) as e:
+            raise PyguardError(f"--jsonl {src}: cannot read as Parquet ({_one_line(e)})") from None
+        return
+    bad, first = 0, ""
+    try:
+        with open(src, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    item = parse_json(raw)
+                    if not isinstance(item, dict):
+                        raise PyguardError("not a JSON object")
+                except PyguardError as e:
+                    bad, first = bad + 1, first or f"line {n}: {e}"
+                    continue
+                clash(item)
+    except OSError as e:
+        raise PyguardError(f"--jsonl {src}: cannot read ({e.strerror})") from None
+    if bad:
+        raise PyguardError(f"--jsonl {src}: {first}" + (f" (and {bad - 1} more bad lines)" if bad > 1 else "")
+                           + ": --ray reads the file whole; without --ray bad lines are reported and skipped")
+
+
+def _reachable(address: str) -> None:
+    """Fail within CONNECT_TIMEOUT if nothing answers at ADDRESS ("host:port", "ray://host:port")."""
+    import socket
+
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise PyguardError(f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as e:
+        why = "no answer" if isinstance(e, TimeoutError) else e.strerror or str(e)
+        raise PyguardError(f"--ray {address}: cannot connect ({why} within {CONNECT_TIMEOUT:g} s)") from None
+
+
+def _init_within(address: str, timeout: float) -> None:
+    """init(address), or exit 2 with one line after `timeout` seconds: ray.init blocks in Ray's
+    C++ client, which no Python exception can interrupt, so a watchdog thread ends the process
+    (the CLI only: nothing has been written yet)."""
+    import threading
+
+    def give_up() -> None:
+        sys.stderr.write(f"pyguard: error: --ray {address}: no Ray cluster answered there within {timeout:g} s\n")
+        sys.stderr.flush()
+        os._exit(2)
+
+    watchdog = threading.Timer(timeout, give_up)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        init(address, log_to_driver=False)
+    finally:
+        watchdog.cancel()
+
+
+def _one_line(e: BaseException) -> str:
+    """A Ray error's root cause in one short line (Ray's own text runs to pages of tracebacks)."""
+    while isinstance(getattr(e, "cause", None), BaseException):
+        e = e.cause
+    text = str(e).strip().splitlines()
+    first = next((x for x in reversed(text) if x.strip() and not x.startswith(" ")), "") if text else ""
+    line = " ".join(first.split()) or type(e).__name__
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _run(model: str, src: str, out: str | None, threads: int | None, options: dict) -> int:
     ds = ray.data.read_parquet(src) if src.endswith(".parquet") else ray.data.read_json(src, lines=True)
     results = classify(ds, model, threads_per_worker=threads or 1, **options)
     rows = unsafe = errors = 0

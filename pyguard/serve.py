@@ -60,6 +60,7 @@ MODERATION_CATEGORIES: dict[str, tuple[str, ...]] = {
 ENDPOINTS = ("/v1/moderations", "/v1/classify", "/healthz", "/metrics")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+GUARD_MAX_TOKENS = 8192  # Guard's default max_tokens: the longest conversation when the budget allows it
 
 
 def moderation(r: Result) -> dict[str, Any]:
@@ -81,7 +82,8 @@ class ApiError(Exception):
     """An HTTP error in OpenAI's shape {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -90,6 +92,19 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.TYPES[self.status], "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client hung up before its request was read: counted as status 499 (nginx's "client
+    closed request"), answered to nobody, never a 5xx."""
+
+
+CLIENT_GONE = 499
+
+
+def shutting_down() -> ApiError:
+    """The answer to what is left when the shutdown's deadline comes (the connection then closes)."""
+    return ApiError(503, "the server is shutting down", code="shutting_down", headers={"Connection": "close"})
 
 
 class Histogram:
@@ -174,11 +189,18 @@ class Job:
 
 
 class Batcher:
-    """The bounded queue and the inference thread that owns the guard."""
+    """The bounded queue and the inference thread that owns the guard.
 
-    def __init__(self, guard: Guard, max_batch: int, max_queue: int, metrics: Metrics):
+    max_positions bounds the key/value positions of one inference call (each conversation
+    takes its prompt's tokens plus its longest answer, what Guard allocates for it): a batch
+    taken from the queue is judged in as many calls as that needs, so memory does not grow
+    with how many long conversations arrive together."""
+
+    def __init__(self, guard: Guard, max_batch: int, max_queue: int, metrics: Metrics, max_positions: int = 8192):
         self.guard, self.max_batch, self.max_queue, self.metrics = guard, max_batch, max_queue, metrics
+        self.max_positions = max_positions
         self._jobs: deque[tuple[str, dict, Job]] = deque()
+        self._running: list[Job] = []  # the batch being judged (settled early if the shutdown cuts it)
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pyguard-inference", daemon=True)
@@ -201,13 +223,23 @@ class Batcher:
             self._cv.notify()
         return [j.future for j in jobs]
 
-    def close(self) -> None:
-        """Judge what is queued, then stop the thread."""
+    def close(self, wait: float | None = None) -> None:
+        """No more jobs; the thread judges what is queued, then stops. wait: seconds to wait for
+        it (None: until it stops)."""
         with self._cv:
             self._closed = True
             self._cv.notify()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(wait)
+
+    def cut(self) -> None:
+        """Answer every queued and running job 503 now (the shutdown's deadline). The running
+        batch goes on in the thread; its results then find their futures settled."""
+        with self._cv:
+            jobs = [item[2] for item in self._jobs] + self._running
+            self._jobs.clear()
+        for job in jobs:
+            job.settle(shutting_down())
 
     def _take(self) -> tuple[dict, list[Job]] | None:
         """The oldest job and up to max_batch - 1 later ones with the same options (None: closed and drained)."""
@@ -225,6 +257,7 @@ class Batcher:
                 else:
                     rest.append(item)
             self._jobs = rest
+            self._running = batch
             return options, batch
 
     def _run(self) -> None:
@@ -235,27 +268,37 @@ class Batcher:
                 print(f"pyguard serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 for job in taken[1]:
                     job.settle(ApiError(500, "internal error", code="internal_error"))
+            with self._cv:
+                self._running = []
 
     def _judge(self, options: dict, batch: list[Job]) -> None:
-        ok = []
+        """Judge a batch in calls of at most max_positions positions (a conversation alone if
+        it needs more: Guard's max_tokens, set from the budget, keeps it within)."""
+        calls: list[list[Job]] = []
+        used = self.max_positions
         for job in batch:  # a conversation that cannot be judged fails alone, not its batch
             try:
-                self.guard.prepare(job.conversation, options["categories"], options["exclude"])
-                ok.append(job)
+                r = self.guard.prepare(job.conversation, options["categories"], options["exclude"])
             except PyguardError as e:
                 job.settle(ApiError(400, str(e), code="invalid_input"))
-        if not ok:
-            return
-        t0 = time.perf_counter()
-        try:
-            results = self.guard.classify_many([j.conversation for j in ok], batch_size=len(ok), **options)
-        except PyguardError as e:  # a damaged model (non-finite logits): no verdict
-            for job in ok:
-                job.settle(ApiError(500, str(e), code="no_verdict"))
-            return
-        self.metrics.batch(results, time.perf_counter() - t0)
-        for job, r in zip(ok, results):
-            job.settle(r)
+                continue
+            positions = len(r.ids) + r.budget
+            if used + positions > self.max_positions:
+                calls.append([])
+                used = 0
+            calls[-1].append(job)
+            used += positions
+        for jobs in calls:
+            t0 = time.perf_counter()
+            try:
+                results = self.guard.classify_many([j.conversation for j in jobs], batch_size=len(jobs), **options)
+            except PyguardError as e:  # a damaged model (non-finite logits): no verdict
+                for job in jobs:
+                    job.settle(ApiError(500, str(e), code="no_verdict"))
+                continue
+            self.metrics.batch(results, time.perf_counter() - t0)
+            for job, r in zip(jobs, results):
+                job.settle(r)
 
 
 def _json(body: bytes) -> Any:
@@ -300,12 +343,16 @@ def _inputs(value: Any) -> list[str]:
 
 class Service:
     def __init__(self, guard: Guard, name: str, max_batch: int = 16, max_queue: int = 256, api_key: str | None = None,
-                 max_body: int = 1 << 20):
+                 max_body: int = 1 << 20, max_positions: int = 8192, read_timeout: float = 30.0,
+                 shutdown_timeout: float = 30.0):
         self.guard, self.name, self.max_body = guard, name, max_body
+        self.read_timeout, self.shutdown_timeout = read_timeout, shutdown_timeout
         self.key = None if api_key is None else f"Bearer {api_key}".encode()
         self.metrics = Metrics()
-        self.batcher = Batcher(guard, max_batch, max_queue, self.metrics)
+        self.batcher = Batcher(guard, max_batch, max_queue, self.metrics, max_positions)
         self.ready = ""  # the ready message, printed once serving
+        self._cut_at = math.inf  # loop time at which the shutdown cuts what is left
+        self._reads: set[asyncio.Timeout] = set()  # the deadlines of bodies being read
 
     def app(self):
         from contextlib import asynccontextmanager
@@ -318,7 +365,9 @@ class Service:
             self.batcher.start()
             print(self.ready, file=sys.stderr, flush=True)
             yield
-            await asyncio.to_thread(self.batcher.close)  # uvicorn has drained the requests: the queue is empty
+            # every request has been answered (or cut at the shutdown's deadline): the queue is
+            # empty. A batch still running after a cut is not waited for long (a daemon thread).
+            await asyncio.to_thread(self.batcher.close, 1.0)
 
         async def not_found(request, exc):
             return await self._respond(request, None, ApiError(exc.status_code, f"no route {request.method} {request.url.path}"))
@@ -328,6 +377,15 @@ class Service:
                   Route("/healthz", self._wrap(self.healthz, auth=False), methods=["GET"]),
                   Route("/metrics", self._wrap(self.prometheus), methods=["GET"])]
         return Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+
+    def shutting_down(self) -> None:
+        """SIGTERM/SIGINT (uvicorn has stopped accepting): bodies still arriving and queued
+        requests get until shutdown_timeout, then what is left is answered 503 at once."""
+        loop = asyncio.get_running_loop()
+        self._cut_at = loop.time() + self.shutdown_timeout
+        for t in self._reads:
+            t.reschedule(min(t.when(), self._cut_at))
+        loop.call_at(self._cut_at, self.batcher.cut)
 
     def _wrap(self, handler, auth: bool = True):
         async def endpoint(request):
@@ -340,6 +398,10 @@ class Service:
                 response, tokens = await handler(request)
             except ApiError as e:
                 response, tokens = e, 0
+            except ClientGone:
+                from starlette.responses import Response
+
+                response, tokens = Response(status_code=CLIENT_GONE), 0  # sent to nobody: counted and logged
             except Exception as e:  # a bug: one line in the log, a 500 to the client, never a traceback
                 print(f"pyguard serve: internal error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
                 response, tokens = ApiError(500, "internal error", code="internal_error"), 0
@@ -360,17 +422,35 @@ class Service:
 
     async def _body(self, request) -> Any:
         """The JSON body, at most max_body bytes (413); a larger one is read to its end (up to
-        16 times the limit) so the client gets the status instead of a reset connection."""
+        16 times the limit) so the client gets the status instead of a reset connection. The
+        whole body must arrive within read_timeout seconds (408, and the connection closes), or
+        before the shutdown's deadline (503); a client hanging up raises ClientGone."""
+        from starlette.requests import ClientDisconnect
+
         size, chunks = 0, []
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > 16 * self.max_body:
             raise ApiError(413, f"the request body is {length} bytes, over the limit of {self.max_body}", code="too_large")
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= self.max_body:
-                chunks.append(chunk)
-            elif size > 16 * self.max_body:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout_at(min(loop.time() + self.read_timeout, self._cut_at))
+        self._reads.add(deadline)
+        try:
+            async with deadline:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size <= self.max_body:
+                        chunks.append(chunk)
+                    elif size > 16 * self.max_body:
+                        break
+        except TimeoutError:
+            if loop.time() >= self._cut_at:
+                raise shutting_down() from None
+            raise ApiError(408, f"the request body did not arrive within {self.read_timeout:g} s", code="timeout",
+                           headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ClientGone from None
+        finally:
+            self._reads.discard(deadline)
         if size > self.max_body:
             raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes", code="too_large")
         return _json(b"".join(chunks))
@@ -447,6 +527,67 @@ class Service:
         return PlainTextResponse(self.metrics.text(self.batcher.depth()), media_type="text/plain; version=0.0.4"), 0
 
 
+def _protocol(service: Service) -> type:
+    """uvicorn's h11 protocol with two changes: a request's headers must arrive within
+    read_timeout seconds of the connection (or of the previous response), else the connection
+    is closed (the body's deadline is Service._body's); and malformed HTTP framing (e.g.
+    Content-Length: -1), which h11 rejects before any route sees it, gets the OpenAI-shaped
+    JSON 400 instead of uvicorn's plain text, counted in /metrics as endpoint "other"."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _headers_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+            self._headers_timer = self.loop.call_later(service.read_timeout, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no complete request yet
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()  # the next request on this connection has the same time for its headers
+
+        def connection_lost(self, exc) -> None:
+            if self._headers_timer is not None:
+                self._headers_timer.cancel()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg: str) -> None:
+            error = ApiError(400, "malformed HTTP request (its request line, headers or framing)", code="bad_http")
+            body = json.dumps(error.body()).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+            service.metrics.request("other", 400, 0.0)
+            print("- - 400 0.0ms 0 tokens (malformed HTTP)", file=sys.stderr, flush=True)
+
+    return Protocol
+
+
+def _server(service: Service, config):
+    """A uvicorn server that tells the service when its shutdown starts."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            service.shutting_down()
+            await super().shutdown(sockets)
+
+    return Server(config)
+
+
 def _tokens(results: list[Result]) -> int:
     return sum(r.prompt_tokens + r.generated_tokens for r in results)
 
@@ -471,17 +612,29 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, max_batch: int = 16,
           max_queue: int = 256, api_key: str | None = None, insecure: bool = False, max_body: int = 1 << 20,
-          cache_bytes: int | None = None) -> int:
-    """Serve a pyguard file until SIGTERM/SIGINT, then finish what is queued and return 0.
-    api_key None: PYGUARD_API_KEY if set; cache_bytes: the guard's token-prefix cache (None:
-    Guard's default)."""
+          cache_bytes: int | None = None, max_tokens_in_flight: int = 8192, read_timeout: float = 30.0,
+          shutdown_timeout: float = 30.0, verify: bool = True) -> int:
+    """Serve a pyguard file until SIGTERM/SIGINT, then finish what is queued (for up to
+    shutdown_timeout seconds) and return 0. api_key None: PYGUARD_API_KEY if set; cache_bytes:
+    the guard's token-prefix cache (None: Guard's default); max_tokens_in_flight: the
+    tokens (key/value positions: prompt and answer) judged at once, which bounds the memory
+    of inference; also the most one conversation may take (below 8192);
+    read_timeout: seconds for a request's headers, and again for its body; verify: check every
+    checksum of the file before serving."""
     for name, value, low, high in (("port", port, 0, 65535), ("max_batch", max_batch, 1, 1 << 16),
-                                   ("max_queue", max_queue, 1, 1 << 20), ("max_body", max_body, 1, 1 << 30)):
+                                   ("max_queue", max_queue, 1, 1 << 20), ("max_body", max_body, 1, 1 << 30),
+                                   ("max_tokens_in_flight", max_tokens_in_flight, 1, 1 << 24)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise PyguardError(f"{name} must be an integer from {low} to {high}, not {value!r:.60}")
+    for name, value in (("read_timeout", read_timeout), ("shutdown_timeout", shutdown_timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
+            raise PyguardError(f"{name} must be a number of seconds above 0, at most 86400, not {value!r:.60}")
     api_key = os.environ.get("PYGUARD_API_KEY") if api_key is None else api_key
     if api_key is not None and (not api_key or not api_key.isprintable() or not api_key.isascii()):
         raise PyguardError("the API key must be printable ASCII text, not empty")
+    if api_key is not None and api_key != api_key.strip():
+        # HTTP strips a header value's outer white space: such a key could never authenticate
+        raise PyguardError("the API key must not start or end with white space (HTTP strips it from the header)")
     if api_key is None and not insecure and not _loopback(host):
         raise PyguardError(f"--host {host} is reachable from other machines: set an API key (--api-key or "
                            "PYGUARD_API_KEY), or pass --insecure to serve without one")
@@ -490,17 +643,26 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | 
         import uvicorn
     except ImportError:
         raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
-    guard = Guard.load(model, threads=threads, cache_bytes=cache_bytes)
+    try:
+        guard = Guard.load(model, threads=threads, verify=verify, cache_bytes=cache_bytes,
+                           max_tokens=min(GUARD_MAX_TOKENS, max_tokens_in_flight))
+    except PyguardError as e:
+        if "too small for any prompt" in str(e):
+            raise PyguardError(f"max_tokens_in_flight {max_tokens_in_flight} is too small: {e}") from None
+        raise
     sock = _listen(host, port)
-    service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body)
+    service = Service(guard, os.path.basename(model), max_batch, max_queue, api_key, max_body, max_tokens_in_flight,
+                      read_timeout, shutdown_timeout)
     addr = sock.getsockname()
     where = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
     service.ready = (f"pyguard serve: {os.path.basename(model)} ({kernels.isa()}, {guard.model.pool.threads} threads) "
                      f"on http://{where}:{addr[1]} (max batch {max_batch}, max queue {max_queue}"
                      f"{', API key required' if api_key else ''})")
-    config = uvicorn.Config(service.app(), log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=None)
-    server = uvicorn.Server(config)
+    # uvicorn's own deadline is a backstop only: the service answers what is left at
+    # shutdown_timeout (Service.shutting_down); log_level error: the service logs its own lines
+    config = uvicorn.Config(service.app(), log_level="error", access_log=False, lifespan="on", http=_protocol(service),
+                            timeout_graceful_shutdown=shutdown_timeout + 2)
+    server = _server(service, config)
     # uvicorn drains the requests on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found: make that one a no-op, so a graceful shutdown ends with exit status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -93,11 +93,19 @@ def test_errors_exit_2_in_one_line(model, args, words):
     one_error(run(*[a.format(model=model) for a in args]), *words)
 
 
-@pytest.mark.parametrize("args", [["classify", "-m", "x.pgw", "hi", "--threads", v] for v in ("0", "-1", "abc", "", "100000")]
-                         + [["demo", "--threads", "0"], ["convert", "a", "b", "--threads", "x"], ["classify"], ["bogus"]])
-def test_usage_errors_exit_2(args):
-    r = run(*args)
-    assert r.returncode == 2 and "usage:" in r.err and "Traceback" not in r.err, r.err
+@pytest.mark.parametrize("args, words", [(["classify", "-m", "x.pgw", "hi", "--threads", v], ["classify: argument --threads"])
+                                         for v in ("0", "-1", "abc", "", "100000")] + [
+    (["demo", "--threads", "0"], ["demo: argument --threads", "pyguard demo --help"]),
+    (["convert", "a", "b", "--threads", "x"], ["convert: argument --threads"]),
+    (["classify"], ["classify: the following arguments are required: -m/--model"]),
+    (["bogus"], ["invalid choice: 'bogus'", "pyguard --help"]),
+    (["classify", "-m", "x.pgw", "hi", "--thresold", "0.5"], ["classify: unrecognized arguments: --thresold", "pyguard classify --help"]),
+    (["serve", "-m", "x.pgw", "--prot", "1"], ["serve: unrecognized arguments: --prot"]),
+    (["--bogus", "verify", "x.pgw"], ["error: unrecognized arguments: --bogus", "(see pyguard --help)"]),
+])
+def test_usage_errors_are_one_line(args, words):
+    """argparse's errors as every other: one line, exit 2, naming the command whose usage was wrong."""
+    one_error(run(*args), *words)
 
 
 def test_version():
@@ -278,11 +286,149 @@ def test_resume_refuses_what_it_cannot_match(model, tmp_path):
     one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume"),
               f"--out {out}: line 1 is not a result", "cannot resume")
     src.write_text(line("a") + "\n" + line("b") + "\n")
-    done = json.dumps({"id": "a", "verdict": "safe"}) + "\n"
+    run_id = cli.run_id(model, {"categories": None, "exclude": (), "threshold": None})
+    done = json.dumps({"id": "a", "verdict": "safe", "run": run_id}) + "\n"
     out.write_text(done + '{"id": "b", "verd')  # a line cut short by a kill is redone
     r = run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume")
     assert r.returncode == 0, r.err
     assert out.read_text().startswith(done) and [x["id"] for x in stable(out)] == ["a", "b"]
+
+
+def test_resume_refuses_results_of_another_model_or_options(model, tmp_path):
+    src, out, policy = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "policy.json"
+    write_input(src, 3)
+    policy.write_text(json.dumps({"S1": "Violent Crimes.", "S2": "Non-Violent Crimes."}))
+    base = ["classify", "-m", model, "--jsonl", str(src), "--out", str(out)]
+    r = run(*base, "--exclude", "S1,S2")
+    assert r.returncode == 1, r.err
+    before = out.read_bytes()
+    runs = {x["run"] for x in map(json.loads, before.splitlines())}
+    assert len(runs) == 1 and re.fullmatch(r"[0-9a-f]{16}", runs.pop())  # the record, on every result line
+    other = synth.decisive_guard(os.path.dirname(model), "full")  # the same weights, another file
+    for argv in (base, [*base, "--exclude", "S1"], [*base, "--exclude", "S1,S2", "--threshold", "0.5"],
+                 [*base, "--exclude", "S1,S2", "--categories", str(policy)],
+                 ["classify", "-m", other, "--jsonl", str(src), "--out", str(out), "--exclude", "S1,S2"]):
+        one_error(run(*argv, "--resume"), f"--out {out}: line 1 was made by another model file or with other", "cannot resume")
+        assert out.read_bytes() == before
+    # what does not change results does not count: the order of --exclude, the threads
+    r = run(*base, "--exclude", "S2,S1", "--threads", "1", "--resume")
+    assert r.returncode == 1 and out.read_bytes() == before, r.err
+
+
+def test_out_that_holds_results_or_is_the_input_is_refused(model, tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, 2)
+    data = src.read_bytes()
+    # `--jsonl - --out F < F`: stdin is F itself
+    with open(src, "rb") as stdin:
+        r = subprocess.run([sys.executable, "-m", "pyguard.cli", "classify", "-m", model, "--jsonl", "-", "--out", str(src),
+                            "--overwrite"], stdin=stdin, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "the same file as --jsonl -" in r.stderr, r.stderr
+    os.link(src, tmp_path / "link.jsonl")  # another name, the same inode
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(tmp_path / "link.jsonl"), "--overwrite"),
+              "the same file as --jsonl")
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", model, "--overwrite"), "the same file as -m")
+    assert src.read_bytes() == data
+    out.write_text("earlier results\n")
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(out)),
+              f"--out {out}: holds results already", "--resume", "--overwrite")
+    assert out.read_text() == "earlier results\n"
+    one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume", "--overwrite"), "one or the other")
+    r = run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--overwrite")
+    assert r.returncode == 1 and [x["id"] for x in stable(out)] == [0, 1], r.err
+    out.write_text("")  # an empty OUT holds nothing to lose
+    assert run("classify", "-m", model, "--jsonl", str(src), "--out", str(out)).returncode == 1
+
+
+def test_an_empty_input_prints_the_summary(model):
+    r = run("classify", "-m", model, "--jsonl", "-", stdin=b"")
+    assert r.returncode == 0 and r.out == "", r.err
+    assert r.err == "pyguard: 0 conversations classified (0 unsafe), 0 lines failed\n"
+    r = run("classify", "-m", model, "--jsonl", "-", stdin=(line(1, UNSAFE) + "\n{}\n").encode())
+    assert r.returncode == 2 and r.err.splitlines()[-1] == "pyguard: 1 conversations classified (1 unsafe), 1 lines failed"
+
+
+def test_the_stream_names_what_the_user_gave(model):
+    base = ["classify", "-m", model, SAFE, "--stream"]
+    one_error(run(*base, stdin=b"h\xc3\xa9llo\xff"), "the reply on stdin is not UTF-8", "after 5 characters")
+    one_error(run(*base, stdin=b"abc\xe2\x82"), "not UTF-8 (unexpected end of data after 3 characters)")  # cut inside a character
+    for blank in (b"", b" \n\t "):
+        one_error(run(*base, stdin=blank), "the reply on stdin is empty")
+        one_error(run(*base, "--every", "1", stdin=blank * 40), "the reply on stdin is empty")
+
+
+def test_the_stream_exits_1_when_only_the_final_check_is_unsafe(model, guard):
+    reply = UNSAFE  # the decisive model: unsafe as the reply to SAFE
+    assert guard.classify([{"role": "user", "content": SAFE}, {"role": "assistant", "content": reply}]).unsafe
+    r = run("classify", "-m", model, SAFE, "--stream", "--every", "1000", "--json", stdin=reply.encode())
+    lines = [json.loads(x) for x in r.out.splitlines()]
+    assert [(x["final"], x["verdict"]) for x in lines] == [(True, "unsafe")] and r.returncode == 1, r.err
+
+
+def test_a_norm_that_overflows_is_one_error_line(model, tmp_path):
+    """A norm of 3.4e38 (finite, so the file loads): the forward pass overflows; no numpy warning
+    may come before the error line."""
+    import zlib
+
+    import numpy as np
+
+    from pyguard.formats import file
+
+    bad = tmp_path / "norm.pgw"
+    bad.write_bytes(open(model, "rb").read())
+    _, meta, data, _ = file._read_header(str(bad))
+    e = next(x for x in meta["arrays"] if x["name"] == "norm")
+    values = np.full(e["nbytes"] // 4, 3.4e38, np.float32).tobytes()
+    with open(bad, "r+b") as f:  # the new values, their CRC-32 and the metadata's: a sound file
+        f.seek(data + e["offset"])
+        f.write(values)
+        head = f.seek(0) or f.read(file.HEADER)
+        raw = f.read(int.from_bytes(head[12:16], "little"))
+        assert raw.count(e["crc32"].encode()) == 1
+        raw = raw.replace(e["crc32"].encode(), f"{zlib.crc32(values):08x}".encode())
+        f.seek(16)
+        f.write(zlib.crc32(raw).to_bytes(4, "little"))
+        f.seek(file.HEADER)
+        f.write(raw)
+    assert run("verify", str(bad)).returncode == 0
+    one_error(run("classify", "-m", str(bad), SAFE), "non-finite")
+
+
+def test_a_bad_variable_fails_every_command_before_any_work_unless_the_option_wins(model, tmp_path):
+    hf = os.path.join(os.path.dirname(model), "decisive-g32-s0")
+    assert run("classify", "-m", model, SAFE, "--threads", "1", env={"PYGUARD_THREADS": "abc"}).returncode == 0
+    for var, value in (("PYGUARD_THREADS", "abc"), ("PYGUARD_ISA", "bogus")):
+        words = f"{var}={value!r}"
+        one_error(run("verify", model, env={var: value}), words)
+        one_error(run("convert", hf, str(tmp_path / "x.pgw"), env={var: value}), words)
+        r = run("demo", "--keep", str(tmp_path / "demo"), env={var: value})
+        one_error(r, words)
+        assert r.out == "" and sorted(os.listdir(tmp_path)) == []  # nothing written, nothing converted
+    one_error(run("convert", hf, str(tmp_path / "x.pgw"), "--threads", "1", env={"PYGUARD_ISA": "bogus"}), "PYGUARD_ISA")
+
+
+def test_convert_threads_default_to_the_variable(model, tmp_path, monkeypatch):
+    import pyguard.convert.hf
+
+    seen = []
+    monkeypatch.setattr(pyguard.convert.hf, "convert", lambda *a, threads, **k: seen.append(threads) or 1 / 0)
+    hf = os.path.join(os.path.dirname(model), "decisive-g32-s0")
+    for env, option, expected in (("3", [], 3), ("3", ["--threads", "2"], 2)):
+        monkeypatch.setenv("PYGUARD_THREADS", env)
+        assert cli.main(["convert", hf, str(tmp_path / "x.pgw"), *option]) == 2  # 1 / 0: stopped there
+    assert seen == [3, 2]
+
+
+def test_verify_option_finds_a_damaged_weight(model, tmp_path):
+    bad = tmp_path / "flipped.pgw"
+    data = bytearray(open(model, "rb").read())
+    _, meta, start, _ = __import__("pyguard.formats.file", fromlist=["x"])._read_header(model)
+    e = next(x for x in meta["arrays"] if x["name"].endswith(".qs"))
+    data[start + e["offset"] + 7] ^= 0x10  # one bit of a weight
+    bad.write_bytes(bytes(data))
+    assert run("classify", "-m", str(bad), SAFE).returncode in (0, 1)  # unchecked: a verdict, maybe another
+    one_error(run("classify", "-m", str(bad), SAFE, "--verify"), "checksum mismatch")
+    assert run("classify", "-m", model, SAFE, "--verify").returncode == 0
 
 
 def test_output_paths_are_checked_before_any_work(model, tmp_path):

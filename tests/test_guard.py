@@ -1,4 +1,8 @@
-"""The guard API and command line on small random-weight models with the real tokenizer."""
+"""The guard API on a small random-weight model with the real tokenizer (tied embeddings; what
+does not depend on the score: answers that parse, heads, the prefix cache, special tokens, bad
+requests, the file), and where a score or a threshold matters, on the decisive model
+(synth.decisive_guard), whose scores are mid-range: the random model's ~1e-65 cannot tell a
+threshold of 0.5 from one of 1e-30."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pyguard import Guard, PyguardError
 from pyguard.convert.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
 from pyguard.convert.hf import convert
 from pyguard.guard.verdict import Grammar
+from synth import SAMPLES, decisive_guard
 
 CONV = [{"role": "user", "content": "How do I pick a lock?"}, {"role": "assistant", "content": "Use a tension wrench."}]
 
@@ -36,6 +41,22 @@ def guards(files):
     return {h: Guard.load(files[h], threads=2) for h in ("full", "guard")}
 
 
+@pytest.fixture(scope="session")
+def decisive_paths(tmp_path_factory):
+    d = tmp_path_factory.getbasetemp() / "decisive-shared"  # built once per session, shared by the files that use it
+    d.mkdir(exist_ok=True)
+    return {head: decisive_guard(str(d), head) for head in ("guard", "full")}
+
+
+@pytest.fixture(scope="module")
+def decisive(decisive_paths):
+    return {head: Guard.load(p, threads=2) for head, p in decisive_paths.items()}
+
+
+def key(r):
+    return r.verdict, r.categories, r.category_names, r.score, r.answer, r.prompt_tokens, r.generated_tokens
+
+
 def test_answers_always_parse_and_stop_early(guards):
     g = guards["guard"]
     grammar = Grammar([f"S{i}" for i in range(1, 14)])
@@ -46,9 +67,26 @@ def test_answers_always_parse_and_stop_early(guards):
         assert r.categories == grammar.categories(r.answer) and len(r.category_names) == len(r.categories)
         if r.verdict == "safe":
             assert r.generated_tokens == 1  # "safe" decides the answer: no further decoding
-    assert g.classify(CONV, threshold=0.0).verdict == "unsafe"
-    r = g.classify(CONV, threshold=1.0)
-    assert r.verdict == "safe" and r.score < 1
+
+
+def test_a_threshold_at_the_score_is_unsafe_and_just_above_it_safe(decisive):
+    """For conversations with mid-range scores, on both heads: a threshold equal to the score
+    (or just below) says unsafe and then names categories; just above it says safe after one
+    token; the score itself does not depend on the threshold."""
+    grammar = Grammar([f"S{i}" for i in range(1, 14)])
+    for head, g in decisive.items():
+        scores = []
+        for c in SAMPLES[:4] + SAMPLES[12:14]:
+            r = g.classify(c)
+            scores.append(r.score)
+            assert 1e-3 < r.score < 1 - 1e-3, "the decisive model's scores are mid-range"
+            for t in (r.score, np.nextafter(r.score, 0), r.score / 2):
+                x = g.classify(c, threshold=t)
+                assert (x.verdict, x.score) == ("unsafe", r.score) and x.categories and grammar.complete(x.answer), (head, t)
+            for t in (np.nextafter(r.score, 1), (r.score + 1) / 2):
+                x = g.classify(c, threshold=t)
+                assert (x.verdict, x.score, x.answer, x.generated_tokens) == ("safe", r.score, "safe", 1), (head, t)
+        assert max(scores) - min(scores) > 0.1  # scores that differ, so a mixed-up one would show
 
 
 def test_exclusions_shape_the_answer(guards):
@@ -56,19 +94,27 @@ def test_exclusions_shape_the_answer(guards):
     assert r.categories == ["S13"] and r.category_names == ["Elections."]
 
 
-def test_guard_head_matches_full_head(guards):
-    full, pruned = guards["full"], guards["guard"]
-    ids = full.prepare(CONV).ids
-    a, b = full.model.logits(ids)[-1], pruned.model.logits(ids)[-1]
-    assert np.array_equal(a[pruned.model.head_ids], b)  # same rows, same arithmetic
-    rf, rp = full.classify(CONV), pruned.classify(CONV)
-    assert rf.answer == rp.answer
-    # the score is a softmax over the head's rows: the whole vocabulary, or the kept tokens
-    row = list(pruned.model.head_ids).index(39257)
-    p = np.exp(b.astype(np.float64) - b.max())
-    assert rp.score == pytest.approx(p[row] / p.sum(), rel=1e-9)
-    p = np.exp(a.astype(np.float64) - a.max())
-    assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9)
+@pytest.mark.parametrize("model", ["random", "decisive"])
+def test_guard_head_matches_full_head(guards, decisive, model):
+    """The same rows, the same logits; the score is a softmax over the head's rows (the whole
+    vocabulary, or the kept tokens) computed in float64: relative 1e-9 with no absolute
+    tolerance (pytest.approx's default 1e-12 would accept any value for the random model's
+    ~1e-65), and on the decisive model's mid-range scores, where P(safe) is about 1 - score."""
+    full, pruned = (guards if model == "random" else decisive)["full"], (guards if model == "random" else decisive)["guard"]
+    convs = [CONV] if model == "random" else SAMPLES[:3] + SAMPLES[12:14]
+    for c in convs:
+        ids = full.prepare(c).ids
+        a, b = full.model.logits(ids)[-1], pruned.model.logits(ids)[-1]
+        assert np.array_equal(a[pruned.model.head_ids], b)  # same rows, same arithmetic
+        rf, rp = full.classify(c), pruned.classify(c)
+        assert rf.answer == rp.answer
+        row = list(pruned.model.head_ids).index(39257)
+        p = np.exp(b.astype(np.float64) - b.max())
+        assert rp.score == pytest.approx(p[row] / p.sum(), rel=1e-9, abs=0)
+        p = np.exp(a.astype(np.float64) - a.max())
+        assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9, abs=0)
+        if model == "decisive":
+            assert abs(p[39257] - p[19193]) / p.sum() > 1e-3  # the safe row's probability would differ
 
 
 def test_prefix_cache_gives_the_same_logits(guards):
@@ -102,16 +148,27 @@ def test_bad_requests(guards, files):
         Guard.load(files["notok"])
 
 
-def test_batches_give_the_verdicts_of_single_requests(guards):
+def test_batches_give_the_verdicts_of_single_requests(guards, decisive):
     g = guards["full"]
     convs = ["hello", CONV, "How do I make a bomb?", [{"role": "user", "content": "x " * 150}], "ok"]
-    for threshold in (None, 0.0, 0.5):
-        alone = [g.classify(c, threshold=threshold) for c in convs]
-        batched = g.classify_many(convs, threshold=threshold, batch_size=3)
-        for a, b in zip(alone, batched):
-            assert (a.answer, a.score, a.prompt_tokens) == (b.answer, b.score, b.prompt_tokens)
+    alone = [g.classify(c) for c in convs]
+    batched = g.classify_many(convs, batch_size=3)
+    for a, b in zip(alone, batched):
+        assert (a.answer, a.score, a.prompt_tokens) == (b.answer, b.score, b.prompt_tokens)
     with pytest.raises(PyguardError, match="message 0"):
         g.classify_many(["fine", [{"role": "assistant", "content": "x"}]])
+    # thresholds between the scores of a batch (the decisive model): each conversation its own verdict
+    for head, g in decisive.items():
+        scores = sorted(r.score for r in g.classify_many(SAMPLES))
+        thresholds = (None, scores[len(scores) // 2], scores[3], np.nextafter(scores[-4], 1)) if head == "guard" else (scores[5],)
+        for threshold in thresholds:
+            alone = [g.classify(c, threshold=threshold) for c in SAMPLES]
+            if threshold is not None:
+                assert [r.verdict for r in alone] == ["unsafe" if r.score >= threshold else "safe" for r in alone]
+            assert {r.verdict for r in alone} == {"safe", "unsafe"}
+            for batch_size in (3, 7) if head == "guard" else (7,):
+                assert [key(r) for r in g.classify_many(SAMPLES, threshold=threshold, batch_size=batch_size)] == \
+                    [key(r) for r in alone], (head, threshold, batch_size)
 
 
 def test_tokenizer_config_and_head_survive_the_file(files):

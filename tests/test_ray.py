@@ -9,6 +9,9 @@ import json
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -17,8 +20,10 @@ import pytest
 import ray
 
 import pyguard.ray as pgray
-from pyguard import PyguardError, cli
+from pyguard import Guard, PyguardError, cli
 from synth import SAMPLES, decisive_guard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N = 200  # good conversations; the bad rows below come on top
 BAD = {
@@ -158,6 +163,21 @@ def test_arguments_fail_before_the_job(data, local):
         pgray.classify(ds, str(data["dir"] / "nope.pgw"), concurrency=1).take_all()
 
 
+def test_the_actors_verify_the_file(data, local, tmp_path):
+    """A flipped weight bit passes the driver's check (the header and small arrays) and would
+    change verdicts: the actors read every checksum when they start."""
+    from pyguard.formats import file
+
+    _, meta, start, _ = file._read_header(data["model"])
+    e = next(x for x in meta["arrays"] if x["name"].endswith(".qs"))
+    flipped = bytearray(open(data["model"], "rb").read())
+    flipped[start + e["offset"] + 7] ^= 0x10
+    bad = tmp_path / "flipped.pgw"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ray.exceptions.RayError, match="checksum mismatch"):
+        pgray.classify(read(data), str(bad), concurrency=1).take_all()
+
+
 def test_result_columns_in_the_input_are_refused(data, local):
     ds = ray.data.from_items([{"messages": [{"role": "user", "content": "hi"}], "score": 1}])
     with pytest.raises(Exception, match="already has result columns"):
@@ -209,3 +229,132 @@ def test_two_nodes_through_the_cli_with_parquet(data, two_nodes, capsys):
     lines = pq.read_table(out).to_pylist()
     assert [r["id"] for r in lines] == [r["id"] for r in rows()]
     check(lines, data["refs"]["options"])
+
+
+# The checks of `--ray` that come before any cluster is started or joined; a loopback port
+# that nothing listens on stands for a cluster that is not there (so a check that came after
+# joining it would fail with "cannot connect" instead).
+
+
+def refused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again: nothing listens there
+
+
+def run_cli(*args: str, code: str = "") -> subprocess.CompletedProcess:
+    """`pyguard ARGS` in a fresh process (no Ray in it yet); CODE runs first."""
+    script = f"import sys\n{code}\nfrom pyguard import cli\nsys.exit(cli.main(sys.argv[1:]))"
+    # a safety net against a hang, not a measurement: every case here ends within a stated timeout
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=ROOT,
+                       timeout=pgray.CONNECT_TIMEOUT + pgray.INIT_TIMEOUT + 60)
+    r.err = r.stderr
+    return r
+
+
+def one_error(r, *words: str) -> None:
+    assert r.returncode == 2 and len(r.err.splitlines()) == 1 and r.err.startswith("pyguard: error: "), (r.returncode, r.err)
+    assert all(w in r.err for w in words), r.err
+
+
+def test_the_cli_checks_before_any_cluster(data, tmp_path):
+    nowhere = f"127.0.0.1:{refused_port()}"
+    cmd = ["classify", "-m", data["model"], "--jsonl"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{json.dumps(rows()[0])}\n\n{{not json\n{json.dumps(rows()[1])}\n[1]\n")
+    one_error(run_cli(*cmd, str(bad), "--ray", nowhere), f"--jsonl {bad}: line 3: not JSON", "and 1 more bad lines")
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text(json.dumps(rows()[0]) + "\n" + json.dumps({**rows()[1], "score": 1}) + "\n")
+    one_error(run_cli(*cmd, str(clash), "--ray", nowhere), "already has result columns (score)")
+    parquet = tmp_path / "clash.parquet"
+    pq.write_table(pa.Table.from_pylist([{**rows()[0], "verdict": "safe"}]), parquet)
+    one_error(run_cli(*cmd, str(parquet), "--ray", nowhere), "already has result columns (verdict)")
+    one_error(run_cli(*cmd, data["src"], "--exclude", "S99", "--ray", nowhere), "S99")
+    one_error(run_cli("classify", "-m", str(tmp_path / "nope.pgw"), "--jsonl", data["src"], "--ray"), "nope.pgw")  # no local cluster either
+    # all is well here: only now the address, which nothing answers
+    one_error(run_cli(*cmd, data["src"], "--ray", nowhere), f"--ray {nowhere}: cannot connect", f"within {pgray.CONNECT_TIMEOUT:g} s")
+
+
+def test_an_address_that_accepts_but_never_answers_fails_in_time(data):
+    with socket.socket() as silent:  # takes connections, says nothing: Ray's own client would wait for minutes
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        where = f"127.0.0.1:{silent.getsockname()[1]}"
+        r = run_cli("classify", "-m", data["model"], "--jsonl", data["src"], "--ray", where,
+                    code="import pyguard.ray\npyguard.ray.INIT_TIMEOUT = 3")
+    assert r.returncode == 2 and r.err.splitlines()[-1] == f"pyguard: error: --ray {where}: no Ray cluster answered there within 3 s"
+    # once joined, the watchdog is off: a job may take longer than INIT_TIMEOUT
+    joined = "import pyguard.ray as r, time\nr.init = lambda *a, **k: None\nr._init_within('h:1', 0.2)\ntime.sleep(1)\nprint('done')"
+    r = subprocess.run([sys.executable, "-c", joined], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout == "done\n", r.stderr
+
+
+class Poisoned:
+    """The guard of `data`, except that a conversation saying POISON cannot be judged, as one
+    whose logits come out non-finite: it fails its whole batch in classify_many, and itself alone."""
+
+    def __init__(self, guard: Guard):
+        self.guard, self.batches = guard, []
+
+    def prepare(self, *a):
+        return self.guard.prepare(*a)
+
+    def classify_many(self, conversations, **kw):
+        self.batches.append(len(conversations))
+        if any("POISON" in c[-1]["content"] for c in conversations):
+            raise PyguardError("the model computed non-finite logits (NaN or inf):\n   no verdict")
+        return self.guard.classify_many(conversations, **kw)
+
+    def classify(self, conversation, **kw):
+        if "POISON" in conversation[-1]["content"]:
+            raise PyguardError("the model computed non-finite logits (NaN or inf):\n   no verdict")
+        return self.guard.classify(conversation, **kw)
+
+
+def test_a_failed_batch_is_judged_row_by_row_with_one_line_errors(data):
+    """No cluster: the actor's code in this process. A batch that fails at classification time
+    is redone a row at a time: the row at fault gets its error, in one line; the others their results."""
+    guard = Guard.load(data["model"], threads=1)
+    items = rows()[:6]
+    items[2] = {"id": "poison", "messages": [{"role": "user", "content": "POISON"}]}
+    items[4] = {"id": "no-messages"}
+    actor = pgray.Classifier.__new__(pgray.Classifier)  # its state without loading the file again
+    actor.guard, actor.options, actor.batch_size = Poisoned(guard), {**OPTIONS, "categories": None}, 16
+    out = actor(pa.Table.from_pylist(items)).to_pylist()
+    assert actor.guard.batches == [5]  # one batch of the five that could be prepared, then each alone
+    assert [r["id"] for r in out] == [r["id"] for r in items]  # rows stay where they were
+    assert out[2]["error"] == "the model computed non-finite logits (NaN or inf): no verdict"
+    assert out[4]["error"] == 'expected an object with "messages"'
+    for r, item in zip(out, items):
+        if r["id"] in ("poison", "no-messages"):
+            assert all(r[f] is None for f in FIELDS)
+            continue
+        want = guard.classify(item["messages"], **OPTIONS)
+        got = r | {"category_scores": dict(r["category_scores"])}
+        assert r["error"] is None and {f: got[f] for f in FIELDS} == {f: getattr(want, f) for f in FIELDS}
+
+
+def test_the_cli_keeps_the_input_order_when_blocks_finish_out_of_order(data, local, tmp_path, capsys):
+    """Slow rows first: the actor given the first block finishes after the other has done the
+    rest, so without preserve_order the rows would come out of order (checked: Ray's default)."""
+    items = [{"id": f"slow{i}", "messages": [{"role": "user", "content": f"{SAMPLES[0]} " * 40 + str(i)}]} for i in range(40)]
+    items += [{"id": f"fast{i}", "messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(160)]
+    src, out = tmp_path / "order.jsonl", tmp_path / "order-out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in items))
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = False
+    loose = [r["id"] for r in pgray.classify(ray.data.read_json(str(src), lines=True), data["model"], concurrency=2).take_all()]
+    assert sorted(loose) == sorted(r["id"] for r in items) and loose != [r["id"] for r in items]
+    assert cli.main(["classify", "-m", data["model"], "--jsonl", str(src), "--out", str(out), "--ray"]) in (0, 1)
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in items]
+
+
+def test_a_failed_ray_job_is_one_line(data, local):
+    """The file is not on this machine, so the driver cannot check it: the actors' error ends
+    the job, reported in one line, with no traceback of Ray's or the actors' before it."""
+    r = run_cli("classify", "-m", str(data["dir"] / "nope.pgw"), "--jsonl", data["src"], "--ray",
+                ray.get_runtime_context().gcs_address)  # the running cluster, joined from a new process
+    err = r.err.splitlines()
+    assert r.returncode == 2 and err[-1].startswith("pyguard: error: the Ray job failed: "), r.err
+    assert "nope.pgw: cannot read" in err[-1] and len(err[-1]) < 400
+    assert not [x for x in err if re.search(r"Traceback|File \"|\^\^\^|Error", x)][:-1], r.err

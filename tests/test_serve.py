@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard import Guard
-from pyguard.serve import MODERATION_CATEGORIES
+from pyguard.serve import MODERATION_CATEGORIES, ApiError, Batcher, Histogram, Metrics
 from synth import SAMPLES, decisive_guard
 
 START_TIMEOUT = 120  # seconds for a server to load and listen (a bound, not a measurement)
@@ -210,10 +210,12 @@ def test_health_and_metrics(server):
     assert _metric(server.url, 'pyguard_tokens_total{kind="prompt"}') > 0
 
 
-def _metric(url: str, name: str) -> float:
+def _metric(url: str, name: str, default: float | None = None) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
+    if default is not None:
+        return default
     raise AssertionError(f"no metric {name}")
 
 
@@ -234,6 +236,7 @@ def test_burst_on_a_tiny_queue(model, guard):
             else:
                 assert r.json()["results"][0]["pyguard"]["score"] == guard.classify(TEXTS[i % len(TEXTS)]).score
         assert post(s.url, "/v1/moderations", {"input": "hello"}).status_code == 200  # still serving
+        assert _metric(s.url, 'pyguard_batch_size_bucket{le="1"}') == _metric(s.url, "pyguard_batch_size_count") > 0
 
 
 LONG = "word " * 9000  # over max_tokens (8192) with the prompt
@@ -272,6 +275,7 @@ def test_bad_input(server, path, body, param, message):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert message in err["message"] and err["param"] == param and "\n" not in err["message"]
+    assert not err["message"].startswith(("input 0:", "conversation 0:"))  # an index only among several
 
 
 FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "category_scores", "role",
@@ -309,7 +313,9 @@ def test_api_key(model):
     with running(model, env={"PYGUARD_API_KEY": "s3cret"}) as s:
         assert "API key required" in s.lines[-1]
         assert httpx.get(s.url + "/healthz").status_code == 200
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}, {"authorization": "Bearer s3cre"}):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}, {"authorization": "Bearer s3cre"},
+                        {"authorization": "Bearer s3cretX"}, {"authorization": "Bearer s3cret s3cret"},
+                        {"authorization": "bearer s3cret"}, {"authorization": "Bearer  s3cret"}):
             r = post(s.url, "/v1/moderations", {"input": "hi"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
             assert httpx.get(s.url + "/metrics", headers=headers).status_code == 401
@@ -327,11 +333,42 @@ def test_api_key(model):
     (["--max-batch", "-1"], "max_batch must be"),
     (["--port", "65536"], "port must be"),
     (["--api-key", ""], "API key"),
+    (["--api-key", " s3cret"], "white space"),  # HTTP strips a header's outer white space: it could never match
+    (["--api-key", "s3cret "], "white space"),
+    (["--max-tokens-in-flight", "0"], "max_tokens_in_flight must be"),
+    (["--max-tokens-in-flight", "100"], "max_tokens_in_flight 100 is too small"),
+    (["--read-timeout", "0"], "read_timeout must be"),
+    (["--shutdown-timeout", "nan"], "shutdown_timeout must be"),
 ])
 def test_refused_at_start(model, args, message):
     p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", model, *args], capture_output=True, text=True,
                        timeout=120, env={k: v for k, v in os.environ.items() if k != "PYGUARD_API_KEY"})
     assert p.returncode == 2 and message in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_damaged_file_refused_at_start(model, tmp_path):
+    """A flipped weight byte (its checksum in the directory unchanged): pyguard serve checks
+    every checksum before listening and refuses the file with one line, exit 2; --no-verify
+    (documented as skipping it) starts."""
+    import shutil
+
+    from pyguard.formats.file import load
+
+    bad = tmp_path / "flipped.pgw"
+    shutil.copyfile(model, bad)
+    (entry,) = [e for e in load(model).meta["arrays"] if e["name"] == "layers.1.w2.qs"]
+    data_offset = int.from_bytes(open(model, "rb").read(32)[24:32], "little")
+    with open(bad, "r+b") as f:
+        f.seek(data_offset + entry["offset"] + 100)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    p = subprocess.run([sys.executable, "-m", "pyguard.cli", "serve", "-m", str(bad), "--port", "0"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert "'layers.1.w2.qs' is corrupt (checksum mismatch)" in p.stderr, p.stderr
+    with running(str(bad), "--no-verify") as s:
+        assert httpx.get(s.url + "/healthz").status_code == 200
 
 
 def test_cache_size_option(model, guard):
@@ -355,20 +392,292 @@ def test_port_in_use(model, server):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_graceful_shutdown(model, guard, sig):
-    """A signal while requests are queued: every one is answered, then exit 0."""
-    with running(model, "--max-batch", "1") as s:
+    """A signal while requests are queued: every one is answered, then exit 0. The work left
+    at the signal (at least 5 conversations of ~2,200 tokens, judged one at a time from
+    scratch) outlasts uvicorn's first 0.1 s of shutdown by far: a shutdown deadline cut short
+    would answer some of them 503."""
+    with running(model, "--max-batch", "1", "--cache-mb", "0") as s:
         results: list = []
-        bodies = [{"input": TEXTS[i % len(TEXTS)]} for i in range(12)]
+        bodies = [{"input": f"{i} " + "word " * 2000} for i in range(8)]
         t = threading.Thread(target=lambda: results.extend(burst(s.url, "/v1/moderations", bodies)))
         t.start()
         deadline = time.monotonic() + 60  # a bound on the wait, not a measurement
-        while httpx.get(s.url + "/healthz").json()["queue_depth"] < 2:
+        while httpx.get(s.url + "/healthz").json()["queue_depth"] < 5:
             assert time.monotonic() < deadline and t.is_alive(), "the requests never queued"
         assert s.stop(sig) == 0
         t.join(timeout=60)
-        assert [r.status_code for r in results] == [200] * len(bodies)
+        assert [r.status_code for r in results] == [200] * len(bodies), [r.text[:200] for r in results]
         for b, r in zip(bodies, results):
             assert r.json()["results"][0]["pyguard"]["score"] == guard.classify(b["input"]).score
         assert s.lines[-1] == "pyguard serve: stopped"
         with pytest.raises(httpx.ConnectError):
             httpx.get(s.url + "/healthz")
+
+
+# ---- read deadlines, bounded shutdown, hang-ups, HTTP framing
+
+EXIT_BOUND = 30  # seconds: a bound that a server held by a stalled client would never meet, not a measurement
+
+
+def _connect(url: str):
+    import socket
+
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=EXIT_BOUND)  # every read bounded
+    return sock
+
+
+def _read_all(sock) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def _json_error(response: bytes, status: int) -> dict:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), response[:300]
+    assert b"content-type: application/json" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"], err
+    return err
+
+
+STALLED = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n0123456789"
+
+
+def test_read_deadlines(model):
+    """A body that stops arriving gets 408 after --read-timeout and the connection is closed;
+    headers that never end are cut too; neither holds SIGTERM: the process exits soon after."""
+    with running(model, "--read-timeout", "1") as s:
+        with _connect(s.url) as sock:
+            sock.sendall(STALLED)
+            response = _read_all(sock)
+            err = _json_error(response, 408)
+            assert err["code"] == "timeout" and "within 1 s" in err["message"]
+            assert b"\r\nconnection: close\r\n" in response.partition(b"\r\n\r\n")[0].lower()  # not kept alive
+        with _connect(s.url) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+            assert _read_all(sock) == b""  # closed by the server (recv would time out otherwise)
+        assert post(s.url, "/v1/moderations", {"input": "hello"}).status_code == 200  # still serving
+        with _connect(s.url) as stuck:
+            stuck.sendall(STALLED)
+            time.sleep(0.2)  # let the server start reading the body
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            assert s.proc.wait(timeout=EXIT_BOUND) == 0
+            print(f"exit {time.monotonic() - t0:.2f} s after SIGTERM with a stalled client (read timeout 1 s)")
+        assert any(line.startswith("POST /v1/classify 408 ") for line in s.lines)
+        assert s.lines[-1] == "pyguard serve: stopped"
+
+
+def test_shutdown_deadline_cuts_what_is_left(model, guard):
+    """--shutdown-timeout 1 with far more work queued (conversations of ~7,200 tokens, a few
+    seconds each here) and a client stalled in its body (--read-timeout longer than the
+    shutdown): what was not judged by then gets the JSON 503, the stalled client too, and the
+    process exits 0 without finishing the batch in progress."""
+    with running(model, "--max-batch", "1", "--cache-mb", "0", "--read-timeout", "600", "--shutdown-timeout", "1") as s:
+        results: list = []
+        bodies = [{"input": f"{i} " + "word " * 7000} for i in range(4)]
+        t = threading.Thread(target=lambda: results.extend(burst(s.url, "/v1/moderations", bodies)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(s.url + "/healthz").json()["queue_depth"] < 3:
+            assert time.monotonic() < deadline and t.is_alive(), "the requests never queued"
+        with _connect(s.url) as stuck:
+            stuck.sendall(STALLED)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            s.proc.send_signal(signal.SIGTERM)
+            assert s.proc.wait(timeout=EXIT_BOUND) == 0
+            print(f"exit {time.monotonic() - t0:.2f} s after SIGTERM (shutdown timeout 1 s)")
+            assert _json_error(_read_all(stuck), 503)["code"] == "shutting_down"
+        t.join(timeout=60)
+        codes = [r.status_code for r in results]
+        assert set(codes) <= {200, 503} and 503 in codes, codes
+        for r in results:
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "shutting_down" and r.json()["error"]["type"] == "server_error"
+        assert s.lines[-1] == "pyguard serve: stopped"
+
+
+def test_client_hangup_is_not_a_server_error(model):
+    """A client that hangs up inside its body is counted as 499 (client closed request),
+    never as a 5xx; the server goes on."""
+    with running(model) as s:
+        for _ in range(3):
+            with _connect(s.url) as sock:
+                sock.sendall(STALLED)
+                time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while _metric(s.url, 'pyguard_requests_total{endpoint="/v1/classify",status="499"}', 0) < 3:
+            assert time.monotonic() < deadline, s.lines
+            time.sleep(0.05)
+        text = httpx.get(s.url + "/metrics").text
+        assert 'status="5' not in text and "internal error" not in "\n".join(s.lines), s.lines
+        assert sum(line.startswith("POST /v1/classify 499 ") for line in s.lines) == 3
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+])
+def test_malformed_http_gets_the_json_error(server, request_bytes):
+    before = _metric(server.url, 'pyguard_requests_total{endpoint="other",status="400"}', 0)
+    with _connect(server.url) as sock:
+        sock.sendall(request_bytes)
+        assert _json_error(_read_all(sock), 400)["code"] == "bad_http"
+    assert _metric(server.url, 'pyguard_requests_total{endpoint="other",status="400"}', 0) == before + 1
+
+
+# ---- the batcher, in process: the queue's bound, mixed batches, the tokens in flight
+
+
+def _batcher_run(guard, submissions: list[tuple[dict, list]], max_queue: int = 256, max_positions: int = 8192,
+                 start: bool = True) -> tuple[list, Batcher]:
+    """Submit each (options, conversations) before the inference thread starts (so that they
+    share batches deterministically), then start it; the outcome of each submission: None
+    (refused) or its results and ApiErrors in order."""
+    async def run():
+        b = Batcher(guard, max_batch=16, max_queue=max_queue, metrics=Metrics(), max_positions=max_positions)
+        loop = asyncio.get_running_loop()
+        futures = [b.submit(opts, convs, loop) for opts, convs in submissions]
+        if start:
+            b.start()
+            out = [None if f is None else await asyncio.wait_for(asyncio.gather(*f, return_exceptions=True), 60)
+                   for f in futures]
+            b.close()
+            return out, b
+        return futures, b
+    return asyncio.run(run())
+
+
+PLAIN = {"categories": None, "exclude": [], "threshold": None, "category_scores": False}
+
+
+def test_queue_bound_counts_every_conversation(guard):
+    """A request of several conversations needs room for all of them: the queue never holds
+    more than max_queue, and a request that fits exactly is accepted."""
+    subs = [(PLAIN, ["a", "b", "c"]), (PLAIN, ["d", "e"]), (PLAIN, ["f"]), (PLAIN, ["g"]), (PLAIN, ["h"] * 5)]
+    futures, b = _batcher_run(guard, subs, max_queue=4, start=False)
+    assert [f is not None for f in futures] == [True, False, True, False, False]
+    assert b.depth() == 4
+    futures, b = _batcher_run(guard, [(PLAIN, ["a"] * 4)], max_queue=4, start=False)
+    assert futures[0] is not None and b.depth() == 4
+
+
+def test_mixed_batch_results_go_to_their_requests(guard):
+    """Conversations of several requests share one batch with some that cannot be judged
+    (too long, an empty message): each request gets its own results, in its order, and the
+    bad ones their own 400."""
+    long = [{"role": "user", "content": "word " * 9000}]
+    empty = [{"role": "user", "content": " "}]
+    subs = [(PLAIN, [SAMPLES[1], long, SAMPLES[2]]), (PLAIN, [empty]), (PLAIN, [SAMPLES[4], SAMPLES[0]]),
+            (PLAIN, [long, SAMPLES[12]]), (PLAIN, [SAMPLES[7]])]
+    out, b = _batcher_run(guard, subs)
+    assert b.metrics.batches.count == 1  # all the judgeable ones in one call: they did share a batch
+    for (_, convs), results in zip(subs, out):
+        for c, r in zip(convs, results):
+            if c is long:
+                assert isinstance(r, ApiError) and r.status == 400 and "tokens" in r.message
+            elif c is empty:
+                assert isinstance(r, ApiError) and r.status == 400 and "empty" in r.message
+            else:
+                assert native(r) == native(guard.classify(c)), c
+
+
+def test_tokens_in_flight_bound_each_inference_call(guard, monkeypatch):
+    """--max-tokens-in-flight: no inference call holds more positions (prompt tokens and the
+    policy's longest answer, per conversation) than the budget; a batch over it is judged in
+    several calls, every result unchanged. Conversations of equal size p: a budget of 2p - 1
+    takes one per call (a count that forgot the answer's positions would take two), 2p two."""
+    convs = [f"{i} " + "word " * 150 for i in range(6)]
+    sizes = {len(r.ids) + r.budget for r in (guard.prepare(c) for c in convs)}
+    assert len(sizes) == 1 and min(len(guard.prepare(c).ids) for c in convs) < min(sizes)
+    p = sizes.pop()
+    real = guard.classify_many
+    for budget, per_call in ((2 * p - 1, 1), (2 * p, 2)):
+        calls: list[int] = []
+
+        def spy(conversations, **kw):
+            calls.append(len(conversations))
+            return real(conversations, **kw)
+
+        monkeypatch.setattr(guard, "classify_many", spy)
+        out, _ = _batcher_run(guard, [(PLAIN, convs)], max_positions=budget)
+        monkeypatch.undo()
+        assert calls == [per_call] * (len(convs) // per_call), (budget, calls)
+        assert [native(r) for r in out[0]] == [native(guard.classify(c)) for c in convs]
+
+
+class _SlowGuard:
+    """A stand-in guard whose inference waits for a signal, to hold a batch running."""
+
+    def __init__(self, guard):
+        self.guard, self.running, self.release = guard, threading.Event(), threading.Event()
+
+    def prepare(self, conversation, categories=None, exclude=()):
+        return self.guard.prepare(conversation, categories, exclude)
+
+    def classify_many(self, conversations, **kw):
+        self.running.set()
+        assert self.release.wait(60), "never released"
+        return self.guard.classify_many(conversations, **kw)
+
+
+def test_shutdown_cut_answers_queued_and_running(guard):
+    """At the shutdown's deadline (Batcher.cut) every job still queued or in the batch being
+    judged gets the 503 at once; the batch's later results are dropped, not delivered twice."""
+    slow = _SlowGuard(guard)
+
+    async def run():
+        b = Batcher(slow, max_batch=2, max_queue=8, metrics=Metrics())
+        loop = asyncio.get_running_loop()
+        futures = b.submit(PLAIN, ["a", "b", "c", "d"], loop)
+        b.start()
+        assert await asyncio.to_thread(slow.running.wait, 60)  # "a" and "b" being judged, "c" and "d" queued
+        b.cut()
+        done = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), 60)
+        slow.release.set()
+        b.close()
+        return done, b.depth()
+
+    done, depth = asyncio.run(run())
+    assert depth == 0
+    for r in done:
+        assert isinstance(r, ApiError) and r.status == 503 and r.code == "shutting_down", r
+
+
+# ---- metrics
+
+
+def test_histogram_buckets():
+    """Prometheus buckets are cumulative counts of observations <= le (a value on a bound
+    counts in that bucket); +Inf and _count are all of them."""
+    h = Histogram((1, 2, 4))
+    for x in (0.5, 1, 2, 2.5, 4, 9):
+        h.observe(x)
+    assert h.lines("m", 'e="x"') == ['m_bucket{e="x",le="1"} 2', 'm_bucket{e="x",le="2"} 3', 'm_bucket{e="x",le="4"} 5',
+                                     'm_bucket{e="x",le="+Inf"} 6', 'm_sum{e="x"} 19.000000', 'm_count{e="x"} 6']
+    m = Metrics()
+    m.request("/healthz", 200, 0.005)
+    m.request("/healthz", 200, 0.0051)
+    text = m.text(0)
+    assert 'pyguard_request_seconds_bucket{endpoint="/healthz",le="0.005"} 1\n' in text
+    assert 'pyguard_request_seconds_bucket{endpoint="/healthz",le="0.01"} 2\n' in text
+
+
+def test_token_counters(server):
+    """pyguard_tokens_total adds up exactly the prompt, cached and generated tokens of the results."""
+    kinds = ("prompt", "cached", "generated")
+    before = {k: _metric(server.url, f'pyguard_tokens_total{{kind="{k}"}}') for k in kinds}
+    got = {k: 0 for k in kinds}
+    for c in ([{"role": "user", "content": "A question about counters."}],) * 2 + ([{"role": "user", "content": TEXTS[1]}],):
+        r = post(server.url, "/v1/classify", {"messages": c}).json()
+        for k in kinds:
+            got[k] += r[f"{k}_tokens"]
+    assert 0 < got["cached"] < got["prompt"] and got["generated"] > 0
+    assert {k: _metric(server.url, f'pyguard_tokens_total{{kind="{k}"}}') - before[k] for k in kinds} == got

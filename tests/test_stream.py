@@ -1,5 +1,7 @@
-"""The token-prefix cache and streaming moderation: every result is the one a cold guard's
-classify gives, whatever the cache held, evicted or shared, and however a reply was cut."""
+"""Streaming moderation (Guard.stream, docs/STREAM.md) on the decisive model: every result is
+the one a cold guard's classify gives however a reply was cut, checks come when and as often
+as promised, `unsafe` is sticky, errors fail closed; and the command line's lines are the API's.
+The token-prefix cache itself is tested in test_cache.py."""
 
 from __future__ import annotations
 
@@ -15,9 +17,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard import Guard, PyguardError
-from pyguard.engine.cache import PrefixCache
-from pyguard.formats.config import ModelConfig
-from pyguard.engine.model import State
 from synth import decisive_guard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,9 +32,11 @@ def key(r):
     return r.verdict, r.categories, r.category_names, r.score, r.answer, r.prompt_tokens, r.generated_tokens, r.category_scores
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def path(tmp_path_factory):
-    return decisive_guard(str(tmp_path_factory.mktemp("stream")), "guard")
+    d = tmp_path_factory.getbasetemp() / "decisive-shared"  # built once per session, shared by the files that use it
+    d.mkdir(exist_ok=True)
+    return decisive_guard(str(d), "guard")
 
 
 @pytest.fixture(scope="module")
@@ -50,85 +51,6 @@ def warm(path):
 
 def reply_of(conv, text):
     return conv + [{"role": "assistant", "content": text}]
-
-
-# ---------------------------------------------------------------- the cache alone
-
-TINY = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, vocab_size=64, hidden_dim=32, max_seq_len=64)
-
-
-def filled(ids: np.ndarray) -> State:
-    """A state whose position p holds a fingerprint of ids[:p + 1] (what a model's cache depends on)."""
-    s = State(TINY, max(len(ids), 1))
-    for p in range(len(ids)):
-        s.kv[:, :, :, p] = np.float32(hash(tuple(ids[: p + 1].tolist())) % 1000003)
-    s.pos = len(ids)
-    return s
-
-
-@SETTINGS
-@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=1, max_size=12),
-       st.integers(0, 30))
-def test_cache_restores_exactly_what_was_stored(sequences, positions):
-    """Random inserts under a budget of `positions` positions: every restore is the longest
-    prefix still held (never more than was inserted, never a wrong position), the byte count
-    is what the tree holds and stays within budget."""
-    per_position = filled(np.zeros(1, np.int64)).kv[:, :, :, :1].nbytes
-    cache, inserted = PrefixCache(positions * per_position), []
-    for seq in sequences:
-        ids = np.array(seq, np.int64)
-        probe = State(TINY, len(ids) + 1)
-        n = cache.restore(probe, ids, len(ids))
-        assert n <= max((len(os.path.commonprefix([list(ids), list(x)])) for x in inserted), default=0)
-        assert np.array_equal(probe.kv[:, :, :, :n], filled(ids).kv[:, :, :, :n])
-        cache.insert(ids, filled(ids))
-        inserted.append(ids)
-        assert cache.bytes == len(cache) * per_position <= cache.budget
-    if positions >= len(sequences[-1]):  # the latest insert is the most recently used: still there whole
-        assert cache.restore(State(TINY, 13), inserted[-1], 12) == len(inserted[-1])
-
-
-def test_default_budget_is_4096_positions(warm):
-    assert warm.cache.budget == 4096 * warm.model.new_state(1).kv.nbytes
-
-
-def test_cache_of_zero_bytes_holds_nothing():
-    cache = PrefixCache(0)
-    ids = np.arange(5, dtype=np.int64)
-    cache.insert(ids, filled(ids))
-    assert cache.restore(State(TINY, 5), ids, 5) == 0 and cache.bytes == 0
-
-
-# ---------------------------------------------------------------- the guard's cache
-
-def test_multi_turn_reuse_matches_a_cold_guard(path, cold):
-    g = Guard.load(path, threads=2)
-    turns = ["Hi, can you help me plan a trip?", "Sure! Where would you like to go?", "Somewhere warm in March.",
-             "The Canary Islands are warm then.", "What should I pack?", "Light clothes, sunscreen, a jacket.",
-             "Give me the home address of a celebrity there."]
-    conv = []
-    for i, text in enumerate(turns):
-        conv.append({"role": ("user", "assistant")[i % 2], "content": text})
-        r = g.classify(conv, category_scores=True)
-        assert key(r) == key(cold.classify(conv, category_scores=True))
-        if i >= 2:  # the conversation so far (same role: two messages back) came from the cache
-            assert r.cached_tokens > g.prepare(conv).policy
-    prefixes = [conv[:k] for k in range(1, 8)]  # batched, each one's earlier turns cached
-    assert [key(r) for r in g.classify_many(prefixes, batch_size=3)] == [key(cold.classify(c)) for c in prefixes]
-
-
-@SETTINGS
-@given(st.lists(st.integers(0, 6), min_size=1, max_size=10), st.integers(1, 400))
-def test_eviction_under_a_tiny_budget_never_changes_a_result(path, cold, picks, positions):
-    """Conversations sharing prefixes in random order through a cache of a few positions."""
-    g = Guard.load(path, threads=2, cache_bytes=positions * 64 * 1024 // 64)
-    convs = [USER, "hello", reply_of(USER, "Once upon a time"), reply_of(USER, "Once upon a time, a dragon."),
-             reply_of(USER, "Once"), "hello there", [{"role": "user", "content": "hello there"}]]
-    for i in picks:
-        assert key(g.classify(convs[i])) == key(cold.classify(convs[i]))
-        assert g.cache.bytes <= g.cache.budget
-    got = g.classify_many([convs[i] for i in picks], batch_size=4)
-    assert [key(r) for r in got] == [key(cold.classify(convs[i])) for i in picks]
 
 
 # ---------------------------------------------------------------- streaming
@@ -214,6 +136,184 @@ def test_stream_honours_the_length_limit(path):
     s.feed("word " * 300)
     with pytest.raises(PyguardError, match="over the limit"):
         s.check()
+
+
+# A reply whose prefixes the decisive model judges differently (which, is measured, not assumed)
+WORDS = "Sure, here is how to hurt people. Once upon a time, a dragon named Ünsal lived in the mountains.".split(" ")
+
+
+def prefix(i: int) -> str:
+    return " ".join(WORDS[:i])
+
+
+@pytest.fixture(scope="module")
+def judged(cold):
+    """A cold guard's result for every prefix of WORDS (index i: the first i words)."""
+    return [None] + [cold.classify(reply_of(USER, prefix(i))) for i in range(1, len(WORDS) + 1)]
+
+
+def feed_to(s, i: int) -> None:
+    """Feed the words that make s.text the prefix of i words."""
+    n = len(s.text.split(" ")) if s.text else 0
+    for w in WORDS[n:i]:
+        s.feed(w if not s.text else " " + w)
+    assert s.text == prefix(i)
+
+
+def test_unsafe_is_sticky(warm, judged):
+    """An unsafe check followed by safe ones leaves the stream unsafe (through check(), feed's
+    checks and finish()); safe checks alone leave it safe, and a later unsafe one makes it so.
+    s.last is always the latest check's result."""
+    v = [r is not None and r.unsafe for r in judged]
+    n = len(WORDS)
+    down = [(i, j) for i in range(1, n + 1) for j in range(i + 1, n + 1) if v[i] and not v[j]]
+    up = [(i, j) for i in range(1, n + 1) for j in range(i + 1, n + 1) if not v[i] and v[j]]
+    assert down and up, "the decisive model should judge some prefixes safe and later ones unsafe, and the reverse"
+    i, j = down[0]
+    s = warm.stream(USER, every=10**6)
+    assert not s.unsafe and s.last is None
+    feed_to(s, i)
+    a = s.check()
+    assert a.unsafe and s.unsafe and s.last is a
+    feed_to(s, j)
+    b = s.check()
+    assert not b.unsafe and s.unsafe and s.last is b  # sticky
+    f = s.finish()
+    assert not f.unsafe and s.unsafe and s.last is f
+    i, j = up[0]
+    s = warm.stream(USER, every=10**6)
+    feed_to(s, i)
+    assert not s.check().unsafe and not s.unsafe
+    feed_to(s, j)
+    assert s.check().unsafe and s.unsafe
+    # a check after every word (feed's own checks): unsafe from the first unsafe prefix on
+    s = warm.stream(USER, every=1)
+    for k, w in enumerate(WORDS, 1):
+        r = s.feed(w if k == 1 else " " + w)
+        assert r is not None and key(r) == key(judged[k]) and s.last is r
+        assert s.unsafe == any(v[1 : k + 1])
+
+
+def test_checks_come_every_n_tokens_exactly(warm):
+    """One-token words: a check at exactly every `every` tokens (not one later), the count
+    restarting at a check() made in between; white space at the end adds no tokens (the
+    prompt strips the reply) and triggers no check, even at every=1."""
+    tok = warm.tokenizer
+    assert all(len(tok.encode(w)) == 1 for w in (" the", "The"))  # one token each, joined or not
+    for every in (1, 2, 3, 5):
+        s = warm.stream(USER, every=every)
+        at = []
+        for k in range(1, 13):
+            r = s.feed("The" if k == 1 else " the")
+            assert s.tokens == k
+            if r is not None:
+                at.append(k)
+        assert at == list(range(every, 13, every))
+        assert s.feed(" \n\n ") is None and s.feed("\t") is None and s.tokens == 12  # trailing white space
+        s = warm.stream(USER, every=every)
+        s.feed("The the")
+        s.check()  # at 2 tokens
+        got = [k for k in range(3, 3 + 2 * every) if s.feed(" the") is not None]
+        assert got == [2 + every, 2 + 2 * every]
+
+
+def test_each_check_computes_only_what_changed(path):
+    """Each check restores from the cache the longest prefix any earlier check of the stream
+    left there (the policy, the conversation and the reply up to the previous check), so it
+    computes the reply's new tokens, the one or two whose tokenization changed, and the
+    closing instructions."""
+    g = Guard.load(path, threads=2)
+    s = g.stream(USER, every=3)
+    kept = [g.prepare(reply_of(USER, "x")).ids[: g.prepare(reply_of(USER, "x")).policy]]
+    tokens_before = 0
+    for piece in ("Once upon a time, a drag", "on 🐉 named Ünsal li", "ved in the moun", "tains, far away.", " The end."):
+        r = s.feed(piece.encode()[:-1])  # the last byte waits: a chunk ending inside a character or a word
+        r = s.feed(piece.encode()[-1:]) if r is None else r
+        if r is None:
+            r = s.check()
+        req = g.prepare(reply_of(USER, s.text))
+        want = max(len(os.path.commonprefix([list(k), list(req.ids)])) for k in kept)
+        assert r.cached_tokens == min(want, len(req.ids) - 1) and r.prompt_tokens == len(req.ids)
+        if len(kept) > 1:  # after the first check: the new tokens, two more at most, the instructions
+            assert r.prompt_tokens - r.cached_tokens <= (s.tokens - tokens_before) + 2 + (len(req.ids) - req.conversation)
+        kept.append(req.ids[: req.conversation])
+        tokens_before = s.tokens
+    assert r.cached_tokens > req.conversation - 10  # the reply came from the cache, not only the policy
+
+
+def test_options_reach_every_check(warm, cold, judged):
+    """categories, exclude and threshold are those of every check, in a conversation of
+    several turns; each of them changes the result here, so a check without it would differ."""
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}] + USER
+    cats = {"S1": "Violence.", "S2": "Crimes.", "S3": "Weapons.", "S4": "Privacy."}
+    i = next(k for k in range(1, len(WORDS) + 1) if judged[k].unsafe)
+    text = prefix(i)
+    plain = cold.classify(reply_of(conv, text))
+    t = np.nextafter(plain.score, 1)  # just above the score: safe at this threshold, whatever the greedy answer
+    changed = []
+    for opts in ({"categories": cats}, {"exclude": ["S1", "S13"]}, {"threshold": t}, {"threshold": plain.score},
+                 {"categories": cats, "exclude": "S2", "threshold": 0}):
+        s = warm.stream(conv, every=10**6, **opts)
+        feed_to(s, i)
+        got = s.check()
+        want = cold.classify(reply_of(conv, text), **opts)
+        assert key(got) == key(want) and key(s.finish()) == key(want)
+        changed.append(key(want) != key(plain))
+    assert changed[0] and changed[1] and (changed[2] or changed[3]) and changed[4]  # each option matters here
+
+
+def test_a_check_that_fails_fails_every_later_check(path):
+    """Fail closed: once a check raised (a prompt over max_tokens), every later feed with a
+    check due raises again instead of returning None, finish() raises, and nothing safe is
+    reported for the text that could not be judged (s.last stays the last judged result)."""
+    g = Guard.load(path, threads=2, max_tokens=400)
+    s = g.stream(USER, every=20)
+    first = None
+    while True:
+        try:
+            r = s.feed(" word" * 5)
+        except PyguardError as e:
+            assert "over the limit" in str(e)
+            break
+        first = r or first
+    assert first is not None and s.last is first
+    unsafe = s.unsafe
+    for _ in range(3):
+        with pytest.raises(PyguardError, match="over the limit"):
+            s.feed(" more")
+        assert s.last is first and s.unsafe == unsafe
+    with pytest.raises(PyguardError, match="over the limit"):
+        s.check()
+    with pytest.raises(PyguardError, match="over the limit"):
+        s.finish()
+    assert s.last is first
+
+
+def test_finish_always_checks_and_ends_the_stream(warm, cold):
+    """finish() runs the final check even right after a check of the same text, completes a
+    character whose bytes came apart, and takes no more: feed or finish again raise."""
+    s = warm.stream(USER, every=1)
+    r = s.feed("Sure, café".encode()[:-1])  # "Sure, caf" and the first byte of "é"
+    assert s.text == "Sure, caf" and r is not None and key(r) == key(cold.classify(reply_of(USER, "Sure, caf")))
+    s.feed("é".encode()[1:])
+    assert s.text == "Sure, café"
+    last = s.check()
+    f = s.finish()
+    assert f is not last and s.last is f and key(f) == key(last) == key(cold.classify(reply_of(USER, "Sure, café")))
+    with pytest.raises(PyguardError, match="finished"):
+        s.finish()
+    with pytest.raises(PyguardError, match="finished"):
+        s.feed("more")
+    assert s.text == "Sure, café"
+    s = warm.stream(USER, every=10**6)
+    s.feed("   ")
+    with pytest.raises(PyguardError, match="empty content"):
+        s.finish()  # only white space cannot be judged
+    s = warm.stream(USER, every=10**6)
+    s.feed("ok")
+    with pytest.raises(PyguardError, match="not UTF-8"):
+        s.feed(b"\xff")
+    assert s.text == "ok" and key(s.finish()) == key(cold.classify(reply_of(USER, "ok")))  # the bad chunk left nothing
 
 
 # ---------------------------------------------------------------- the command line

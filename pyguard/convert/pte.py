@@ -2,9 +2,9 @@
 
 `meta-llama/Llama-Guard-3-1B-INT4` ships `*.pte` (an ExecuTorch program whose linear layers are
 delegated to XNNPACK), `params.json` and `tokenizer.model`. This module reads the program with
-its own small flatbuffer reader (schemas: ExecuTorch `schema/program.fbs` and XNNPACK's
-`backends/xnnpack/serialization/schema.fbs`; no ExecuTorch or torch needed) and writes the
-weights as they are:
+pyguard's own bounds-checked flatbuffer reader (`flatbuffer.py`; schemas: ExecuTorch
+`schema/program.fbs` and XNNPACK's `backends/xnnpack/serialization/schema.fbs`; no ExecuTorch
+or torch needed) and writes the weights as they are:
 
 - linear layers: XNNPACK `qbint4` (int4 + 8, two per byte, even column in the low nibble, one
   bf16 scale per group) -> pyguard's 64-column nibble blocks, values untouched; bf16 scales
@@ -40,93 +40,8 @@ from ..formats import quant
 from ..formats.config import ModelConfig, tensor_plan
 from ..errors import PyguardError
 from ..formats.file import Writer, header_meta, tokenizer_arrays
+from .flatbuffer import Buf, Table
 from .hf import wrote
-
-# ---------------------------------------------------------------------------------------------
-# Flatbuffers: a table is a signed offset to its vtable, whose entries locate fields by index.
-
-
-class _Buf:
-    """Bounds-checked little-endian reads of one flatbuffer; `what` names it in errors."""
-
-    def __init__(self, data, what: str):
-        self.data, self.what = data, what
-
-    def bad(self, why: str) -> PyguardError:
-        return PyguardError(f"{self.what}: corrupt or truncated ({why})")
-
-    def unpack(self, fmt: str, pos: int):
-        size = struct.calcsize(fmt)
-        if pos < 0 or pos + size > len(self.data):
-            raise self.bad(f"read of {size} bytes at {pos} outside {len(self.data)}")
-        return struct.unpack_from("<" + fmt, self.data, pos)[0]
-
-    def root(self) -> "_Table":
-        return _Table(self, self.unpack("I", 0))
-
-
-class _Table:
-    def __init__(self, buf: _Buf, pos: int):
-        self.buf, self.pos = buf, pos
-        self.vt = pos - buf.unpack("i", pos)
-        self.vt_size = buf.unpack("H", self.vt)
-        if self.vt_size < 4 or self.vt_size % 2:
-            raise buf.bad(f"vtable at {self.vt}")
-
-    def _field(self, i: int) -> int:
-        """Absolute position of field i, or 0 when absent."""
-        if 4 + 2 * i + 2 > self.vt_size:
-            return 0
-        off = self.buf.unpack("H", self.vt + 4 + 2 * i)
-        return self.pos + off if off else 0
-
-    def scalar(self, i: int, fmt: str, default=0):
-        p = self._field(i)
-        return self.buf.unpack(fmt, p) if p else default
-
-    def _ref(self, i: int) -> int:
-        p = self._field(i)
-        return p + self.buf.unpack("I", p) if p else 0
-
-    def table(self, i: int) -> "_Table | None":
-        p = self._ref(i)
-        return _Table(self.buf, p) if p else None
-
-    def _vector(self, i: int, elem: int) -> tuple[int, int]:
-        p = self._ref(i)
-        if not p:
-            return 0, 0
-        n = self.buf.unpack("I", p)
-        if p + 4 + n * elem > len(self.buf.data):
-            raise self.buf.bad(f"vector of {n} at {p} runs past the end")
-        return p + 4, n
-
-    def string(self, i: int) -> str | None:
-        p, n = self._vector(i, 1)
-        if not p:
-            return None
-        try:
-            return bytes(self.buf.data[p : p + n]).decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.buf.bad(f"string at {p} is not UTF-8") from None
-
-    def blob(self, i: int) -> memoryview:
-        p, n = self._vector(i, 1)
-        return memoryview(self.buf.data)[p : p + n]
-
-    def scalars(self, i: int, fmt: str) -> list:
-        size = struct.calcsize(fmt)
-        p, n = self._vector(i, size)
-        return list(struct.unpack_from(f"<{n}{fmt}", self.buf.data, p)) if n else []
-
-    def tables(self, i: int) -> list["_Table"]:
-        p, n = self._vector(i, 4)
-        return [_Table(self.buf, p + 4 * k + self.buf.unpack("I", p + 4 * k)) for k in range(n)]
-
-    def union(self, i: int) -> tuple[int, "_Table | None"]:
-        """(type, value) of a union declared as field i (its type is field i, its value i + 1)."""
-        return self.scalar(i, "B"), self.table(i + 1)
-
 
 # ---------------------------------------------------------------------------------------------
 # The ExecuTorch program (schema/program.fbs).
@@ -214,7 +129,7 @@ def read_program(path: str) -> Program:
         hlen, program_size, base = struct.unpack_from("<IQQ", data, 12)
         if hlen < 24 or program_size > size or base > size or (base and base < program_size):
             raise PyguardError(f"{path}: corrupt ExecuTorch header (program {program_size}, segments at {base}, file {size} bytes)")
-    buf = _Buf(data[:program_size], path)
+    buf = Buf(data[:program_size], path)
     prog = buf.root()
     segments = [(s.scalar(0, "Q"), s.scalar(1, "Q")) for s in prog.tables(4)]
     for off, n in segments:
@@ -301,7 +216,7 @@ def read_program(path: str) -> Program:
     return Program(path, values, calls, delegates, data, constant, named, constants)
 
 
-def _value(e: _Table):
+def _value(e: Table):
     kind, t = e.union(0)
     if t is None:
         return ("other", kind)
@@ -352,7 +267,7 @@ def delegate_linears(prog: Program, call: _Call) -> list[Linear]:
     fb_off, fb_size, c_off, c_size = struct.unpack_from("<IIIQ", payload, 10)
     if fb_off + fb_size > len(payload) or c_off + c_size > len(payload):
         raise PyguardError(f"{what}: truncated XNNPACK payload")
-    graph = _Buf(payload[fb_off : fb_off + fb_size], what).root()
+    graph = Buf(payload[fb_off : fb_off + fb_size], what).root()
     consts = graph.tables(8)
 
     def constant(i: int, n: int, name: str) -> memoryview:
@@ -371,7 +286,7 @@ def delegate_linears(prog: Program, call: _Call) -> list[Linear]:
 
     xvalues = graph.tables(2)
 
-    def xvalue(i: int) -> tuple[int, _Table | None, _Table]:
+    def xvalue(i: int) -> tuple[int, Table | None, Table]:
         if not 0 <= i < len(xvalues):
             raise PyguardError(f"{what}: value {i} does not exist")
         kind, v = xvalues[i].union(0)

@@ -43,29 +43,30 @@ class PrefixCache:
         self._root = _Node(np.empty(0, np.int64), None, None)
         self._clock = 0
 
-    def _walk(self, ids: np.ndarray) -> list[tuple[_Node, int]]:
-        """The path of (node, tokens of its edge matched) along ids' longest cached prefix;
-        only the last node may be matched in part. Marks the path used."""
+    def _walk(self, ids: np.ndarray) -> tuple[list[tuple[_Node, int]], int]:
+        """(the path of (node, tokens of its edge matched) along ids' longest cached prefix,
+        the last node's previous use). Only the last node may be matched in part. Marks the
+        path used; insert gives the unmatched part of a split edge back its previous use."""
         self._clock += 1
-        node, pos, path = self._root, 0, []
+        node, pos, path, before = self._root, 0, [], 0
         while pos < len(ids):
             child = node.children.get(int(ids[pos]))
             if child is None:
                 break
             n = _common(child.ids, ids[pos:])
-            child.used = self._clock
+            before, child.used = child.used, self._clock
             path.append((child, n))
             pos += n
             if n < len(child.ids):
                 break
             node = child
-        return path
+        return path, before
 
     def restore(self, state: State, ids: np.ndarray, limit: int) -> int:
         """Fill an empty state with the cache of ids' longest cached prefix, at most `limit`
         tokens; returns its length (the state's position)."""
         pos = 0
-        for node, n in self._walk(ids):
+        for node, n in self._walk(ids)[0]:
             n = min(n, limit - pos)
             if n <= 0:
                 break
@@ -78,25 +79,26 @@ class PrefixCache:
         """Keep the state's cache of the positions of ids (a prefix of what the state holds)."""
         if self.budget <= 0:
             return
-        path = self._walk(ids)
+        path, before = self._walk(ids)
         pos = sum(n for _, n in path)
         if pos < len(ids):
             parent = self._root
             if path:
                 parent, n = path[-1]
                 if n < len(parent.ids):
-                    parent = self._split(parent, n)
+                    parent = self._split(parent, n, before)
             leaf = _Node(ids[pos:].copy(), state.kv[:, :, :, pos : len(ids)].copy(), parent)
             leaf.used = self._clock
             parent.children[int(leaf.ids[0])] = leaf
             self.bytes += leaf.kv.nbytes
         self._evict()
 
-    def _split(self, node: _Node, n: int) -> _Node:
-        """Cut node's edge after n tokens; returns the upper part. Both parts are copies, so
-        evicting one frees its memory."""
+    def _split(self, node: _Node, n: int, lower_used: int) -> _Node:
+        """Cut node's edge after n tokens; returns the upper part, used now, while the lower
+        part, which the request did not reach, keeps lower_used (its use before). Both parts
+        are copies, so evicting one frees its memory."""
         upper = _Node(node.ids[:n].copy(), node.kv[:, :, :, :n].copy(), node.parent)
-        upper.used = node.used
+        upper.used, node.used = node.used, lower_used
         node.parent.children[int(upper.ids[0])] = upper
         node.ids, node.kv, node.parent = node.ids[n:].copy(), node.kv[:, :, :, n:].copy(), upper
         upper.children[int(node.ids[0])] = node

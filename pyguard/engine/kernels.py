@@ -75,11 +75,12 @@ def env_threads() -> int:
 
 
 def check_environment() -> None:
-    """Raise the error of a bad PYGUARD_ISA or PYGUARD_THREADS. Import never raises (so that
-    `pyguard --help` works whatever the environment); the first pool made does."""
+    """Raise the error of a bad PYGUARD_ISA. Import never raises (so that `pyguard --help`
+    works whatever the environment); the first pool made does. A bad PYGUARD_THREADS is
+    raised only where it would be used (env_threads: a pool without an explicit thread
+    count), so that an explicit count wins over it."""
     if _env_isa_error:
         raise PyguardError(_env_isa_error)
-    env_threads()
 
 
 class Pool:

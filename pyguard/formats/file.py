@@ -384,12 +384,23 @@ def _check_finite(path: str, name: str, a: np.ndarray) -> None:
         raise PyguardError(f"{path}: array {name!r} holds infinite or NaN values")
 
 
-def load(path: str) -> PgFile:
+def load(path: str, verify: bool = False) -> PgFile:
     """Map a pyguard file. Checks the header, the metadata and every array's dtype, shape,
     alignment and extent against the config, the tokenizer arrays' checksums, that norms and
     row sums are finite and that int8 scales are finite and >= 0; the big arrays (int4 and
-    int8 values, int4 scales) are mapped, not read."""
-    return _load(path)[0]
+    int8 values, int4 scales) are mapped, not read.
+
+    verify: also run `verify`'s checks on the mapping returned (every array's CRC-32, finite
+    scales): reads the whole file once (its cost: docs/FORMAT.md); a mismatch
+    raises PyguardError naming the damaged array. Off by default: a one-off command pays it
+    on every start, a long-lived service once."""
+    from ..checks import flag
+
+    flag(verify, "verify")  # before any work: a truthy string must not pass for True
+    f, m, checked = _load(path)
+    if verify:
+        _verify_arrays(path, m, checked)
+    return f
 
 
 def _load(path: str) -> tuple[PgFile, mmap.mmap, _Checked]:
@@ -429,6 +440,12 @@ def verify(path: str, progress: Callable[[int, int], None] | None = None) -> int
     """The checks of load, then every array's CRC-32, and that scales, row sums and norms are
     finite; returns the number of arrays. progress(done, total) bytes."""
     _, m, checked = _load(path)
+    _verify_arrays(path, m, checked, progress)
+    return len(checked.entries)
+
+
+def _verify_arrays(path: str, m: mmap.mmap, checked: _Checked, progress: Callable[[int, int], None] | None = None) -> None:
+    """Every array's CRC-32 and that f16/f32 arrays are finite; PyguardError names the first bad one."""
     total, done = sum(e.nbytes for e in checked.entries), 0
     for e in checked.entries:
         _check_crc(path, m, e)
@@ -437,4 +454,3 @@ def verify(path: str, progress: Callable[[int, int], None] | None = None) -> int
         done += e.nbytes
         if progress:
             progress(done, total)
-    return len(checked.entries)

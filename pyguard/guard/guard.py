@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -37,11 +38,17 @@ _LIVE: "weakref.WeakSet[Guard]" = weakref.WeakSet()
 # The token-prefix cache's default budget, in positions: 256 MiB for the 1B model (64 KiB a
 # position), 1 GiB for 8B; a streamed reply of a few thousand tokens stays in it.
 CACHE_POSITIONS = 4096
+# Policies (tuples of category codes) whose answer decoder and category-score step a guard
+# keeps, least recently used dropped first: a service taking per-request categories would
+# otherwise keep one of each forever. A decoder is a few KB (the head rows answers can be spelled
+# with), and rebuilding a dropped one gives the same answers, only costing a pass over the head.
+POLICIES = 256
 
 
 def _after_fork_in_child() -> None:
     for g in list(_LIVE):
         g._lock = threading.Lock()
+        g._policy_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -107,8 +114,10 @@ class Guard:
         head_text = [self._text(int(i)) for i in model.head_ids]
         self._unsafe_rows = np.flatnonzero(model.head_ids == tokenizer.encode(UNSAFE)[0])
         self._head_text = head_text
-        self._decoders: dict[tuple[str, ...], AnswerDecoder] = {}
-        self._code_steps: dict[tuple[str, ...], tuple[list[int], list[int | None]]] = {}
+        # per policy, at most POLICIES each; their own lock: prepare() runs outside _lock
+        self._decoders: OrderedDict[tuple[str, ...], AnswerDecoder] = OrderedDict()
+        self._code_steps: OrderedDict[tuple[str, ...], tuple[list[int], list[int | None]]] = OrderedDict()
+        self._policy_lock = threading.Lock()
         self._lock = threading.Lock()
         _LIVE.add(self)
         cats = categories_of(None, (), family)  # the shortest request: the default policy, one word
@@ -119,11 +128,20 @@ class Guard:
                                f"default policy takes {least} tokens (prompt and answer)")
 
     @classmethod
-    def load(cls, path: str, threads: int | None = None, **kw) -> "Guard":
-        """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores)."""
+    def load(cls, path: str, threads: int | None = None, verify: bool = False, **kw) -> "Guard":
+        """Open a pyguard file; threads: kernel worker threads (None: PYGUARD_THREADS or all cores);
+        other keywords go to Guard().
+
+        verify: read the whole file once and check every array's CRC-32 (what `pyguard verify`
+        does) before the model is built; a mismatch raises PyguardError naming the damaged
+        array (e.g. "array 'layers.3.wqkv.qs' is corrupt (checksum mismatch)"). Without it only
+        the header, metadata, tokenizer and small arrays are checked and the weights are mapped
+        unread, so a flipped weight byte would change scores without a word. Off by default
+        because it reads the whole file (docs/FORMAT.md gives the cost); a process that serves
+        for long should turn it on."""
         from ..formats.file import load
 
-        f = load(path)
+        f = load(path, verify=checks.flag(verify, "verify"))
         if f.family is None:
             raise PyguardError(f"{path}: not converted as a Llama Guard model (no prompt family recorded)")
         model = Model(f.config, f.tensors, f.head_ids, threads=threads)
@@ -139,7 +157,7 @@ class Guard:
 
     def _decoder(self, codes: tuple[str, ...]) -> AnswerDecoder:
         """The decoder of a policy's answers; a policy this head cannot answer raises PyguardError."""
-        dec = self._decoders.get(codes)
+        dec = self._recall(self._decoders, codes)
         if dec is None:
             # only the tokens answers are spelled with: a full head then decodes like a guard head
             spelled = set(answer_token_ids(self.tokenizer, codes))
@@ -151,22 +169,39 @@ class Guard:
                     else "vocabulary"
                 raise PyguardError(f"this model cannot answer {', '.join(bad)}: its output head ({head}) cannot spell "
                                    f"it, so that verdict could never be given (defaults: {', '.join(CATEGORIES[self.family])})")
-            self._decoders[codes] = dec
+            self._keep(self._decoders, codes, dec)
         return dec
+
+    def _recall(self, cache: OrderedDict, codes: tuple[str, ...]) -> Any:
+        """A policy's entry of cache (now the most recently used), or None."""
+        with self._policy_lock:
+            v = cache.get(codes)
+            if v is not None:
+                cache.move_to_end(codes)
+            return v
+
+    def _keep(self, cache: OrderedDict, codes: tuple[str, ...], value: Any) -> None:
+        """Store a policy's entry, dropping the least recently used beyond POLICIES."""
+        with self._policy_lock:
+            cache[codes] = value
+            cache.move_to_end(codes)
+            while len(cache) > POLICIES:
+                cache.popitem(last=False)
 
     def _code_step(self, codes: tuple[str, ...]) -> tuple[list[int], list[int | None]]:
         """(tokens, rows) of the per-category scores: the tokens fed after the prompt, "unsafe\\n"
         and the tokens every code's spelling starts with (for S1..S14: "unsafe\\nS"), and per code
         the head row of its next token (None when the head lacks it: probability 0). Codes whose
         spellings share that token (one code a prefix of another) share its probability."""
-        step = self._code_steps.get(codes)
+        step = self._recall(self._code_steps, codes)
         if step is None:
             spelled = [self.tokenizer.encode(f"{UNSAFE}\n{c}") for c in codes]
             n = 0  # the common prefix, leaving every code a token of its own
             while all(len(s) > n + 1 and s[n] == spelled[0][n] for s in spelled):
                 n += 1
             row = {int(t): r for r, t in enumerate(self.model.head_ids)}
-            step = self._code_steps[codes] = spelled[0][:n], [row.get(s[n]) for s in spelled]
+            step = spelled[0][:n], [row.get(s[n]) for s in spelled]
+            self._keep(self._code_steps, codes, step)
         return step
 
     def _code_scores(self, score: float, logits: np.ndarray, cats: Mapping[str, str]) -> dict[str, float]:
