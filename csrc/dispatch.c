@@ -1,3 +1,4 @@
+#define _GNU_SOURCE /* syscall() */
 /* Public entry points: pick the kernel table for this CPU and split work over the pool. */
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -16,12 +17,31 @@
 static _Atomic(const pg_kernels *) active = &pg_kernels_scalar;
 
 #if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component */
+#define XFEATURE_XTILEDATA 18
+
 /* The state the OS saves on context switches: EVEX instructions (even on ymm registers) need
  * the AVX-512 state enabled, which the CPUID feature bits alone do not tell. */
 static uint64_t xcr0(void) {
     uint32_t lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return (uint64_t)hi << 32 | lo;
+}
+#endif
+
+#if defined(__x86_64__)
+/* NULL if this process may run AMX-INT8 code, else why not: the CPU reports AMX-TILE and
+ * AMX-INT8, the OS saves tile state (XCR0 bits 17, 18), and Linux grants this process the tile
+ * data (a per-process permission, kept across fork; asking again is harmless). */
+static const char *amx_missing(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & 1u << 24) || !(d & 1u << 25)) return "the CPU lacks AMX-TILE or AMX-INT8";
+    if ((xcr0() & 0x60000) != 0x60000) return "the OS does not enable tile state (XCR0)";
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return "Linux refused the tile data permission";
+    return NULL;
 }
 #endif
 
@@ -33,13 +53,16 @@ static int supported(const pg_kernels **out) {
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) { /* implies OSXSAVE and ymm state */
         const uint64_t avx512_state = 0xE6; /* XCR0: SSE, AVX, opmask, zmm upper halves, zmm16-31 */
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-            __builtin_cpu_supports("avx512vnni") && (xcr0() & avx512_state) == avx512_state)
+            __builtin_cpu_supports("avx512vnni") && (xcr0() & avx512_state) == avx512_state) {
+            if (!amx_missing()) out[n++] = &pg_kernels_amx; /* its GEMV is avx512vnni's */
             out[n++] = &pg_kernels_avx512vnni; /* zmm: twice avxvnni's work per instruction */
+        }
         if (__builtin_cpu_supports("avxvnni")) out[n++] = &pg_kernels_avxvnni;
         out[n++] = &pg_kernels_avx2;
 #ifdef PG_VNNI_EMULATION
         out[n++] = &pg_kernels_vnni_emulated; /* below avx2: tested, never chosen */
         out[n++] = &pg_kernels_avx512vnni_emulated;
+        out[n++] = &pg_kernels_amx_emulated;
 #endif
     }
 #endif
@@ -53,15 +76,24 @@ static int supported(const pg_kernels **out) {
 }
 
 __attribute__((constructor)) static void pick_best(void) {
-    const pg_kernels *k[8];
+    const pg_kernels *k[12];
     supported(k);
     atomic_store(&active, k[0]);
+}
+
+const char *pg_amx_status(void) {
+#if defined(__x86_64__)
+    const char *why = amx_missing();
+    return why ? why : "available";
+#else
+    return "not an x86-64 CPU";
+#endif
 }
 
 const char *pg_isa(void) { return atomic_load(&active)->name; }
 
 int pg_set_isa(const char *name) {
-    const pg_kernels *k[8];
+    const pg_kernels *k[12];
     for (int i = 0, n = supported(k); i < n; i++) {
         if (strcmp(k[i]->name, name) == 0) {
             atomic_store(&active, k[i]);

@@ -51,9 +51,9 @@ void pg_rms_row_scalar(const float *x, const float *w, int32_t K, float eps, flo
 
 extern const pg_kernels pg_kernels_scalar;
 #if defined(__x86_64__)
-extern const pg_kernels pg_kernels_avx2, pg_kernels_avxvnni, pg_kernels_avx512vnni;
-#ifdef PG_VNNI_EMULATION
-extern const pg_kernels pg_kernels_vnni_emulated, pg_kernels_avx512vnni_emulated; /* test builds: the VNNI codes on AVX2 */
+extern const pg_kernels pg_kernels_avx2, pg_kernels_avxvnni, pg_kernels_avx512vnni, pg_kernels_amx;
+#ifdef PG_VNNI_EMULATION /* test builds: the VNNI and AMX codes on AVX2 */
+extern const pg_kernels pg_kernels_vnni_emulated, pg_kernels_avx512vnni_emulated, pg_kernels_amx_emulated;
 #endif
 #endif
 #if defined(__aarch64__)

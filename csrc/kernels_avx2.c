@@ -129,6 +129,7 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #define W_SPLATF(f) _mm512_set1_ps(f)
 #define W_ZERO() _mm512_setzero_si512()
 #define W_LOAD(p) _mm512_loadu_si512((const void *)(p))
+#define W_STORE(p, v) _mm512_storeu_si512((void *)(p), v)
 #define W_SPLAT8(b) _mm512_set1_epi8(b)
 #define W_AND(a, b) _mm512_and_si512(a, b)
 #define W_SUB8(a, b) _mm512_sub_epi8(a, b)
@@ -145,9 +146,32 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #include "gemm_x86.h"
 #undef NAME
 #undef XTARGET
+/* AMX: the tile instructions themselves (the OS must have granted tile data: dispatch.c) */
+#define ZNAME(x) x##_avx512vnni
+#define NAME(x) x##_amx
+#define XTARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define T_STATE
+#define T_CONFIG(cfg) _tile_loadconfig(cfg)
+#define T_ZERO(t) _tile_zero(t)
+#define T_LOAD(t, p, s) _tile_loadd(t, p, s)
+#define T_STORE(t, p, s) _tile_stored(t, p, s)
+#define T_DPBUSD(c, a, b) _tile_dpbusd(c, a, b)
+#define T_RELEASE() _tile_release()
+#include "gemm_amx.h"
+#undef ZNAME
+#undef NAME
+#undef XTARGET
+#undef T_STATE
+#undef T_CONFIG
+#undef T_ZERO
+#undef T_LOAD
+#undef T_STORE
+#undef T_DPBUSD
+#undef T_RELEASE
 #undef W512
 #undef W_ZERO
 #undef W_LOAD
+#undef W_STORE
 #undef W_SPLAT8
 #undef W_AND
 #undef W_SUB8
@@ -216,6 +240,7 @@ INLINE w512e w512e_shuf128(w512e a, w512e b, int imm) {
 #define W_SPLATF(f) ((w512fe){_mm256_set1_ps(f), _mm256_set1_ps(f)})
 #define W_ZERO() ((w512e){_mm256_setzero_si256(), _mm256_setzero_si256()})
 #define W_LOAD(p) w512e_load(p)
+#define W_STORE(p, v) (_mm256_storeu_si256((__m256i *)(p), (v).lo), _mm256_storeu_si256((__m256i *)((p) + 32), (v).hi))
 #define W_SPLAT8(b) ((w512e){_mm256_set1_epi8(b), _mm256_set1_epi8(b)})
 #define W_AND(a, b) w512e_and(a, b)
 #define W_SUB8(a, b) w512e_sub8(a, b)
@@ -230,6 +255,54 @@ INLINE w512e w512e_shuf128(w512e a, w512e b, int imm) {
 #define W_LO(v) ((v).lo)
 #define W_HI(v) ((v).hi)
 #include "gemm_x86.h"
+#undef NAME
+#undef XTARGET
+/* The tile instructions by their definitions, on tiles in memory (8 of 16 rows of 64 bytes) */
+typedef struct {
+    uint8_t t[8][16][64];
+    int rows[8], colsb[8];
+} amx_emulated;
+static void amx_config_emulated(amx_emulated *s, const void *cfg) {
+    const uint8_t *c = cfg; /* palette, start row, 14 reserved, colsb[16] (16-bit), rows[16] */
+    memset(s, 0, sizeof *s);
+    if (c[0] != 1) abort(); /* palette 1: 8 tiles of at most 16 rows of 64 bytes */
+    for (int i = 0; i < 8; i++) {
+        s->colsb[i] = c[16 + 2 * i] | c[17 + 2 * i] << 8, s->rows[i] = c[48 + i];
+        if (s->colsb[i] > 64 || s->rows[i] > 16) abort();
+    }
+}
+static void amx_zero_emulated(amx_emulated *s, int t) { memset(s->t[t], 0, sizeof s->t[t]); }
+static void amx_load_emulated(amx_emulated *s, int t, const uint8_t *p, int64_t stride) {
+    memset(s->t[t], 0, sizeof s->t[t]);
+    for (int r = 0; r < s->rows[t]; r++) memcpy(s->t[t][r], p + r * stride, (size_t)s->colsb[t]);
+}
+static void amx_store_emulated(amx_emulated *s, int t, void *p, int64_t stride) {
+    for (int r = 0; r < s->rows[t]; r++) memcpy((uint8_t *)p + r * stride, s->t[t][r], (size_t)s->colsb[t]);
+}
+/* C[m][n] += sum over k < colsb(A) of A[m][k] (uint8) * B[k / 4][4 n + k % 4] (int8), int32;
+ * shapes the hardware refuses (#UD) abort */
+static void amx_dpbusd_emulated(amx_emulated *s, int c, int a, int b) {
+    if (s->rows[a] != s->rows[c] || s->colsb[a] != 4 * s->rows[b] || s->colsb[b] != s->colsb[c] || s->colsb[a] % 4) abort();
+    for (int m = 0; m < s->rows[c]; m++)
+        for (int n = 0; n < s->colsb[c] / 4; n++) {
+            int32_t sum;
+            memcpy(&sum, s->t[c][m] + 4 * n, 4);
+            for (int k = 0; k < s->colsb[a]; k++) sum += (int32_t)s->t[a][m][k] * (int8_t)s->t[b][k / 4][4 * n + k % 4];
+            memcpy(s->t[c][m] + 4 * n, &sum, 4);
+        }
+}
+#define ZNAME(x) x##_avx512vnni_emulated
+#define NAME(x) x##_amx_emulated
+#define XTARGET TARGET
+#define T_STATE amx_emulated amx_tiles
+#define T_CONFIG(cfg) amx_config_emulated(&amx_tiles, cfg)
+#define T_ZERO(t) amx_zero_emulated(&amx_tiles, t)
+#define T_LOAD(t, p, s) amx_load_emulated(&amx_tiles, t, p, s)
+#define T_STORE(t, p, s) amx_store_emulated(&amx_tiles, t, p, s)
+#define T_DPBUSD(c, a, b) amx_dpbusd_emulated(&amx_tiles, c, a, b)
+#define T_RELEASE() ((void)0)
+#include "gemm_amx.h"
+#undef ZNAME
 #undef NAME
 #undef XTARGET
 #undef WIDE
@@ -438,8 +511,10 @@ TARGET static void rms_row(const float *x, const float *w, int32_t K, float eps,
 const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
 const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
 const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
+const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0};
 #ifdef PG_VNNI_EMULATION
 const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
 const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
+const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0};
 #endif
 #endif

@@ -14,11 +14,13 @@ typedef struct {
     int32_t M, K, G;
 } pg_qtensor;
 
-/* Kernel path: "scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neon-dotprod". Chosen at load
- * from the CPU (and PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the path is
- * unknown or the CPU lacks it. The path is process-wide; each job reads it once when it starts. */
+/* Kernel path: "scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod". Chosen
+ * at load from the CPU (and PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the
+ * path is unknown or the CPU lacks it. The path is process-wide; each job reads it once when it
+ * starts. pg_amx_status: "available", or why this process cannot run AMX code. */
 const char *pg_isa(void);
 int pg_set_isa(const char *name);
+const char *pg_amx_status(void);
 
 /* A pool of worker threads (the caller counts as one). Every kernel runs on the pool it is
  * given (NULL: the caller alone); a pool runs one job at a time, callers queue. Pools are

@@ -41,10 +41,12 @@ def test_this_machine_has_its_simd_path():
 
 
 def test_vnni_code_by_emulation(tmp_path):
-    """The VNNI kernels' source, 256-bit and 512-bit, built with vpdpbusd emulated by its exact
-    AVX2 sequence and each 512-bit instruction by its effect on a pair of 256-bit vectors
-    (-DPG_VNNI_EMULATION, test-only paths): the same code, unpacking, folds, layout, tiling and
-    edges, checked on any x86-64, bit-identical to scalar (csrc/test_kernels.c)."""
+    """The VNNI and AMX kernels' source, 256-bit and 512-bit, built with vpdpbusd emulated by its
+    exact AVX2 sequence, each 512-bit instruction by its effect on a pair of 256-bit vectors and
+    each tile instruction by its definition on tiles in memory, shapes the hardware refuses
+    aborting (-DPG_VNNI_EMULATION, test-only paths): the same code, unpacking, folds, transposes,
+    layout, tiling and edges, checked on any x86-64, bit-identical to scalar (csrc/test_kernels.c;
+    tests/test_sanitize.py runs it under ASan and UBSan too)."""
     import platform
 
     from test_neon import build
@@ -54,7 +56,7 @@ def test_vnni_code_by_emulation(tmp_path):
     binary = build("gcc", tmp_path / "test_kernels", "-O2", "-DPG_VNNI_EMULATION")
     r = subprocess.run([str(binary), "11", "300", "50"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    for path in ("vnni-emulated", "avx512vnni-emulated"):
+    for path in ("vnni-emulated", "avx512vnni-emulated", "amx-emulated"):
         assert f"ok {path}: 300 cases (bit-identical to scalar)" in r.stdout, r.stdout
 
 

@@ -12,10 +12,10 @@ from .._kernels import ffi, lib
 from ..errors import PyguardError
 from ..formats.quant import GROUP_SIZES, QActs, QTensor
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "neon", "neon-dotprod")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod")
 # CPU flags (Linux /proc/cpuinfo names) that decide the kernel paths, printed by the benchmarks
 FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-            "asimd", "asimddp")
+            "amx_tile", "amx_int8", "asimd", "asimddp")
 MAX_THREADS = 256  # PG_MAX_THREADS in csrc/kernels.h
 
 
@@ -30,6 +30,12 @@ def available_isas() -> list[str]:
     found = [name for name in ISAS if lib.pg_set_isa(name.encode()) == 0]
     lib.pg_set_isa(current.encode())
     return found
+
+
+def amx_status() -> str:
+    """"available", or why this process cannot use the amx path (the CPU, the OS's tile state,
+    or Linux's tile data permission)."""
+    return ffi.string(lib.pg_amx_status()).decode()
 
 
 def cpu_features() -> list[str]:
