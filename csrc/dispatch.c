@@ -81,6 +81,11 @@ __attribute__((constructor)) static void pick_best(void) {
     atomic_store(&active, k[0]);
 }
 
+int64_t pg_peak_macs(int64_t iters) {
+    const pg_kernels *k = atomic_load(&active);
+    return k->peak && iters > 0 ? k->peak(iters) : 0;
+}
+
 const char *pg_amx_status(void) {
 #if defined(__x86_64__)
     const char *why = amx_missing();

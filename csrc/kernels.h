@@ -42,6 +42,9 @@ typedef struct {
     /* 0: gemm_rows reads q[N][K]. L > 0: gemm_rows reads the activations packed with
      * pg_pack_tokens for L tokens a vector (csrc/gemm_x86.h). */
     int32_t gemm_lanes;
+    /* benchmarks: iters rounds of the integer core's peak loop, returns the multiply-adds done
+     * (NULL: no such figure for this path) */
+    int64_t (*peak)(int64_t iters);
 } pg_kernels;
 
 void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);

@@ -508,10 +508,49 @@ TARGET static void rms_row(const float *x, const float *w, int32_t K, float eps,
         _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), r), _mm256_loadu_ps(w + k)));
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
-const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0};
+/* Benchmark ceilings (pg_peak_macs): `iters` rounds of 8 independent multiply-add instructions
+ * of each path's integer core (the int16 sums added directly on AVX2) on values the compiler
+ * cannot know. Returns the multiply-adds done. */
+#define PEAK_LOOP(VT, SPLAT, OP, MACS)                                                         \
+    {                                                                                         \
+        const VT x = SPLAT((int32_t)iters);                                                   \
+        VT acc[8];                                                                            \
+        for (int i = 0; i < 8; i++) acc[i] = SPLAT(i);                                        \
+        for (int64_t it = 0; it < iters; it++) UNROLL for (int i = 0; i < 8; i++) acc[i] = OP; \
+        for (int i = 1; i < 8; i++) acc[0] = acc[0] ^ acc[i];                                 \
+        volatile VT sink = acc[0]; /* the sums are used */                                    \
+        (void)sink;                                                                           \
+        return iters * 8 * (MACS);                                                            \
+    }
+TARGET static int64_t peak_avx2(int64_t iters) PEAK_LOOP(__m256i, _mm256_set1_epi32, _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(x, x)), 32)
+__attribute__((target("avx2,avxvnni"))) static int64_t peak_avxvnni(int64_t iters) PEAK_LOOP(__m256i, _mm256_set1_epi32, _mm256_dpbusd_avx_epi32(acc[i], x, x), 32)
+__attribute__((target("avx2,avx512f,avx512vnni"))) static int64_t peak_avx512vnni(int64_t iters) PEAK_LOOP(__m512i, _mm512_set1_epi32, _mm512_dpbusd_epi32(acc[i], x, x), 64)
+#undef PEAK_LOOP
+/* AMX: 4 independent 16x16x64 tdpbusd a round (tiles 0-3 += 4 x 5), 16384 multiply-adds each */
+__attribute__((target("amx-tile,amx-int8"))) static int64_t peak_amx(int64_t iters) {
+    _Alignas(64) uint8_t cfg[64] = {1}, zeros[1024] = {0};
+    for (int t = 0; t < 6; t++) cfg[16 + 2 * t] = 64, cfg[48 + t] = 16;
+    _tile_loadconfig(cfg);
+    _tile_loadd(4, zeros, 64);
+    _tile_loadd(5, zeros, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t it = 0; it < iters; it++) {
+        _tile_dpbusd(0, 4, 5);
+        _tile_dpbusd(1, 4, 5);
+        _tile_dpbusd(2, 4, 5);
+        _tile_dpbusd(3, 4, 5);
+    }
+    _tile_release();
+    return iters * 4 * 16384;
+}
+
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8, peak_avx2};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8, peak_avxvnni};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16, peak_avx512vnni};
+const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0, peak_amx};
 #ifdef PG_VNNI_EMULATION
 const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
 const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};

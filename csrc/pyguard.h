@@ -70,5 +70,9 @@ int pg_norm_quantize(pg_pool *pool, const float *x, int32_t N, int32_t K, const 
 /* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
 uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);
+/* Benchmark ceiling: iters rounds of the active path's integer core at its peak rate (8
+ * independent instructions a round; AMX: 4 tdpbusd) on the calling thread; returns the
+ * multiply-adds done (0: no such loop for this path, e.g. scalar). */
+int64_t pg_peak_macs(int64_t iters);
 
 #endif

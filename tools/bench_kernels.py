@@ -3,9 +3,12 @@
 gemv: effective GB/s (packed weights + scales read per call / time) beside a plain streaming
 read (pg_stream_read) of buffers of the same size, measured in the same run with the same
 rotation over copies, so that neither is served from a cache the other does not get.
-gemm: int8 GOP/s (2*N*M*K / time) and the fraction of the vpmaddubsw ceiling.
+gemm: G multiply-adds/s (N*M*K / time) and the fraction of the path's ceiling, measured on this
+machine in the same run (pg_peak_macs: 8 independent instructions of the path's integer core a
+round, vpmaddubsw, vpdpbusd ymm or zmm, 4 tdpbusd for amx, times the threads), so a run on any
+CPU says how close each path comes to what its instructions allow there.
 
-    python tools/bench_kernels.py [--group 256] [--reps 20] [--isa avx2]
+    python tools/bench_kernels.py [--group 256 32] [--reps 20] [--isa avx2 amx]   (default: every path)
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from pyguard.formats import quant  # noqa: E402
 from pyguard._kernels import ffi, lib  # noqa: E402
 
 SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
-CEILING_GOPS = 2 * 175  # vpmaddubsw: ~175 G multiply-accumulates/s on 2 cores (reference facts)
 ROTATION_BYTES = 1 << 30  # copies cycled through so that each call reads from memory
 
 
@@ -78,31 +80,50 @@ def bench_gemm(rng, m, k, n, group, reps):
     a = kernels.quantize_acts(rng.standard_normal((n, k)).astype(np.float32))
     y = np.empty((n, m), np.float32)
     t = best_time(lambda: kernels.gemm(w, a, out=y), reps)
-    return 2 * n * m * k / t / 1e9
+    return n * m * k / t / 1e9
+
+
+def peak_gmacs(threads: int) -> float:
+    """The active path's integer-core ceiling on this machine, G multiply-adds/s, on `threads`
+    threads at once (0 if the path has none)."""
+    iters = 2_000_000 if kernels.isa() != "amx" else 200_000
+
+    def one(_):
+        t0 = time.perf_counter()
+        n = lib.pg_peak_macs(iters)
+        return n / (time.perf_counter() - t0)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as ex:  # cffi releases the GIL during the call
+        return max(sum(ex.map(one, range(threads))) for _ in range(5)) / 1e9
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--group", type=int, nargs="+", default=[256, 32])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--isa", default=None, help="kernel path (default: the one picked for this CPU)")
+    p.add_argument("--isa", nargs="+", default=None, help="kernel paths (default: every path this CPU runs)")
     args = p.parse_args()
-    if args.isa:
-        kernels.set_isa(args.isa)
     rng = np.random.default_rng(0)
-    print(f"isa={kernels.isa()}; CPU features: {' '.join(kernels.cpu_features())}")
-    for group in args.group:
-        print(f"\n== group size {group}")
-        print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "
-              f"{'gemm GOP/s N=16':>15} {'N=64':>6} {'N=256':>6} {'of ceil':>7}")
-        for m, k in SHAPES:
-            for threads in (1, 2):
-                kernels.set_threads(threads)
-                g, r = bench_gemv(rng, m, k, group, args.reps)
-                ops = [bench_gemm(rng, m, k, n, group, max(3, args.reps // 2)) for n in (16, 64, 256)]
-                ceiling = CEILING_GOPS * threads / 2
-                print(f"{m:>5}x{k:<5} {threads:>3} | {g:9.1f} {r:9.1f} {g / r:5.2f} | "
-                      f"{ops[0]:15.1f} {ops[1]:6.1f} {ops[2]:6.1f} {ops[2] / ceiling:7.0%}")
+    print(f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}")
+    print(f"paths: {' '.join(kernels.available_isas())} (chosen by default: {kernels.isa()}); amx: {kernels.amx_status()}")
+    for isa in args.isa or [i for i in kernels.available_isas() if i != "scalar"]:
+        kernels.set_isa(isa)
+        ceilings = {t: peak_gmacs(t) for t in (1, 2)}
+        print(f"\n=== path {isa}: integer-core ceiling {ceilings[1]:.0f} G multiply-adds/s on 1 thread, {ceilings[2]:.0f} on 2")
+        for group in args.group:
+            print(f"\n== {isa}, group size {group}")
+            print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "
+                  f"{'gemm GMAC/s N=16':>16} {'N=64':>6} {'N=256':>6} {'of ceil':>7}")
+            for m, k in SHAPES:
+                for threads in (1, 2):
+                    kernels.set_threads(threads)
+                    g, r = bench_gemv(rng, m, k, group, args.reps)
+                    ops = [bench_gemm(rng, m, k, n, group, max(3, args.reps // 2)) for n in (16, 64, 256)]
+                    ceil = f"{ops[2] / ceilings[threads]:7.0%}" if ceilings[threads] else f"{'-':>7}"
+                    print(f"{m:>5}x{k:<5} {threads:>3} | {g:9.1f} {r:9.1f} {g / r:5.2f} | "
+                          f"{ops[0]:16.1f} {ops[1]:6.1f} {ops[2]:6.1f} {ceil}")
 
 
 if __name__ == "__main__":
