@@ -71,22 +71,24 @@ def test_answers_always_parse_and_stop_early(guards):
 
 def test_a_threshold_at_the_score_is_unsafe_and_just_above_it_safe(decisive):
     """For conversations with mid-range scores, on both heads: a threshold equal to the score
-    (or just below) says unsafe and then names categories; just above it says safe after one
-    token; the score itself does not depend on the threshold."""
+    (or just below, or 0) says unsafe and then names categories; just above it (or 1) says safe
+    after one token; the score itself does not depend on the threshold. The greedy verdicts of
+    these conversations are of both kinds, so a threshold ignored would show."""
     grammar = Grammar([f"S{i}" for i in range(1, 14)])
     for head, g in decisive.items():
-        scores = []
+        scores, greedy = [], set()
         for c in SAMPLES[:4] + SAMPLES[12:14]:
             r = g.classify(c)
             scores.append(r.score)
-            assert 1e-3 < r.score < 1 - 1e-3, "the decisive model's scores are mid-range"
-            for t in (r.score, np.nextafter(r.score, 0), r.score / 2):
+            greedy.add(r.verdict)
+            assert 0 < r.score < 1
+            for t in (r.score, np.nextafter(r.score, 0), r.score / 2, 0, 0.0):
                 x = g.classify(c, threshold=t)
                 assert (x.verdict, x.score) == ("unsafe", r.score) and x.categories and grammar.complete(x.answer), (head, t)
-            for t in (np.nextafter(r.score, 1), (r.score + 1) / 2):
+            for t in (np.nextafter(r.score, 1), (r.score + 1) / 2, 1, 1.0):
                 x = g.classify(c, threshold=t)
                 assert (x.verdict, x.score, x.answer, x.generated_tokens) == ("safe", r.score, "safe", 1), (head, t)
-        assert max(scores) - min(scores) > 0.1  # scores that differ, so a mixed-up one would show
+        assert max(scores) - min(scores) > 0.1 and greedy == {"safe", "unsafe"}  # scores and verdicts that differ
 
 
 def test_exclusions_shape_the_answer(guards):
@@ -102,6 +104,7 @@ def test_guard_head_matches_full_head(guards, decisive, model):
     ~1e-65), and on the decisive model's mid-range scores, where P(safe) is about 1 - score."""
     full, pruned = (guards if model == "random" else decisive)["full"], (guards if model == "random" else decisive)["guard"]
     convs = [CONV] if model == "random" else SAMPLES[:3] + SAMPLES[12:14]
+    apart = []  # P(unsafe) - P(safe): far from 0, so a score read from the wrong row would show
     for c in convs:
         ids = full.prepare(c).ids
         a, b = full.model.logits(ids)[-1], pruned.model.logits(ids)[-1]
@@ -113,8 +116,8 @@ def test_guard_head_matches_full_head(guards, decisive, model):
         assert rp.score == pytest.approx(p[row] / p.sum(), rel=1e-9, abs=0)
         p = np.exp(a.astype(np.float64) - a.max())
         assert rf.score == pytest.approx(p[39257] / p.sum(), rel=1e-9, abs=0)
-        if model == "decisive":
-            assert abs(p[39257] - p[19193]) / p.sum() > 1e-3  # the safe row's probability would differ
+        apart.append(abs(p[39257] - p[19193]) / p.sum())
+    assert model == "random" or max(apart) > 0.1
 
 
 def test_prefix_cache_gives_the_same_logits(guards):

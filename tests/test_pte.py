@@ -1,8 +1,9 @@
 """Meta's Llama Guard 3-1B-INT4 `.pte` import (pyguard.convert.pte) against the ExecuTorch runtime.
 
 Tiny random-weight checkpoints are exported with the 1B-INT4 recipe by ExecuTorch 1.5.1
-(test-only dependency, tools/export_pte.py; about two minutes each, once per run), converted,
-and run by both engines on the same token ids.
+(test-only dependency, tools/export_pte.py; about a minute each, kept in pytest's cache under a
+key of everything the export depends on, so later runs skip it), converted once per run, and
+run by both engines on the same token ids.
 
 Tolerance: both engines run int4 weights (the same values and scales) on int8 activations
 quantized per token with the same asymmetric recipe, in float32 otherwise. They differ in the
@@ -13,10 +14,14 @@ by about 1/255 of its scale: |pyguard - ExecuTorch| <= (4 L + 1) / 255 * max |lo
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,19 +42,70 @@ MAX_SEQ = 320  # room for a one-turn guard prompt (~200 tokens)
 HOSTILE = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """exported(embedding_group) -> (Meta-layout directory, converted pyguard file), made once per run."""
+def _sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def export_key(group: int) -> str:
+    """What an export depends on: the exporter's code and what it draws the weights and
+    tokenizer from, ExecuTorch's, torch's and numpy's versions, and the arguments. Any change
+    gives another key, so a cached export is never a stale one."""
+    from importlib.metadata import version
+
+    from pyguard.convert.checkpoint import reference_tokenizer_model
+
+    parts = [_sha256(os.path.join(ROOT, f)) for f in ("tools/export_pte.py", "pyguard/convert/checkpoint.py",
+                                                       "pyguard/formats/config.py")]
+    parts += [_sha256(reference_tokenizer_model()), sys.version]
+    parts += [f"{p} {version(p)}" for p in ("executorch", "torch", "numpy")]
+    parts += [f"tiny group={group} max_seq={MAX_SEQ}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def cached_export(cache_dir: Path, group: int) -> Path:
+    """The Meta-layout directory of the tiny export, from cache_dir (pytest's cache,
+    .pytest_cache/d/pte) when it holds one under the same key and its files are intact,
+    else exported (about a minute) and stored there atomically."""
+    d = cache_dir / export_key(group)
+    names = ("model.pte", "params.json", "tokenizer.model")
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+        if all(manifest.get(n) == _sha256(d / n) for n in names):
+            return d
+    except (OSError, ValueError):
+        pass
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache_dir, prefix="part-"))
+    try:
+        export_pte.export(str(work), "tiny", embedding_group=group, max_seq_length=MAX_SEQ)
+        shutil.rmtree(work / "src")
+        (work / "manifest.json").write_text(json.dumps({n: _sha256(work / n) for n in names}))
+        shutil.rmtree(d, ignore_errors=True)  # a damaged entry
+        try:
+            os.rename(work, d)
+        except OSError:  # another run stored its entry first: use that one
+            if not (d / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, request):
+    """exported(embedding_group) -> (Meta-layout directory, converted pyguard file, summary):
+    the export cached across runs (cached_export), converted once per run. Tests must not
+    write into the directory (copy it: _copy)."""
     cache = {}
+    cache_dir = Path(request.config.cache.mkdir("pte")) if getattr(request.config, "cache", None) \
+        else tmp_path_factory.mktemp("pte-cache")
 
     def get(group: int):
         if group not in cache:
-            d = tmp_path_factory.mktemp(f"pte{group}")
-            export_pte.export(str(d), "tiny", embedding_group=group, max_seq_length=MAX_SEQ)
-            shutil.rmtree(d / "src")
-            out = d.parent / f"pte{group}.pgw"
-            summary = pte.convert_pte(str(d), str(out))
-            cache[group] = (d, out, summary)
+            d = cached_export(cache_dir, group)
+            out = tmp_path_factory.mktemp(f"pte{group}") / f"pte{group}.pgw"
+            cache[group] = (d, out, pte.convert_pte(str(d), str(out)))
         return cache[group]
 
     return get
@@ -175,6 +231,26 @@ def test_truncated_program(exported, tmp_path, cut):
     _refused(_copy(d, tmp_path / "t", data[: int(cut * len(data))]))
 
 
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.one_of(st.integers(1, 600), st.integers(-600, -1)))
+def test_program_flatbuffer_truncated(exported, tmp_path, cut):
+    """The header declares a shorter program: the flatbuffer ends inside its first tables
+    (root, vtables) or its last vectors and strings, the data segments still in place."""
+    d, reference, _ = exported(32)
+    data = bytearray((d / "model.pte").read_bytes())
+    size = int.from_bytes(data[16:24], "little")
+    data[16:24] = (cut % size).to_bytes(8, "little")
+    t = _copy(d, Path(tempfile.mkdtemp(dir=tmp_path)), bytes(data))
+    try:
+        pte.convert_pte(str(t), str(t / "out.pgw"))
+    except PyguardError as e:
+        assert "\n" not in str(e) and not (t / "out.pgw").exists()
+    else:  # only padding was cut: the same model
+        arrays = [[(a["name"], a["shape"], a["crc32"]) for a in pyguard.formats.file.load(str(f)).meta["arrays"]]
+                  for f in (t / "out.pgw", reference)]
+        assert cut < 0 and arrays[0] == arrays[1]
+
+
 @HOSTILE
 @given(flips=st.lists(st.tuples(st.floats(0, 0.9999), st.integers(0, 7)), min_size=1, max_size=4))
 def test_corrupted_program_is_refused_or_converted(exported, tmp_path, flips):
@@ -192,6 +268,161 @@ def test_corrupted_program_is_refused_or_converted(exported, tmp_path, flips):
         assert "\n" not in str(e)
     else:
         pyguard.formats.file.load(str(t / "out.pgw"))
+
+
+# Mutations aimed at the program's structure (found with pyguard's own flatbuffer reader):
+# an instruction's argument list shortened, a tensor's declared size made negative or zero,
+# 4 bytes changed inside an XNNPACK delegate's graph, a rotary table with no rows.
+READ_OPS = ("quantized_decomposed::embedding_4bit", "aten::mul", "aten::add", "llama::custom_sdpa", "aten::index_put",
+            "aten::slice_copy", "llama::update_cache", "aten::sigmoid")
+
+
+@pytest.fixture(scope="session")
+def anatomy(exported):
+    """Byte positions in the group-32 export: {op: [position of each call's argument count]},
+    [(position of a tensor value's sizes, their count)], [the rotary tables' sizes positions],
+    [(start, end) of each delegate's XNNPACK flatbuffer], [every vtable entry of the XNNPACK
+    graphs' values and nodes], [the vtable entry of each quantized value's tensor part]."""
+    from pyguard.convert.flatbuffer import Buf
+
+    data = (exported(32)[0] / "model.pte").read_bytes()
+    assert data[8:12] == b"eh00"
+    prog = Buf(memoryview(data)[: int.from_bytes(data[16:24], "little")], "pte").root()
+    (plan,) = [p for p in prog.tables(1) if p.string(0) == "forward"]
+    operators = [o.string(0) for o in plan.tables(6)]
+    args: dict[str, list[int]] = {}
+    for ins in plan.tables(5)[0].tables(2):
+        kind, a = ins.union(0)
+        if kind == pte._KERNEL_CALL:
+            args.setdefault(operators[a.scalar(0, "i")], []).append(a._ref(1))
+    sizes, rotary = [], []
+    for v in plan.tables(2):
+        kind, t = v.union(0)
+        if kind == pte._TENSOR and t is not None and t._ref(2):
+            p, n = t._ref(2), t.buf.unpack("I", t._ref(2))
+            if n:
+                sizes.append((p, n))
+            if n == 2 and t.scalar(5, "I") > 0 and t.buf.unpack("i", p + 8) == 32:  # [positions, head_dim / 2]
+                rotary.append(p)
+    graphs, fields, qtensors, at = [], [], [], data.find(b"XH00")
+    while at >= 0:
+        fb_off, fb_size = (int.from_bytes(data[at + 6 + 4 * j : at + 10 + 4 * j], "little") for j in range(2))
+        start = at - 4 + fb_off
+        graphs.append((start, start + fb_size))
+        g = Buf(memoryview(data)[start : start + fb_size], "graph").root()
+        tables = [g]
+        values = g.tables(2)
+        for x in values + g.tables(1):  # values, nodes: the table, its union's value
+            kind, v = x.union(0)
+            tables += [x, v]
+            if any(x is y for y in values) and kind == pte._XNN_QTENSOR:  # and a quantized value's tensor and parameters
+                tables += [v.table(0), v.union(1)[1]]
+                if v.table(0).scalar(0, "h") == pte._XNN_QBINT4:  # a weight's: read by the importer
+                    qtensors.append(start + v.vt + 4)  # the vtable entry of its tensor part
+        fields += [start + t.vt + 4 + 2 * i for t in tables for i in range((t.vt_size - 4) // 2)]
+        at = data.find(b"XH00", at + 4)
+    assert set(READ_OPS) <= set(args) and len(rotary) == 2 and len(graphs) == 4 * 2 + 1
+    return data, args, sizes, rotary, graphs, fields, qtensors
+
+
+def _judged(exported, tmp_path, data: bytes, must_refuse: bool) -> None:
+    """Read and map the mutated program (every check of the program is there): one
+    PyguardError of one line, or, when it passes, a conversion that gives a file that loads."""
+    d = exported(32)[0]
+    (tmp_path / "model.pte").write_bytes(data)
+    try:
+        pte.extract(pte.read_program(str(tmp_path / "model.pte")), pte.read_params(str(d)))
+    except PyguardError as e:
+        assert "\n" not in str(e)
+        return
+    assert not must_refuse, "a program that cannot be a Llama export was read"
+    t = _copy(d, tmp_path / "s", data)
+    try:
+        pte.convert_pte(str(t), str(t / "out.pgw"))
+    except PyguardError as e:
+        assert "\n" not in str(e) and not (t / "out.pgw").exists()
+    else:
+        pyguard.formats.file.load(str(t / "out.pgw"))
+
+
+def _put(data: bytes, pos: int, fmt: str, value) -> bytes:
+    import struct
+
+    b = bytearray(data)
+    struct.pack_into(fmt, b, pos, value)
+    return bytes(b)
+
+
+MIN_ARGS_READ = {"quantized_decomposed::embedding_4bit": 6, "aten::mul": 3, "aten::add": 3, "llama::custom_sdpa": 4,
+                 "aten::index_put": 3, "aten::slice_copy": 2, "llama::update_cache": 3, "aten::sigmoid": 1}
+
+
+@HOSTILE
+@given(op=st.sampled_from(READ_OPS), which=st.floats(0, 0.9999), keep=st.floats(0, 0.9999))
+def test_shortened_argument_list(exported, anatomy, tmp_path, op, which, keep):
+    """An instruction's argument count made smaller: fewer than pyguard reads is refused."""
+    data, args, *_ = anatomy
+    pos = args[op][int(which * len(args[op]))]
+    n = int.from_bytes(data[pos : pos + 4], "little")
+    short = int(keep * n)
+    _judged(exported, tmp_path, _put(data, pos, "<I", short), short < MIN_ARGS_READ[op])
+
+
+@pytest.mark.parametrize("op", READ_OPS)
+def test_argument_list_below_what_is_read(exported, anatomy, tmp_path, op):
+    """Each operator whose arguments are read by index, one argument short of what is read: refused."""
+    data, args, *_ = anatomy
+    for pos in args[op][:1] + args[op][-1:]:
+        _judged(exported, tmp_path, _put(data, pos, "<I", MIN_ARGS_READ[op] - 1), True)
+
+
+@HOSTILE
+@given(which=st.floats(0, 0.9999), dim=st.floats(0, 0.9999), size=st.integers(-(1 << 31), -1))
+def test_negative_declared_size(exported, anatomy, tmp_path, which, dim, size):
+    data, _, sizes, *_ = anatomy
+    pos, n = sizes[int(which * len(sizes))]
+    _judged(exported, tmp_path, _put(data, pos + 4 + 4 * int(dim * n), "<i", size), True)
+
+
+@HOSTILE
+@given(which=st.floats(0, 0.9999), dim=st.floats(0, 0.9999), size=st.integers(0, (1 << 31) - 1))
+def test_changed_declared_size(exported, anatomy, tmp_path, which, dim, size):
+    data, _, sizes, *_ = anatomy
+    pos, n = sizes[int(which * len(sizes))]
+    _judged(exported, tmp_path, _put(data, pos + 4 + 4 * int(dim * n), "<i", size), False)
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+@pytest.mark.parametrize("table", [0, 1])
+def test_rotary_table_without_rows(exported, anatomy, tmp_path, rows, table):
+    data, _, _, rotary, *_ = anatomy
+    _judged(exported, tmp_path, _put(data, rotary[table] + 4, "<i", rows), True)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 8), where=st.floats(0, 0.9999), value=st.binary(min_size=4, max_size=4))
+def test_xnnpack_graph_changed(exported, anatomy, tmp_path, which, where, value):
+    """4 bytes of a delegate's XNNPACK flatbuffer replaced: refused or a valid file."""
+    data, _, _, _, graphs, *_ = anatomy
+    start, end = graphs[which]
+    at = start + int(where * (end - start - 4))
+    _judged(exported, tmp_path, data[:at] + value + data[at + 4 :], False)
+
+
+@HOSTILE
+@given(which=st.floats(0, 0.9999))
+def test_xnnpack_field_removed(exported, anatomy, tmp_path, which):
+    """A field of a value or node of an XNNPACK graph made absent (its vtable entry zeroed)."""
+    data, *_, fields, _ = anatomy
+    _judged(exported, tmp_path, _put(data, fields[int(which * len(fields))], "<H", 0), False)
+
+
+def test_xnnpack_quantized_value_without_its_tensor(exported, anatomy, tmp_path):
+    """A quantized value whose tensor part is absent (once an AttributeError): refused."""
+    data, *_, qtensors = anatomy
+    assert len(qtensors) == 7 * 2 + 1  # the weights of the 7 linear layers of each layer, and the head
+    for pos in qtensors[:2] + qtensors[-1:]:
+        _judged(exported, tmp_path, _put(data, pos, "<H", 0), True)
 
 
 def _patched(exported, tmp_path, old: bytes, new: bytes):
@@ -264,3 +495,52 @@ def test_params_geometry():
     for bad in ({"dim": 0}, {"n_heads": 2.5}, {"dim": True}, {"hidden_dim": float("inf")}):
         with pytest.raises(PyguardError):
             pte.config_from_params({**base, **bad}, None)
+
+
+# The flatbuffer reader on a hand-built buffer whose last bytes are a vector: every prefix of it
+# is refused with a PyguardError, whatever field the cut falls in (root offset, vtable, table,
+# string, a table of a vector of tables, the last vector's length or its elements).
+def _little_flatbuffer() -> bytes:
+    import struct
+
+    b = bytearray(84)
+    struct.pack_into("<I", b, 0, 16)  # root table at 16
+    struct.pack_into("<6H", b, 4, 12, 20, 4, 8, 12, 16)  # its vtable: 4 fields
+    struct.pack_into("<iIIII", b, 16, 16 - 4, 7, 36 - 24, 68 - 28, 44 - 32)  # scalar 7, string, u32 vector, tables
+    struct.pack_into("<I3s", b, 36, 3, b"abc")  # the string (NUL and padding to 44)
+    struct.pack_into("<II", b, 44, 1, 60 - 48)  # a vector of one table, at 60
+    struct.pack_into("<3H", b, 52, 6, 8, 4)  # its vtable: 1 field
+    struct.pack_into("<iI", b, 60, 60 - 52, 9)  # the table: scalar 9
+    struct.pack_into("<4I", b, 68, 3, 1, 2, 3)  # the u32 vector, ending the buffer
+    return bytes(b)
+
+
+def _walk(data: bytes):
+    from pyguard.convert.flatbuffer import Buf
+
+    t = Buf(data, "test buffer").root()
+    return t.scalar(0, "I"), t.string(1), t.scalars(2, "I"), [x.scalar(0, "I") for x in t.tables(3)]
+
+
+def test_flatbuffer_reader_reads_the_whole_buffer():
+    assert _walk(_little_flatbuffer()) == (7, "abc", [1, 2, 3], [9])
+
+
+@pytest.mark.parametrize("cut", range(84))
+def test_flatbuffer_truncated_anywhere_is_one_pyguard_error(cut):
+    """A read that starts inside the buffer but ends past it (the bounds check must count the
+    read's size) is a PyguardError, never a struct.error or an IndexError."""
+    with pytest.raises(PyguardError, match="test buffer: corrupt or truncated"):
+        _walk(_little_flatbuffer()[:cut])
+
+
+@pytest.mark.parametrize("pos, value", [(16, -1000), (16, 1 << 30), (4, 13), (4, 2), (68, 1 << 30), (36, 0xFFFFFFFF),
+                                        (44, 1 << 29), (48, 0xFFFFFF00), (28, 0xFFFFFFF0)])
+def test_flatbuffer_hostile_offsets_and_lengths(pos, value):
+    """Offsets and lengths pointing outside the buffer (or an odd or too small vtable) are refused."""
+    import struct
+
+    data = bytearray(_little_flatbuffer())
+    struct.pack_into("<i" if value < 0 else "<I", data, pos, value)
+    with pytest.raises(PyguardError, match="corrupt or truncated"):
+        _walk(bytes(data))

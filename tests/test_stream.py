@@ -309,6 +309,11 @@ def test_finish_always_checks_and_ends_the_stream(warm, cold):
     s.feed("   ")
     with pytest.raises(PyguardError, match="empty content"):
         s.finish()  # only white space cannot be judged
+    s = warm.stream(USER, every=10**6)  # bytes-like chunks: bytes, bytearray, memoryview, cut inside a character
+    raw = "Sure, café 🐉.".encode()
+    for chunk in (raw[:10], bytearray(raw[10:14]), memoryview(raw)[14:]):
+        s.feed(chunk)
+    assert s.text == "Sure, café 🐉." and key(s.finish()) == key(cold.classify(reply_of(USER, "Sure, café 🐉.")))
     s = warm.stream(USER, every=10**6)
     s.feed("ok")
     with pytest.raises(PyguardError, match="not UTF-8"):

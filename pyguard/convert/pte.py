@@ -59,6 +59,11 @@ OPERATORS = {
     "aten::index_put", "aten::_to_copy", "dim_order_ops::_to_dim_order_copy", "aten::clone",
 }
 UINT64_MAX = (1 << 64) - 1
+# Kernel arguments pyguard reads by position: an instruction of one of these operators needs at
+# least this many (the last reads plus the output after them); every kernel needs its output
+# (the last argument, followed by _reaches). Fewer is not a Llama export.
+MIN_ARGS = {"quantized_decomposed::embedding_4bit": 6, "aten::mul": 3, "aten::add": 3, "llama::custom_sdpa": 4,
+            "aten::index_put": 3, "aten::slice_copy": 2, "llama::update_cache": 3}
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Program:
             raise PyguardError(f"{self.path}: {what} has shape {list(shape)}, expected {list(sizes)}")
         n = math.prod(shape)
         raw = self.constant(idx)
+        if isinstance(dt, str) and dt != "bf16":
+            raise PyguardError(f"{self.path}: {what} has unsupported {dt}")
         width = 2 if dt == "bf16" else np.dtype(dt).itemsize
         if len(raw) < n * width:
             raise PyguardError(f"{self.path}: {what} holds {len(raw)} bytes, its shape needs {n * width} (truncated?)")
@@ -173,7 +180,7 @@ def read_program(path: str) -> Program:
             constants[name] = _value(vals[outs[0]])[1]
     plan = plans["forward"]
     values = [_value(e) for e in plan.tables(2)]
-    operators = [o.string(0) for o in plan.tables(6)]
+    operators = [o.string(0) or "" for o in plan.tables(6)]  # "": a nameless operator, unknown below
     unknown = sorted(set(operators) - OPERATORS)
     if unknown:
         raise PyguardError(f"{path}: unsupported operator {', '.join(map(str, unknown))} (not a Llama Guard 3-1B-INT4 export)")
@@ -201,7 +208,10 @@ def read_program(path: str) -> Program:
             k = a.scalar(0, "i")
             if not 0 <= k < len(operators):
                 raise PyguardError(f"{path}: instruction calls operator {k}, which does not exist")
-            calls.append(_Call(operators[k], a.scalars(1, "i")))
+            args = a.scalars(1, "i")
+            if len(args) < MIN_ARGS.get(operators[k], 1):
+                raise PyguardError(f"{path}: a call of {operators[k]} with {len(args)} arguments, fewer than a Llama export's")
+            calls.append(_Call(operators[k], args))
         elif kind == _DELEGATE_CALL and a is not None:
             k = a.scalar(0, "i")
             if not 0 <= k < len(delegates):
@@ -224,7 +234,10 @@ def _value(e: Table):
         st = t.scalar(0, "b")
         extra = t.table(9)
         external = extra is not None and extra.scalar(2, "b") == 1
-        return ("tensor", _SCALAR_TYPES.get(st, f"scalar type {st}"), t.scalars(2, "i"), t.scalar(5, "I"), external)
+        sizes = t.scalars(2, "i")
+        if min(sizes, default=0) < 0:  # signed in the schema: a negative count would read the rest of the data
+            raise e.buf.bad(f"a tensor of sizes {sizes}")
+        return ("tensor", _SCALAR_TYPES.get(st, f"scalar type {st}"), sizes, t.scalar(5, "I"), external)
     if kind == _INT:
         return ("int", t.scalar(0, "q"))
     if kind == _DOUBLE:
@@ -294,7 +307,10 @@ def delegate_linears(prog: Program, call: _Call) -> list[Linear]:
             raise PyguardError(f"{what}: value {i} is not a tensor")
         if kind == _XNN_TENSOR:
             return kind, None, v
-        return kind, v, v.table(0)
+        t = v.table(0)  # a quantized tensor's tensor part
+        if t is None:
+            raise PyguardError(f"{what}: value {i} is a quantized tensor without its tensor")
+        return kind, v, t
 
     out = []
     for node in graph.tables(1):
@@ -311,6 +327,8 @@ def delegate_linears(prog: Program, call: _Call) -> list[Linear]:
         if dtype != _XNN_QBINT4 or ptype != _PER_CHANNEL_GROUP or p is None or len(dims) != 2:
             raise PyguardError(f"{what}: linear weights of XNNPACK type {dtype} with {len(dims)} dims; only int4 in groups (qbint4, 8da4w) is supported")
         m, k = dims
+        if m < 1 or k < 1:
+            raise PyguardError(f"{what}: linear weights of shape {m}x{k}")
         group = p.scalar(2, "i")
         if group <= 0 or k % group or k % 2:
             raise PyguardError(f"{what}: group size {group} does not divide the {k} inputs")
@@ -473,7 +491,7 @@ def extract(prog: Program, params: dict) -> Extracted:
              for x in calls if x.op == "aten::mul" and prog.value(x.args[1])[0] == "tensor" and prog.value(x.args[1])[3] > 0]
     if len(norms) != 2 * c.n_layers + 1 or any(n.shape != (c.dim,) for n in norms):
         raise PyguardError(f"{path}: found {len(norms)} norm weights, a {c.n_layers}-layer model of dim {c.dim} has {2 * c.n_layers + 1}")
-    eps = {float(prog.tensor(x.args[1])) for x in calls if x.op == "aten::add" and prog.value(x.args[1])[0] == "tensor"
+    eps = {float(prog.tensor(x.args[1], [np.float32, np.float16, "bf16"], [], "norm epsilon")) for x in calls if x.op == "aten::add" and prog.value(x.args[1])[0] == "tensor"
            and prog.value(x.args[1])[3] > 0 and prog.value(x.args[1])[2] == []}
     if eps != {float(np.float32(c.norm_eps))}:
         raise PyguardError(f"{path}: norm epsilon {sorted(eps)} does not match params.json's {c.norm_eps}")
@@ -569,8 +587,9 @@ def _rope_config(prog: Program, params: dict, base: ModelConfig) -> tuple[ModelC
             v = prog.value(x.args[0])
             if v[0] == "tensor" and v[3] > 0 and len(v[2]) == 2 and v[2][1] == base.head_dim // 2 and x.args[0] not in [t[0] for t in tables]:
                 tables.append((x.args[0], prog.tensor(x.args[0], [np.float32, np.float16, "bf16"], None, "rotary table").astype(np.float64)))
-    if len(tables) != 2:
-        raise PyguardError(f"{prog.path}: expected rotary cos and sin tables of {base.head_dim // 2} columns, found {len(tables)}")
+    if len(tables) != 2 or min(len(a) for _, a in tables) < 2:  # one row (position 0) matches any rotary setting
+        raise PyguardError(f"{prog.path}: expected rotary cos and sin tables of {base.head_dim // 2} columns and at least 2 "
+                           f"rows, found {[a.shape for _, a in tables]}")
     (_, a), (_, b) = tables
     cos, sin = (a, b) if np.all(a[0] == 1) else (b, a)
     n = len(cos)
