@@ -305,7 +305,7 @@ def test_calibration_file(tmp_path):
                     + json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
     assert len(calibrate.read_conversations(str(good))) == 2
     for text, why in [("{\"messages\": []}\n", "line 1"), ("\n[1]\n", "line 2: expected an object"),
-                      ('{"messages": [{"role": "bot", "content": "x"}]}', "line 1: message 0: unknown role"),
+                      ('{"messages": [{"role": "bot", "content": "x"}]}', "line 1: message 1: unknown role"),
                       (b"\xff\n", "line 1: not a JSON object"), ("", "no conversations")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_bytes(text if isinstance(text, bytes) else text.encode())

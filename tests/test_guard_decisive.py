@@ -141,11 +141,11 @@ def test_bad_arguments(guards):
         g.classify("hello", categories={"S1": 3})
     with pytest.raises(PyguardError, match="codes are non-empty str"):
         g.classify("hello", categories={1: "a"})
-    with pytest.raises(PyguardError, match="^conversation 3: message 0: empty content$"):
+    with pytest.raises(PyguardError, match="^conversation 3: the message: empty content$"):
         g.classify_many(["a", "b", "c", "  ", "d"])
-    with pytest.raises(PyguardError, match="^conversation 1: message 0: expected a mapping"):
+    with pytest.raises(PyguardError, match="^conversation 1: message 1: expected a mapping"):
         g.classify_many(["a", [3]])
-    with pytest.raises(PyguardError, match="^message 0: empty content$"):
+    with pytest.raises(PyguardError, match="^the message: empty content$"):
         g.classify("")
     for kw in ({"max_tokens": 1.5}, {"max_tokens": True}, {"cache_bytes": -1}):
         with pytest.raises(PyguardError, match=f"{next(iter(kw))} must be an integer"):

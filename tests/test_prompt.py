@@ -219,12 +219,17 @@ def test_8b_family():
 
 @pytest.mark.parametrize("conv, match", [
     ([], "non-empty list"),
-    ("", "message 0: empty content"),  # nothing to judge is no verdict (an unset shell variable)
-    (" \n\t ", "message 0: empty content"),
-    ([_user("a"), _agent("\n")], "message 1: empty content"),
+    ("", "^the message: empty content$"),  # nothing to judge is no verdict (an unset shell variable)
+    (" \n\t ", "^the message: empty content$"),  # a str is named, not numbered
+    # messages count from 1, as users count; a prompt/response pair is named
+    ([_user("a"), _agent("\n")], r"^message 2 \(the response\): empty content$"),
+    ([_user(" "), _agent("b")], r"^message 1 \(the prompt\): empty content$"),
+    ([_user("")], "^message 1: empty content$"),
+    ([_user("a"), _agent("b"), _user(" ")], "^message 3: empty content$"),
+    ([_user("a"), _agent(3)], r"^message 2 \(the response\): content must be a str, not int$"),
     ([_agent("hi")], "starting with user"),
     ([_user("a"), _user("b")], "alternate"),
-    ([_user("a"), _agent("b"), _agent("c")], "message 2: roles must alternate"),
+    ([_user("a"), _agent("b"), _agent("c")], "^message 3: roles must alternate"),
     ([{"role": "system", "content": "a"}], "unknown role 'system'"),
     ([{"role": "User", "content": "a"}], "unknown role 'User'"),
     ([{"role": ["user"], "content": "a"}], r"unknown role \['user'\]"),  # unhashable: no TypeError
@@ -232,15 +237,17 @@ def test_8b_family():
     ([_user(None)], "content must be a str"),
     ([_user([{"type": "text", "text": "hi"}])], "content must be a str, not list"),
     ([{"role": "user"}], "'role' and 'content'"),
-    (["hello"], "message 0: expected a mapping"),
+    (["hello"], "^message 1: expected a mapping"),
+    ([_user("a"), {"role": "robot", "content": "b"}, _user("c")], "^message 2: unknown role 'robot'"),
     (_user("a"), "non-empty list"),
     (None, "non-empty list"),
     (b"bytes", "non-empty list"),
     (42, "non-empty list"),
 ])
 def test_conversation_validation(conv, match):
-    with pytest.raises(PyguardError, match=match):
+    with pytest.raises(PyguardError, match=match) as e:
         format_prompt(conv)
+    assert "\n" not in str(e.value) and "message 0" not in str(e.value)  # one line; messages count from 1
 
 
 @pytest.mark.parametrize("kwargs, match", [

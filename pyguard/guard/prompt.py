@@ -45,26 +45,38 @@ MAX_CODE_CHARS = 32
 MAX_CODES = 64
 
 
+def _message_name(i: int, n: int, given_str: bool) -> str:
+    """A message as users name it in errors: counted from 1; a str is "the message"; the two
+    messages of a prompt/response pair are also named."""
+    if given_str:
+        return "the message"
+    return f"message {i + 1}" + ((" (the prompt)", " (the response)")[i] if n == 2 else "")
+
+
 def messages(conversation: Conversation) -> list[tuple[str, str]]:
     """Validated (role, stripped text) pairs; a str is one user message. Roles must alternate
-    user / assistant starting with user (the template's rule)."""
-    if isinstance(conversation, str):
+    user / assistant starting with user (the template's rule). Errors are one line naming the
+    message as users count (message 1 is the first; "the message" for a str; "message 2 (the
+    response)" in a prompt/response pair)."""
+    given_str = isinstance(conversation, str)
+    if given_str:
         conversation = [{"role": "user", "content": conversation}]
     if isinstance(conversation, (Mapping, bytes, bytearray)) or not isinstance(conversation, Sequence) or not conversation:
         raise PyguardError("a conversation is a str or a non-empty list of {'role': ..., 'content': ...} messages")
     out = []
     for i, m in enumerate(conversation):
+        name = _message_name(i, len(conversation), given_str)
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise PyguardError(f"message {i}: expected a mapping with 'role' and 'content'")
+            raise PyguardError(f"{name}: expected a mapping with 'role' and 'content'")
         role, text = m["role"], m["content"]
         if not isinstance(role, str) or role not in _NAMES:
-            raise PyguardError(f"message {i}: unknown role {role!r} (roles are 'user' and 'assistant')")
+            raise PyguardError(f"{name}: unknown role {role!r:.60} (roles are 'user' and 'assistant')")
         if role != ("user", "assistant")[i % 2]:
-            raise PyguardError(f"message {i}: roles must alternate user, assistant, user, ... starting with user; found {role!r}")
+            raise PyguardError(f"{name}: roles must alternate user, assistant, user, ... starting with user; found {role!r}")
         if not isinstance(text, str):
-            raise PyguardError(f"message {i}: content must be a str, not {type(text).__name__}")
+            raise PyguardError(f"{name}: content must be a str, not {type(text).__name__}")
         if not text.strip():  # an unset shell variable, say: nothing to judge is no verdict
-            raise PyguardError(f"message {i}: empty content")
+            raise PyguardError(f"{name}: empty content")
         out.append((role, text.strip()))  # Jinja's trim: str.strip()
     return out
 
