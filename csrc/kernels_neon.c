@@ -178,16 +178,17 @@ I8MM static void i8_unpack(const pg_qtensor *w, const int32_t rows[8], int32_t c
     const int32_t K = w->K, G = w->G, ngroups = K / G;
     for (int p = 0; p < 4; p++) {
         const uint8_t *ra = w->qs + (int64_t)rows[2 * p] * (K / 2) + c0 / 2, *rb = w->qs + (int64_t)rows[2 * p + 1] * (K / 2) + c0 / 2;
-        for (int32_t c = 0; c < len; c += 64) {
+        int8_t *o = wb + 16 * p;
+        for (int32_t c = 0; c < len; c += 64, ra += 32, rb += 32, o += 512) {
             int8x16_t va[4], vb[4];
-            weights32(ra, c, va);
-            weights32(ra, c + 32, va + 2);
-            weights32(rb, c, vb);
-            weights32(rb, c + 32, vb + 2);
-            for (int h = 0; h < 4; h++) { /* columns c + 16h .. c + 16h + 15 */
+            weights32(ra, 0, va);
+            weights32(ra, 32, va + 2);
+            weights32(rb, 0, vb);
+            weights32(rb, 32, vb + 2);
+            UNROLL for (int h = 0; h < 4; h++) { /* columns c + 16h .. c + 16h + 15 */
                 const int64x2_t a = vreinterpretq_s64_s8(va[h]), b = vreinterpretq_s64_s8(vb[h]);
-                vst1q_s8(wb + ((c + 16 * h) / 8) * 64 + 16 * p, vreinterpretq_s8_s64(vzip1q_s64(a, b)));
-                vst1q_s8(wb + ((c + 16 * h) / 8 + 1) * 64 + 16 * p, vreinterpretq_s8_s64(vzip2q_s64(a, b)));
+                vst1q_s8(o + 128 * h, vreinterpretq_s8_s64(vzip1q_s64(a, b)));
+                vst1q_s8(o + 128 * h + 64, vreinterpretq_s8_s64(vzip2q_s64(a, b)));
             }
         }
         for (int32_t g = 0; g < len / G; g++) {
