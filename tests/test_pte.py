@@ -282,7 +282,8 @@ def anatomy(exported):
     """Byte positions in the group-32 export: {op: [position of each call's argument count]},
     [(position of a tensor value's sizes, their count)], [the rotary tables' sizes positions],
     [(start, end) of each delegate's XNNPACK flatbuffer], [every vtable entry of the XNNPACK
-    graphs' values and nodes], [the vtable entry of each quantized value's tensor part]."""
+    graphs' values and nodes], [the vtable entry of each quantized weight's tensor part],
+    [the scalar type of each one-value constant], [each operator's vtable entry of its name]."""
     from pyguard.convert.flatbuffer import Buf
 
     data = (exported(32)[0] / "model.pte").read_bytes()
@@ -295,9 +296,11 @@ def anatomy(exported):
         kind, a = ins.union(0)
         if kind == pte._KERNEL_CALL:
             args.setdefault(operators[a.scalar(0, "i")], []).append(a._ref(1))
-    sizes, rotary = [], []
+    sizes, rotary, scalars = [], [], []
     for v in plan.tables(2):
         kind, t = v.union(0)
+        if kind == pte._TENSOR and t is not None and t.scalar(5, "I") > 0 and t._field(0) and not t.scalars(2, "i"):
+            scalars.append(t._field(0))  # the scalar type of a constant of one value (e.g. the norm epsilon)
         if kind == pte._TENSOR and t is not None and t._ref(2):
             p, n = t._ref(2), t.buf.unpack("I", t._ref(2))
             if n:
@@ -322,7 +325,8 @@ def anatomy(exported):
         fields += [start + t.vt + 4 + 2 * i for t in tables for i in range((t.vt_size - 4) // 2)]
         at = data.find(b"XH00", at + 4)
     assert set(READ_OPS) <= set(args) and len(rotary) == 2 and len(graphs) == 4 * 2 + 1
-    return data, args, sizes, rotary, graphs, fields, qtensors
+    names = [o.vt + 4 for o in plan.tables(6)]  # each operator's vtable entry of its name
+    return data, args, sizes, rotary, graphs, fields, qtensors, scalars, names
 
 
 def _judged(exported, tmp_path, data: bytes, must_refuse: bool) -> None:
@@ -413,13 +417,32 @@ def test_xnnpack_graph_changed(exported, anatomy, tmp_path, which, where, value)
 @given(which=st.floats(0, 0.9999))
 def test_xnnpack_field_removed(exported, anatomy, tmp_path, which):
     """A field of a value or node of an XNNPACK graph made absent (its vtable entry zeroed)."""
-    data, *_, fields, _ = anatomy
+    data, *_, fields, _, _, _ = anatomy
     _judged(exported, tmp_path, _put(data, fields[int(which * len(fields))], "<H", 0), False)
+
+
+def test_constant_scalar_of_another_type(exported, anatomy, tmp_path):
+    """Each one-value constant (the norm epsilon among them) given an unknown scalar type (99)
+    or an integer one: a PyguardError or a valid file, never a numpy TypeError."""
+    data, *_, scalars, _ = anatomy
+    assert scalars
+    for pos in scalars:
+        for st_ in (99, 4):
+            _judged(exported, tmp_path, _put(data, pos, "<b", st_), False)
+
+
+def test_nameless_operator_beside_an_unknown_one(exported, anatomy, tmp_path):
+    """Operators without a name (their shared vtable's entry zeroed) and a renamed one: refused."""
+    data, *_, names = anatomy
+    i = data.index(b"aten::sigmoid")
+    renamed = data[:i] + b"aten::sigmoix" + data[i + 13 :]
+    for pos in names[:1] + names[-1:]:
+        _judged(exported, tmp_path, _put(renamed, pos, "<H", 0), True)
 
 
 def test_xnnpack_quantized_value_without_its_tensor(exported, anatomy, tmp_path):
     """A quantized value whose tensor part is absent (once an AttributeError): refused."""
-    data, *_, qtensors = anatomy
+    data, *_, qtensors, _, _ = anatomy
     assert len(qtensors) == 7 * 2 + 1  # the weights of the 7 linear layers of each layer, and the head
     for pos in qtensors[:2] + qtensors[-1:]:
         _judged(exported, tmp_path, _put(data, pos, "<H", 0), True)
