@@ -86,15 +86,17 @@ class Program:
     named: dict[str, memoryview] = field(repr=False)
     methods: dict[str, int] = field(default_factory=dict)  # constant methods: get_n_layers, get_vocab_size, ...
 
-    def tensor(self, v: int, dtype=None, sizes: list[int] | None = None, what: str = "tensor") -> np.ndarray:
-        """The data of constant tensor value v as a numpy array (bf16 widened to float32)."""
+    def tensor(self, v: int, dtype: list, sizes: list[int] | None = None, what: str = "tensor") -> np.ndarray:
+        """The data of constant tensor value v, of one of the dtypes listed (numpy types or
+        "bf16"; a program's scalar type pyguard does not know is never one), as a numpy array
+        (bf16 widened to float32)."""
         t = self.value(v)
         if t[0] != "tensor" or t[3] <= 0:
             raise PyguardError(f"{self.path}: {what} (value {v}) is not a constant tensor")
         _, dt, shape, idx, external = t
         if external:
             raise PyguardError(f"{self.path}: {what} is stored outside the .pte (external data is not supported)")
-        if dtype is not None and dt not in dtype:
+        if dt not in dtype:
             raise PyguardError(f"{self.path}: {what} has dtype {dt}, expected {' or '.join(map(str, dtype))}")
         if sizes is not None and list(shape) != list(sizes):
             raise PyguardError(f"{self.path}: {what} has shape {list(shape)}, expected {list(sizes)}")
