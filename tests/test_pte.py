@@ -111,6 +111,39 @@ def exported(tmp_path_factory, request):
     return get
 
 
+def test_export_key_covers_what_an_export_depends_on(monkeypatch):
+    import importlib.metadata
+
+    key = export_key(32)
+    assert export_key(32) == key and export_key(256) != key
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.0" if p == "torch" else importlib.metadata.distribution(p).version)
+    assert export_key(32) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(sys.modules[__name__], "MAX_SEQ", MAX_SEQ + 1)
+    assert export_key(32) != key
+    real = _sha256
+    monkeypatch.setattr(sys.modules[__name__], "_sha256", lambda p: real(p) + ("x" if str(p).endswith("export_pte.py") else ""))
+    assert export_key(32) != key
+
+
+def test_cached_export_is_reused_and_a_damaged_one_redone(tmp_path, monkeypatch):
+    made = []
+
+    def fake_export(out, geometry, embedding_group, max_seq_length):
+        made.append(out)
+        os.makedirs(os.path.join(out, "src"))
+        for name in ("model.pte", "params.json", "tokenizer.model"):
+            Path(out, name).write_text(f"{name} {len(made)}")
+
+    monkeypatch.setattr(export_pte, "export", fake_export)
+    d = cached_export(tmp_path, 32)
+    assert len(made) == 1 and (d / "model.pte").read_text() == "model.pte 1" and not (d / "src").exists()
+    assert cached_export(tmp_path, 32) == d and len(made) == 1
+    (d / "model.pte").write_text("damaged")
+    assert cached_export(tmp_path, 32) == d and len(made) == 2 and (d / "model.pte").read_text() == "model.pte 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [d.name]  # no work directory left behind
+
+
 def _runtime(path):
     import torch  # noqa: F401  (the runtime's tensors)
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
