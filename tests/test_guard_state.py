@@ -21,8 +21,8 @@ def path(tmp_path_factory):
     return decisive_guard(str(tmp_path_factory.mktemp("state")))
 
 
-def _flipped(path, tmp_path, array: str, at: int = 100):
-    """A copy of the file with one byte of `array` inverted (its CRC in the directory unchanged)."""
+def _flipped(path, tmp_path, array: str, at: int, mask: int):
+    """A copy of the file with one byte of `array` XORed with mask (its CRC in the directory unchanged)."""
     out = tmp_path / "flipped.pgw"
     shutil.copyfile(path, out)
     (entry,) = [e for e in load(path).meta["arrays"] if e["name"] == array]
@@ -31,14 +31,15 @@ def _flipped(path, tmp_path, array: str, at: int = 100):
         f.seek(data_offset + entry["offset"] + at)
         b = f.read(1)
         f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
+        f.write(bytes([b[0] ^ mask]))
     return out
 
 
-@pytest.mark.parametrize("array", ["layers.0.wqkv.qs", "layers.1.w13.scales"])
-def test_verify_refuses_a_flipped_weight_byte(path, tmp_path, array):
+# int4 values (two nibbles inverted) and the sign of an fp16 scale (its high byte's top bit)
+@pytest.mark.parametrize("array, at, mask", [("layers.0.wqkv.qs", 100, 0xFF), ("layers.0.wqkv.scales", 101, 0x80)])
+def test_verify_refuses_a_flipped_weight_byte(path, tmp_path, array, at, mask):
     good = Guard.load(path, threads=1, verify=True).classify(PROMPT)
-    bad = _flipped(path, tmp_path, array)
+    bad = _flipped(path, tmp_path, array, at, mask)
     silent = Guard.load(str(bad), threads=1).classify(PROMPT)  # without verify: a different score, no word
     assert silent.score != good.score
     with pytest.raises(PyguardError, match=rf"array '{array}' is corrupt \(checksum mismatch\)") as e:
