@@ -1,7 +1,7 @@
 """Speed and memory of the engine beside llama.cpp, on the Llama Guard 3 1B geometry with random
 int4 weights (not a test).
 
-    python tools/bench.py [--threads 2] [--group 256] [--rounds 3] [--no-llama-cpp]
+    python tools/bench.py [--threads 2] [--group 256] [--rounds 3] [--no-llama-cpp] [--no-openvino] [--no-ort]
 
 pyguard runs in this interpreter. llama.cpp runs in a separate virtual environment
 (/tmp/benchenv, or --venv) holding llama-cpp-python and gguf, created on first use (pip
@@ -13,6 +13,15 @@ Meta's interleaved rotary layout, llama.cpp's tensor names, a placeholder vocabu
 reports its figures as JSON. The two runs take turns, never overlapping on the cores, for
 --rounds rounds; each figure is the best of its rounds (shared virtual machines have slow
 spells of minutes; taking turns exposes both engines to them alike).
+
+OpenVINO (int4 symmetric, group 128, optimum-intel) and ONNX Runtime GenAI (MatMulNBits int4,
+block 32, accuracy level 4) take their turns too, each in its own virtual environment under
+/tmp, made on first use, and exported once from tools/bench_guard.py's random bf16 checkpoint
+of the same geometry in --workdir (tools/bench_peers.py says how): the same prompts' token
+ids, prefill from position 0, decode of 16 fixed tokens after a 64-token prompt, the full head
+for the last position only. Their weights are other random values than pyguard's (no logits
+check) and their int4 formats and activation precisions differ; the work per token is the
+same. The printout starts with the CPU, its features and pyguard's kernel paths.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import tracemalloc
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tools")]
 
 import synth  # noqa: E402
 from pyguard.formats import file, quant  # noqa: E402
@@ -281,6 +290,47 @@ def best_of(runs: list[dict]) -> dict:
     return out
 
 
+PEERS = {"openvino": "OpenVINO", "ort": "ORT GenAI"}
+
+
+def peer_runs(args, vocab: int) -> dict:
+    """Per peer (tools/bench_peers.py), its command on this benchmark's prompts, or why none:
+    its venv made and its model exported (from bench_guard's random bf16 checkpoint of the same
+    geometry) on first use."""
+    import bench_peers
+
+    setup = {"prefill": {str(n): prompt(n, vocab) for n in PROMPTS}, "decode": prompt(DECODE_STEPS, vocab, seed=8),
+             "decode_after": prompt(64, vocab)}
+    setup_path = pathlib.Path(args.workdir) / "setup-bench.json"
+    cmds = {}
+    for name, title in PEERS.items():
+        if getattr(args, f"no_{name}"):
+            continue
+        try:
+            os.makedirs(args.workdir, exist_ok=True)
+            setup_path.write_text(json.dumps(setup))
+            py = bench_peers.ensure_venv(name)
+            model, info = bench_peers.export(name, bench_peers.hf_checkpoint(args.workdir, args.seed), args.workdir, py,
+                                             args.ov_group)
+            cmds[title] = ([py, str(ROOT / "tools" / "bench_peers.py"), "--run", name, "--model", model, "--setup",
+                            str(setup_path), "--threads", str(args.threads)], info)
+        except (RuntimeError, subprocess.CalledProcessError) as e:
+            cmds[title] = (f"skipped: {e}", None)
+    return cmds
+
+
+def run_peer(cmd) -> dict | str:
+    if isinstance(cmd, str):
+        return cmd
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        tail = r.stderr.strip().splitlines()
+        return "failed: " + (tail[-1] if tail else f"exit {r.returncode}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    res["decode_full"] = res.pop("decode_tok_s")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -289,6 +339,11 @@ def main() -> None:
     ap.add_argument("--venv", default="/tmp/benchenv")
     ap.add_argument("--rounds", type=int, default=3, help="turns each engine takes; figures are the best of them")
     ap.add_argument("--no-llama-cpp", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true", help="no OpenVINO (tools/bench_peers.py)")
+    ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime GenAI (tools/bench_peers.py)")
+    ap.add_argument("--ov-group", type=int, default=128, help="OpenVINO's int4 group (optimum-intel export)")
+    ap.add_argument("--workdir", default="/tmp/pyguard-guard-bench", help="the peers' checkpoint and exports (shared with "
+                    "tools/bench_guard.py)")
     ap.add_argument("--llama-cpp", action="store_true", help=argparse.SUPPRESS)  # the venv side
     args = ap.parse_args()
     if args.llama_cpp:
@@ -302,36 +357,62 @@ def main() -> None:
         file.save(path, cfg, tensors)
         print(f"random int4 weights, group {args.group}: written to {path} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         del tensors
-    pg_runs, lc_runs = [], []
+    peers = peer_runs(args, cfg.vocab_size)
+    load = os.getloadavg()
+    pg_runs, lc_runs, peer_res = [], [], {k: [] for k in peers}
     for r in range(args.rounds):
         print(f"round {r + 1} of {args.rounds} ...", file=sys.stderr)
         if not args.no_llama_cpp:
             lc_runs.append(run_llama_cpp(args))
+        for k, (cmd, _) in peers.items():
+            peer_res[k].append(run_peer(cmd))
         pg_runs.append(bench_pyguard(path, args.threads, with_memory=r == 0))
     pg = best_of(pg_runs)
     failed = [r for r in lc_runs if isinstance(r, str)]
-    lc = "skipped" if args.no_llama_cpp else failed[0] if failed else best_of(lc_runs)
+    others = {"llama.cpp": "skipped" if args.no_llama_cpp else failed[0] if failed else best_of(lc_runs)}
+    for k, rs in peer_res.items():
+        ok = [x for x in rs if isinstance(x, dict)]
+        others[k] = best_of(ok) if ok else rs[0]
 
-    print(f"Llama Guard 3 1B geometry, random int4 weights (group {args.group}), {args.threads} threads, kernels: {pg['isa']}")
+    amx = getattr(kernels, "amx_status", None)  # on the branch with the amx path
     print(f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}")
+    print(f"pyguard kernels: {pg['isa']} (paths: {' '.join(kernels.available_isas())}; amx: "
+          f"{amx() if amx else 'no amx_status in this pyguard'})")
+    print(f"Llama Guard 3 1B geometry, random int4 weights (group {args.group}), {args.threads} threads, best of "
+          f"{args.rounds} rounds taken in turns; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     rows = [("load (s)", "load_s")] + [(f"prefill {n} tokens (tok/s)", f"prefill_{n}") for n in PROMPTS]
     rows += [("decode, full head (tok/s)", "decode_full"), ("decode, guard head (tok/s)", "decode_guard"), ("peak RSS (MB)", "peak_rss_mb")]
-    print(f"{'':30} {'pyguard':>10} {'llama.cpp':>10} {'ratio':>7}")
+    print(f"{'':30} {'pyguard':>10}" + "".join(f" {k:>10} {'ratio':>7}" for k in others))
     for label, key in rows:
         a = pg.get(key)
-        b = lc.get(key, lc.get("decode_full") if key == "decode_guard" else None) if isinstance(lc, dict) else None
-        ratio = f"{a / b:7.2f}" if a and b and key not in ("load_s", "peak_rss_mb") else ""
-        print(f"{label:30} {a:10.2f} {'' if b is None else f'{b:10.2f}':>10} {ratio}")
+        line = f"{label:30} {a:10.2f}"
+        for o in others.values():
+            b = o.get(key, o.get("decode_full") if key == "decode_guard" else None) if isinstance(o, dict) else None
+            ratio = f"{a / b:7.2f}" if a and b and key not in ("load_s", "peak_rss_mb") else ""
+            line += f" {'' if b is None else f'{b:10.2f}':>10} {ratio:>7}"
+        print(line)
+    print("ratio: pyguard's rate / the peer's; the peers' decode is with their full head (pyguard's guard head: 20 rows)")
     print(f"pyguard file: {pg['weights_mb']:.0f} MiB, memory-mapped (load = open and map it)")
     print(f"engine memory beyond the weights at a {CONTEXT}-token context (cache + working buffers):"
           f" fp32 cache {pg[f'ctx{CONTEXT}_float32_mb']:.0f} MiB, fp16 cache {pg[f'ctx{CONTEXT}_float16_mb']:.0f} MiB"
           f" (target: file + 300 MB)")
+    lc = others["llama.cpp"]
     if isinstance(lc, dict):
         a, b = np.array(pg["check_logits"]), np.array(lc["check_logits"])
         print(f"llama.cpp: GGUF {lc['file_mb']:.0f} MB; same model check: logits correlation {np.corrcoef(a, b)[0, 1]:.4f},"
               f" top-1 {'same' if a.argmax() == b.argmax() else 'differs'}; guard-head decode compared with its full-head decode")
     else:
         print(f"llama.cpp: {lc}")
+    for k, (cmd, exp) in peers.items():
+        r = others[k]
+        if isinstance(r, str):
+            print(f"{k}: {r}")
+            continue
+        info = r["info"]
+        print(f"{k} {info.get('version')}: {exp.get('weights')} from a random bf16 checkpoint of the same geometry (other "
+              f"random values: no logits check); export {exp['export_s']:.0f} s, {exp['peak_rss_mb']:.0f} MB; "
+              + ", ".join(f"{x} {d[x]}" for d in (info, r) for x in ("properties", "prefill_kernels", "decode_kernels",
+                                                                    "onnxruntime", "ops") if x in d))
 
 
 if __name__ == "__main__":

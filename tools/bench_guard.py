@@ -1,24 +1,58 @@
-"""Classification latency and throughput beside llama.cpp and transformers (not a test).
+"""Classification latency and throughput beside llama.cpp, OpenVINO, ONNX Runtime GenAI and
+transformers (not a test).
 
-    python tools/bench_guard.py [--threads 2] [--group 256] [--workdir /tmp/pyguard-guard-bench]
-        [--no-llama-cpp] [--no-transformers]
+    python tools/bench_guard.py [--threads 2] [--group 256] [--rounds 2] [--workdir /tmp/pyguard-guard-bench]
+        [--no-llama-cpp] [--no-openvino] [--no-ort] [--no-transformers] [--ov-group 128]
 
-Llama Guard 3 1B geometry with random weights and the real Llama 3 tokenizer (the checkpoint
-and its pyguard files are made in --workdir on first use). A fixed set of conversations:
-one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120 words.
+Llama Guard 3 1B geometry with random weights and the real Llama 3 tokenizer (the checkpoint,
+bf16 safetensors, and its pyguard files are made in --workdir on first use). A fixed set of
+conversations: one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120
+words, each numbered so that it is new to any cache (live traffic repeats the policy, not the
+conversations).
 
 - pyguard: Guard.classify (policy prefix cached after the first request; every timed
   conversation new to its token-prefix cache) and Guard.classify_many for batches of 1, 8
-  and 64.
+  and 64; and its model on the engines' token ids below (guard head).
 - llama.cpp (llama-cpp-python in tools/bench.py's virtual environment): a Q4_0 GGUF of the same
-  int4 weights, the full prompt each time (token ids from pyguard's tokenizer), then two
-  greedy decode steps, as a verdict ("\\n\\n", "safe") costs.
-- transformers (bf16 and fp32, CPU, --threads): the full prompt and two greedy steps.
+  int4 weights (full head).
+- OpenVINO and ONNX Runtime GenAI (tools/bench_peers.py: each in its own virtual environment
+  under /tmp made on first use, each exported once from the same bf16 checkpoint): OpenVINO
+  int4 symmetric group 128 (optimum-intel, all layers), ORT GenAI MatMulNBits int4 block 32,
+  accuracy level 4 (int8 activations). Both compute the full head, for the last position only.
+- transformers (bf16 and fp32, CPU, --threads, held to AVX2): the full prompt and two greedy
+  steps, once (minutes a run).
+
+The engines (pyguard's model, llama.cpp, OpenVINO, ORT GenAI) run the same loop on the same
+token ids from pyguard's tokenizer (tools/bench_peers.run_setup): a prompt and "\\n\\n" in one
+pass, then two greedy single-token steps (what a verdict costs: pyguard's classify stops at
+`safe` and decodes more only for `unsafe` categories; here every engine does two steps);
+one-turn prompts from position 0 and with the policy prefix (the tokens every prompt shares)
+kept: computed once, restored before each prompt (llama.cpp and ORT GenAI cut their cache back,
+OpenVINO sets its saved state tensors back, pyguard sets its position back), the rest
+computed; two-turn prompts from position 0; the prefill rate over the first 256 tokens of the
+longest two-turn prompt, the decode rate over its next 16 tokens fed one at a time.
+
+What is comparable: the work (same geometry, same token ids, same passes, 2 threads, int4
+weights everywhere), each engine at its best of --rounds rounds taken in turns, never
+overlapping on the cores. What is not: the numerics (random weights: the engines' first answer
+tokens differ, as their int4 formats and activation precisions do; only each engine's own
+agreement between policy-kept and position-0 runs is checked, as a test of its cache
+restore), the head (pyguard: the 20 verdict rows, ~0.1 ms; the peers: 128,256 rows, ~131 MB of
+int4 read a step), group sizes (pyguard --group, Q4_0 blocks of 32 sharing pyguard's scale,
+OpenVINO 128, ORT 32), activation precision (pyguard, llama.cpp, ORT GenAI: int8; OpenVINO: its
+execution precision printed, bf16 where the CPU has BF16 or AMX units, with dynamic int8
+quantization of activations where it applies) and the instruction sets (llama.cpp as built:
+AVX2 by tools/bench.py; the others choose from the CPU at run time). Guard.classify adds
+tokenizing, the token-prefix cache (the policy and whatever the conversation shares with
+earlier ones) and answer parsing.
 
 Each peer runs in its own process, one after the other, so that none shares the cores or
-inflates another's peak RSS. pyguard and llama.cpp take turns for --rounds rounds and each
-figure is the best of its rounds (the virtual machines here have slow spells of minutes;
-taking turns exposes both to them alike); transformers, at minutes a run, runs once.
+inflates another's peak RSS. The engines take turns for --rounds rounds and each figure is
+the best of its rounds (the virtual machines here have slow spells of minutes; taking turns
+exposes all of them alike); transformers, at minutes a run, runs once. Every printout starts
+with the CPU, its features, pyguard's kernel paths (the chosen one, those available, AMX's
+status where this pyguard reports it) and the load average; each peer's version and the
+kernels or precision it reports follow.
 
     python tools/bench_guard.py --int4 DIR [--threads 2] [--rounds 2]
 
@@ -85,11 +119,11 @@ BATCHES = (1, 8, 64)
 # left alone it would use AVX-512 / AMX bf16 units where the CPU has them.
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 DECODE_STEPS = 2
-LATENCIES = ("one", "two", "classify", "replay_full", "replay_kept")
 # A one-turn prompt used only to warm up (and build the policy prefix): the timed ones then
 # share the prefix with it, not their own text.
 WARM_UP = [{"role": "user", "content": "Is it safe to leave a candle burning overnight in a closed room?"}]
 DECODE_TOKENS = 16  # single-token steps timed for the decode rate
+PREFILL_RATE = 256  # tokens of the prefill rate's prompt (the first of the longest two-turn prompt)
 
 
 def numbered(conv: list, k: int) -> list:
@@ -117,17 +151,13 @@ def latency(times: list[float]) -> dict:
 
 def prepare(args) -> dict:
     """Checkpoint, pyguard files (guard head for pyguard, full head for the GGUF), prompts."""
-    from pyguard.convert.checkpoint import GUARD_1B, reference_tokenizer_model, write_checkpoint
+    import bench_peers
     from pyguard.convert.hf import convert
     from pyguard.guard.prompt import prompt_tokens
     from pyguard.formats.tokenizer import Tokenizer
 
     work = pathlib.Path(args.workdir)
-    hf = work / "hf"
-    if not (hf / "config.json").exists():
-        print(f"writing a random Llama Guard 3 1B checkpoint to {hf} ...", file=sys.stderr)
-        write_checkpoint(str(hf) + ".part", GUARD_1B, seed=args.seed, tokenizer_model=reference_tokenizer_model())
-        os.replace(str(hf) + ".part", hf)
+    hf = pathlib.Path(bench_peers.hf_checkpoint(args.workdir, args.seed))
     files = {}
     for head in ("guard", "full"):
         files[head] = str(work / f"guard1b-g{args.group}-{head}.pgw")
@@ -137,8 +167,24 @@ def prepare(args) -> dict:
             convert(str(hf), files[head], group=args.group, head=head, table="int4")
     tok = Tokenizer.from_file(str(hf / "original" / "tokenizer.model"))
     one, two = conversations()
-    ids = {"one": [prompt_tokens(tok, c) for c in one], "two": [prompt_tokens(tok, c) for c in two]}
-    return {"hf": str(hf), "files": files, "ids": ids, "answer_start": tok.encode("\n\n")}
+    # the engines' token ids: new conversations numbered as pyguard's timed ones (its first 8
+    # one-turn and 4 two-turn ones); the policy prefix: what all of them share with the warm-up
+    one_ids = [prompt_tokens(tok, numbered(c, k)) for k, c in enumerate(one)]
+    two_ids = [prompt_tokens(tok, numbered(c, k)) for k, c in enumerate(two)]
+    warm = prompt_tokens(tok, WARM_UP)
+    policy = min(common_prefix(warm, x) for x in one_ids)
+    rate = max(two_ids, key=len)
+    assert len(rate) >= PREFILL_RATE + DECODE_TOKENS, "the longest prompt is too short for the rates"
+    return {"hf": str(hf), "files": files, "answer_start": tok.encode("\n\n"), "warm_up": warm, "one": one_ids,
+            "two": two_ids, "policy": policy, "prefill": {str(PREFILL_RATE): rate[:PREFILL_RATE]},
+            "decode": rate[PREFILL_RATE:PREFILL_RATE + DECODE_TOKENS]}
+
+
+def common_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------- pyguard
@@ -169,8 +215,37 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
         t0 = time.perf_counter()
         guard.classify_many(work, batch_size=b)
         res[f"batch_{b}"] = len(work) / (time.perf_counter() - t0)
+    # the engine on the peers' token ids and timing loop (tools/bench_peers.py)
+    import bench_peers
+
+    engine = bench_peers.run_setup(PyguardEngine(guard.model, 1024), setup)
+    res.update({f"engine_{k}": v for k, v in engine.items() if k in ("one", "one_kept", "two", "kept_agrees")})
+    res.update({k: v for k, v in engine.items() if k.startswith("prefill_") or k == "decode_tok_s"})
     res["peak_rss_mb"] = peak_rss_mb()
     return res
+
+
+class PyguardEngine:
+    """pyguard's model (guard head: its logits scattered over the vocabulary, -inf elsewhere,
+    as ExecuTorch's pruned program returns them) in bench_peers' engine interface; the key/value
+    cache's positions past the restored length are overwritten."""
+
+    def __init__(self, model, positions: int):
+        self.model, self.state = model, model.new_state(positions)
+
+    def reset(self) -> None:
+        self.state.pos = 0
+
+    def feed(self, ids: list[int]) -> np.ndarray:
+        logits = np.full(self.model.config.vocab_size, -np.inf, np.float32)
+        logits[self.model.head_ids] = self.model.decode(self.state, ids[0]) if len(ids) == 1 else self.model.prefill(self.state, ids)
+        return logits
+
+    def save(self) -> int:
+        return self.state.pos
+
+    def restore(self, saved: int) -> None:
+        self.state.pos = saved
 
 
 # ---------------------------------------------------------------- llama.cpp (in the venv)
@@ -191,37 +266,17 @@ def q4_0_gguf(args, setup: dict) -> str:
 
 
 def llama_cpp_child(args) -> None:
-    from llama_cpp import Llama
+    import bench_peers
 
     setup = json.loads(pathlib.Path(args.setup).read_text())
     gguf = q4_0_gguf(args, setup)
-    llm = Llama(gguf, n_ctx=2048, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    vocab = llm.n_vocab()
-
-    def classify(ids: list[int]) -> None:
-        llm.reset()
-        llm.eval(ids + setup["answer_start"])
-        for _ in range(DECODE_STEPS):
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
-            llm.eval([int(np.argmax(logits))])
-
-    classify(setup["ids"]["one"][0])  # warm up
-    res = {}
-    for name in ("one", "two"):
-        times = []
-        for ids in setup["ids"][name]:
-            t0 = time.perf_counter()
-            classify(ids)
-            times.append(time.perf_counter() - t0)
-        res[name] = latency(times)
-    mix = (setup["ids"]["one"] + setup["ids"]["two"])
+    base = peak_rss_mb()
     t0 = time.perf_counter()
-    for ids in mix:
-        classify(ids)
-    res["batch_1"] = len(mix) / (time.perf_counter() - t0)
-    res["peak_rss_mb"] = peak_rss_mb()
-    res["file_mb"] = os.path.getsize(gguf) / 1e6
-    print(json.dumps(res))
+    engine = bench_peers.LlamaCppEngine(gguf, args.threads)
+    load = time.perf_counter() - t0
+    res = bench_peers.run_setup(engine, setup)
+    print(json.dumps({**res, "load_s": load, "base_rss_mb": base, "file_mb": os.path.getsize(gguf) / 1e6,
+                      "info": engine.info()}))
 
 
 # ---------------------------------------------------------------- transformers (subprocess)
@@ -236,7 +291,7 @@ def transformers_child(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.transformers]
     model = LlamaForCausalLM.from_pretrained(setup["hf"], dtype=dtype).eval()
     times = []
-    for ids in setup["ids"]["one"][: args.transformers_runs]:
+    for ids in setup["one"][: args.transformers_runs]:
         x = torch.tensor([ids + setup["answer_start"]])
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -415,11 +470,13 @@ def report_int4(setup: dict, runs: dict, args, load: tuple) -> None:
         sys.exit(f"ExecuTorch {et}")
     ps = setup["prompts"]
     n = [len(p["ids"]) for p in ps]
+    for line in machine_lines(pg["isa"]):
+        print(line)
     print(f"Meta's Llama Guard 3-1B-INT4 geometry ({setup['program']}, {setup['pte_mb']:.0f} MB; pyguard file "
           f"{setup['pgw_mb']:.0f} MB), {len(ps)} one-turn prompts of {min(n)}-{max(n)} tokens ({ps[0]['policy']} of them "
           f"the policy prefix), answers {sorted({p['answer'] for p in ps})} in {statistics.mean(len(p['passes']) + 1 for p in ps):.1f} "
           f"passes on average")
-    print(f"CPU: {kernels.cpu_model()}; pyguard kernels {pg['isa']}, {pg['threads']} threads; ExecuTorch {et['threads']} "
+    print(f"pyguard {pg['threads']} threads; ExecuTorch {et['threads']} "
           f"threads; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after; best of {args.rounds} rounds")
     def agree(x: dict, y: dict) -> str:
         return f"{sum(a == b for a, b in zip(x['argmax'], y['argmax']))} of {len(x['argmax'])}"
@@ -456,6 +513,9 @@ def main() -> None:
     ap.add_argument("--venv", default="/tmp/benchenv", help="llama-cpp-python's environment (see tools/bench.py)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--no-openvino", action="store_true", help="no OpenVINO (tools/bench_peers.py: venv, export)")
+    ap.add_argument("--no-ort", action="store_true", help="no ONNX Runtime GenAI (tools/bench_peers.py)")
+    ap.add_argument("--ov-group", type=int, default=128, help="OpenVINO's int4 group (optimum-intel export)")
     ap.add_argument("--transformers-runs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="turns pyguard and llama.cpp take; figures are the best of them")
     ap.add_argument("--int4", metavar="DIR", help="Meta's INT4 .pte directory: pyguard beside ExecuTorch instead")
@@ -491,12 +551,34 @@ def main() -> None:
     if not args.no_llama_cpp:
         turns["llama.cpp"] = [str(py), me, "--llama-cpp", *common] if py.exists() else \
             f"no {py}: run tools/bench.py once to create it"
+    exports = {}
+    for name, skip in (("openvino", args.no_openvino), ("ort", args.no_ort)):
+        if not skip:
+            turns[PEER_TITLES[name]], exports[name] = peer_turn(name, args, setup, setup_path)
+    load = os.getloadavg()
     runs = take_turns(turns, args.rounds)
     if not args.no_transformers:
         for dt in ("bf16", "fp32"):
             runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
                                                     str(args.transformers_runs), *common], AVX2_ONLY)
-    report(runs, args)
+    report(runs, args, setup, exports, load)
+
+
+PEER_TITLES = {"openvino": "OpenVINO", "ort": "ORT GenAI"}
+
+
+def peer_turn(name: str, args, setup: dict, setup_path) -> tuple[list[str] | str, dict | None]:
+    """The command of a peer's turn (its venv made and its model exported on first use), or why
+    there is none; and its export's record."""
+    import bench_peers
+
+    try:
+        py = bench_peers.ensure_venv(name)
+        model, info = bench_peers.export(name, setup["hf"], args.workdir, py, args.ov_group)
+    except (RuntimeError, subprocess.CalledProcessError) as e:
+        return f"skipped: {e}", None
+    return [py, str(ROOT / "tools" / "bench_peers.py"), "--run", name, "--model", model, "--setup", str(setup_path),
+            "--threads", str(args.threads)], info
 
 
 def take_turns(turns: dict, rounds: int) -> dict:
@@ -515,42 +597,135 @@ def best_of(runs: list) -> dict | str:
     if not ok:
         return runs[0]
     best = dict(ok[0])
-    for key in best:
-        if key in LATENCIES:
+    for key, v in best.items():
+        if isinstance(v, dict) and "median" in v:
             best[key] = min((r[key] for r in ok), key=lambda v: v["median"])
-        elif key.startswith("batch_") or key.endswith("_tok_s"):
+        elif key.startswith(("batch_", "prefill_")) or key.endswith("_tok_s"):
             best[key] = max(r[key] for r in ok)
+    best["rounds"] = len(ok)
     return best
 
 
-def report(runs: dict, args) -> None:
+def machine_lines(isa: str | None = None) -> list[str]:
+    """The CPU, its features and pyguard's kernel paths, for every printout."""
+    from pyguard.engine import kernels
+
+    amx = getattr(kernels, "amx_status", None)  # on the branch with the amx path
+    return [f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}",
+            f"pyguard kernels: {isa or kernels.isa()} (paths: {' '.join(kernels.available_isas())}; amx: "
+            f"{amx() if amx else 'no amx_status in this pyguard'})"]
+
+
+def peak_gmacs(threads: int) -> float | None:
+    """The active path's integer-core ceiling (G multiply-adds/s on `threads` threads), where
+    pyguard's library measures it (pg_peak_macs); else None."""
+    from pyguard._kernels import lib
+
+    if not hasattr(lib, "pg_peak_macs"):
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pyguard.engine import kernels
+
+    iters = 2_000_000 if kernels.isa() != "amx" else 200_000
+
+    def one(_):
+        t0 = time.perf_counter()
+        n = lib.pg_peak_macs(iters)
+        return n / (time.perf_counter() - t0)
+
+    with ThreadPoolExecutor(threads) as ex:
+        return max(sum(ex.map(one, range(threads))) for _ in range(3)) / 1e9
+
+
+def linear_macs(hf_dir: str) -> float:
+    """Multiply-adds of one token through the decoder's linear layers (not the head)."""
+    c = json.loads(pathlib.Path(hf_dir, "config.json").read_text())
+    d, f, L = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    kv = c["num_key_value_heads"] * c.get("head_dim", d // c["num_attention_heads"])
+    return L * (d * (d + 2 * kv) + d * d + 3 * d * f)
+
+
+def peer_lines(name: str, r: dict, export: dict | None) -> list[str]:
+    info = r.get("info", {})
+    out = []
+    if name == "llama.cpp":
+        out.append(f"llama.cpp: llama-cpp-python {info.get('version')}, Q4_0 GGUF of pyguard's int4 weights (full head); "
+                   f"{info.get('system', '').strip()}")
+    elif name == "OpenVINO":
+        out.append(f"OpenVINO {info.get('version')}: {export.get('weights') if export else ''}; properties "
+                   f"{info.get('properties')}; FullyConnected primitives: prefill {r.get('prefill_kernels')}, decode "
+                   f"{r.get('decode_kernels')}; head for the last position only: {info.get('head_last_position_only')}")
+    elif name == "ORT GenAI":
+        out.append(f"ONNX Runtime GenAI {info.get('version')} (onnxruntime {info.get('onnxruntime')}): "
+                   f"{export.get('weights') if export else ''}; graph {info.get('ops')}")
+    if export:
+        out[-1] += f"; export {export['export_s']:.0f} s, {export['peak_rss_mb']:.0f} MB peak RSS"
+    out[-1] += f"; load {r.get('load_s', 0):.2f} s"
+    return out
+
+
+def report(runs: dict, args, setup: dict, exports: dict, load: tuple) -> None:
     from pyguard.engine import kernels  # here: the peers' side of this script runs without pyguard
 
     pg = runs["pyguard"]
     if isinstance(pg, str):
         sys.exit(f"pyguard {pg}")
-    print(f"Llama Guard 3 1B geometry, random weights (group {args.group}), real tokenizer, {args.threads} threads, "
-          f"kernels {pg['isa']}; one-turn prompt {pg['prompt_tokens']} tokens, {pg['cached_tokens']} from the prefix cache")
-    print(f"CPU: {kernels.cpu_model()}; features: {' '.join(kernels.cpu_features())}")
+    for line in machine_lines(pg["isa"]):
+        print(line)
+    print(f"Llama Guard 3 1B geometry, random weights, real tokenizer, {args.threads} threads, best of {args.rounds} "
+          f"rounds taken in turns; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(f"pyguard: its file (group {args.group}, guard head); Guard.classify's one-turn prompts {pg['prompt_tokens']} "
+          f"tokens, {pg['cached_tokens']} from its token-prefix cache; engines' one-turn prompts "
+          f"{min(map(len, setup['one']))}-{max(map(len, setup['one']))} tokens, policy prefix {setup['policy']}")
     peers = {k: v for k, v in runs.items() if k != "pyguard"}
-    rows = [("one-turn median (s)", lambda r: r.get("one", {}).get("median"), "lower"),
-            ("one-turn p95 (s)", lambda r: r.get("one", {}).get("p95"), "lower"),
-            ("two-turn median (s)", lambda r: r.get("two", {}).get("median"), "lower"),
-            ("two-turn p95 (s)", lambda r: r.get("two", {}).get("p95"), "lower")]
-    rows += [(f"batch {b} (conversations/s)", lambda r, b=b: r.get(f"batch_{b}"), "higher") for b in BATCHES]
-    rows += [("peak RSS (MB)", lambda r: r.get("peak_rss_mb"), "lower"), ("file (MB)", lambda r: r.get("file_mb"), "lower")]
-    head = f"{'':28}{'pyguard':>9}" + "".join(f"{k:>18}{'ratio':>7}" for k in peers)
-    print(head)
-    for label, get, better in rows:
-        line = f"{label:28}{_fmt(get(pg)):>9}"
+    for k, r in peers.items():
+        if isinstance(r, dict):
+            for line in peer_lines(k, r, exports.get({"OpenVINO": "openvino", "ORT GenAI": "ort"}.get(k, ""))):
+                print(line)
+    med = lambda key: (lambda r: r.get(key, {}).get("median"))  # noqa: E731
+    p95 = lambda key: (lambda r: r.get(key, {}).get("p95"))  # noqa: E731
+    # (label, pyguard's figure, a peer's figure, better)
+    rows = [("one-turn new, policy kept, median (s)", med("engine_one_kept"), med("one_kept"), "lower"),
+            ("one-turn new, policy kept, p95 (s)", p95("engine_one_kept"), p95("one_kept"), "lower"),
+            ("one-turn from position 0, median (s)", med("engine_one"), med("one"), "lower"),
+            ("two-turn from position 0, median (s)", med("engine_two"), med("two"), "lower"),
+            (f"prefill {PREFILL_RATE} tokens (tok/s)", lambda r: r.get(f"prefill_{PREFILL_RATE}"),
+             lambda r: r.get(f"prefill_{PREFILL_RATE}"), "higher"),
+            ("decode (tok/s)", lambda r: r.get("decode_tok_s"), lambda r: r.get("decode_tok_s"), "higher"),
+            ("Guard.classify one-turn median (s)", med("one"), lambda r: None, "lower"),
+            ("Guard.classify two-turn median (s)", med("two"), lambda r: None, "lower"),
+            ("batch 1 (conversations/s)", lambda r: r.get("batch_1"), lambda r: r.get("batch_1"), "higher")]
+    rows += [(f"batch {b} (conversations/s)", lambda r, b=b: r.get(f"batch_{b}"), lambda r: None, "higher") for b in BATCHES[1:]]
+    rows += [("peak RSS (MB)", lambda r: r.get("peak_rss_mb"), lambda r: r.get("peak_rss_mb"), "lower"),
+             ("file (MB)", lambda r: r.get("file_mb"), lambda r: r.get("file_mb"), "lower")]
+    print(f"{'':38}{'pyguard':>9}" + "".join(f"{k:>19}{'ratio':>7}" for k in peers))
+    for label, get_pg, get, better in rows:
+        a = get_pg(pg)
+        line = f"{label:38}{_fmt(a):>9}"
         for r in peers.values():
             v = None if isinstance(r, str) else get(r)
-            ratio = None if v is None or get(pg) is None else (v / get(pg) if better == "lower" else get(pg) / v)
-            line += f"{_fmt(v):>18}{_fmt(ratio, 'x'):>7}"
+            ratio = None if v is None or a is None else (v / a if better == "lower" else a / v)
+            line += f"{_fmt(v):>19}{_fmt(ratio, 'x'):>7}"
         print(line)
     print("ratio: how many times better pyguard is (peer time / pyguard time, pyguard rate / peer rate, peer MB / pyguard MB)")
+    print("engines (all but the Guard.classify rows): the same token ids, the prompt and \"\\n\\n\" in one pass, then "
+          f"{2} greedy steps; 'policy kept': the first {setup['policy']} tokens restored from a cache made once, the rest "
+          "computed; batch 1: one-turn and two-turn from position 0 one after the other (pyguard: Guard.classify_many)")
+    macs = linear_macs(setup["hf"])
+    ceiling = peak_gmacs(args.threads)
+    gm = pg[f"prefill_{PREFILL_RATE}"] * macs / 1e9
+    print(f"pyguard prefill {PREFILL_RATE}: {gm:.0f} G multiply-adds/s in the linear layers ({macs / 1e9:.2f} G a token)"
+          + (f", {gm / ceiling:.0%} of the {pg['isa']} path's ceiling measured now ({ceiling:.0f} G/s)" if ceiling else
+             " (no pg_peak_macs in this pyguard: the path's ceiling is not measured)"))
+    for k, r in peers.items():
+        if isinstance(r, dict) and r.get(f"prefill_{PREFILL_RATE}"):
+            print(f"{k}: prefill {PREFILL_RATE} at {r[f'prefill_{PREFILL_RATE}'] * macs / 1e9:.0f} G multiply-adds/s in the "
+                  f"linear layers; first answer token the same with the policy kept as from position 0: "
+                  f"{r.get('kept_agrees')} of {len(r['one_kept']['argmax'])} prompts")
     print(f"pyguard: load {pg['load_s']:.2f} s, first request (builds the prefix cache) {pg['first_s']:.2f} s; "
-          f"batch-64 / batch-1 throughput {pg['batch_64'] / pg['batch_1']:.2f}x")
+          f"batch-64 / batch-1 throughput {pg['batch_64'] / pg['batch_1']:.2f}x; engine policy-kept check "
+          f"{pg.get('engine_kept_agrees')} of {len(pg['engine_one_kept']['argmax'])}")
     for k, r in peers.items():
         if isinstance(r, str):
             print(f"{k}: {r}")
