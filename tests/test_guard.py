@@ -158,7 +158,7 @@ def test_batches_give_the_verdicts_of_single_requests(guards, decisive):
     batched = g.classify_many(convs, batch_size=3)
     for a, b in zip(alone, batched):
         assert (a.answer, a.score, a.prompt_tokens) == (b.answer, b.score, b.prompt_tokens)
-    with pytest.raises(PyguardError, match="^conversation 1: message 1: roles must alternate"):
+    with pytest.raises(PyguardError, match="^conversation 2: message 1: roles must alternate"):
         g.classify_many(["fine", [{"role": "assistant", "content": "x"}]])
     # thresholds between the scores of a batch (the decisive model): each conversation its own verdict
     for head, g in decisive.items():

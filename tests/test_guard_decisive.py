@@ -141,9 +141,9 @@ def test_bad_arguments(guards):
         g.classify("hello", categories={"S1": 3})
     with pytest.raises(PyguardError, match="codes are non-empty str"):
         g.classify("hello", categories={1: "a"})
-    with pytest.raises(PyguardError, match="^conversation 3: the message: empty content$"):
+    with pytest.raises(PyguardError, match="^conversation 4: the message: empty content$"):
         g.classify_many(["a", "b", "c", "  ", "d"])
-    with pytest.raises(PyguardError, match="^conversation 1: message 1: expected a mapping"):
+    with pytest.raises(PyguardError, match="^conversation 2: message 1: expected a mapping"):
         g.classify_many(["a", [3]])
     with pytest.raises(PyguardError, match="^the message: empty content$"):
         g.classify("")
@@ -161,7 +161,7 @@ def test_non_finite_logits_are_errors(paths, bad):
     for threshold in (None, 0, 1):
         with pytest.raises(PyguardError, match="non-finite logits"):
             g.classify("hello", threshold=threshold)
-    with pytest.raises(PyguardError, match="^conversation 0: the model computed non-finite logits"):
+    with pytest.raises(PyguardError, match="^conversation 1: the model computed non-finite logits"):
         g.classify_many(["hello", "there"])
 
 

@@ -273,7 +273,7 @@ class Guard:
                 try:
                     requests.append(self.prepare(c, categories, exclude))
                 except PyguardError as e:
-                    raise PyguardError(f"conversation {i}: {e}") from None
+                    raise PyguardError(f"conversation {i + 1}: {e}") from None  # counted as users count
             return self._classify(requests, threshold, batch_size, True, category_scores)
 
     def _classify(self, requests: list, threshold: float | None, batch_size: int, named: bool,
@@ -347,7 +347,7 @@ class Guard:
     def _check_finite(logits: np.ndarray, first: int | None, k: int) -> np.ndarray:
         """Logits a decision may be made on: NaN or inf (a damaged model) is an error, never a verdict."""
         if not np.isfinite(logits).all():
-            where = "" if first is None else f"conversation {first + k}: "
+            where = "" if first is None else f"conversation {first + k + 1}: "
             raise PyguardError(f"{where}the model computed non-finite logits (NaN or inf): no verdict (is the file damaged?)")
         return logits
 
