@@ -9,6 +9,12 @@
 #ifndef HWCAP_ASIMDDP
 #define HWCAP_ASIMDDP (1 << 20)
 #endif
+#ifndef AT_HWCAP2
+#define AT_HWCAP2 26
+#endif
+#ifndef HWCAP2_I8MM
+#define HWCAP2_I8MM (1 << 13)
+#endif
 #endif
 
 #define ROW_TILE 16 /* task boundaries fall on multiples of this, wider than any microkernel */
@@ -66,8 +72,11 @@ static int supported(const pg_kernels **out) {
 #endif
     }
 #endif
-#if defined(__aarch64__) /* ASIMD is part of every ARMv8-A core; dotprod is optional */
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) out[n++] = &pg_kernels_neon_dotprod;
+#if defined(__aarch64__) /* ASIMD is part of every ARMv8-A core; dotprod and i8mm are optional */
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) {
+        if (getauxval(AT_HWCAP2) & HWCAP2_I8MM) out[n++] = &pg_kernels_neon_i8mm; /* its GEMV is neon-dotprod's */
+        out[n++] = &pg_kernels_neon_dotprod;
+    }
     out[n++] = &pg_kernels_neon;
 #endif
     out[n++] = &pg_kernels_scalar;

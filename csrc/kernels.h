@@ -60,7 +60,7 @@ extern const pg_kernels pg_kernels_vnni_emulated, pg_kernels_avx512vnni_emulated
 #endif
 #endif
 #if defined(__aarch64__)
-extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod;
+extern const pg_kernels pg_kernels_neon, pg_kernels_neon_dotprod, pg_kernels_neon_i8mm;
 #endif
 
 #define PG_MAX_THREADS 256

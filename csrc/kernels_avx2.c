@@ -552,8 +552,8 @@ const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnn
 const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni, peak_avx512vnni};
 const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, peak_amx};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated};
-const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated};
-const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated, NULL};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated, NULL};
+const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL};
 #endif
 #endif

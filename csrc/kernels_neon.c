@@ -1,8 +1,9 @@
-/* aarch64 NEON kernels: plain ASIMD (any ARMv8-A core) and a dotprod variant (vdotq_s32,
- * ARMv8.2+), the latter compiled with its own target attribute so that the library itself is
- * built for baseline armv8-a and runs everywhere.
+/* aarch64 NEON kernels: plain ASIMD (any ARMv8-A core), a dotprod variant (vdotq_s32,
+ * ARMv8.2+) and an i8mm variant of the prefill GEMM (vusmmlaq_s32, Armv8.6), the latter two
+ * compiled with their own target attributes so that the library itself is built for baseline
+ * armv8-a and runs everywhere.
  *
- * Both compute each group's integer dot product exactly, reduce it to one int32 and then do
+ * All compute each group's integer dot product exactly, reduce it to one int32 and then do
  * the float work in the scalar path's order (acc += d * (float)dot, group after group), so
  * their results are bit-identical to kernels_scalar.c for any tiling and thread count. */
 #if defined(__aarch64__)
@@ -153,6 +154,162 @@ TILE(tile_dotprod, DOTPROD, 1)
 ROWS(neon, , tile_neon)
 ROWS(dotprod, DOTPROD, tile_dotprod)
 
+/* i8mm (Armv8.6 FEAT_I8MM), prefill GEMM only: vusmmlaq_s32 (USMMLA) multiplies a 2x8 block of
+ * uint8 activations (two tokens, 8 columns each) by an 8x2 block of int8 weights (two rows, 8
+ * columns each) into a 2x2 int32 block: lanes {t0.r0, t0.r1, t1.r0, t1.r1}, exact, unsigned
+ * times signed as the data is (no offset fix). A tile is 8 weight rows (4 pairs) x 4 tokens (2
+ * pairs): 8 int32x4 group sums and 8 float32x4 accumulators in registers. The weights of the
+ * tile's rows are unpacked a span of up to I8_SPAN columns at a time into a stack buffer, rows
+ * interleaved pairwise by 8 columns and the 4 pairs' 16 bytes side by side (one LD1 of 4
+ * registers per 8 columns), with their scales as float32x4 {d_r0, d_r1, d_r0, d_r1}; every
+ * token of a block passes over them. Activations are read from q[N][K] as they are: 16 columns
+ * of each token of a pair and two ZIPs make the pair's two 2x8 blocks. Per group, in the scalar
+ * order: acc = acc + d * (float)sum, lane by lane. Partial accumulators wait in y between
+ * spans (exact float32). Rows past m1 and tokens past N are clamped to the last one: their
+ * duplicates compute the very same bits for the same place of y. */
+#define I8MM __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#define I8_SPAN 2048 /* columns unpacked at a time: 16 KB of weights, 4 KB of scales */
+#define I8_BLOCK 131072 /* bytes of activations (tokens x span) a block of tokens may read */
+
+/* The tile's 8 rows `rows` (clamped), columns [c0, c0 + len): wb[(c - c0) / 8][p][16] holds
+ * columns c..c+7 of rows[2p] then of rows[2p + 1]; db[g][p] {d_2p, d_2p+1, d_2p, d_2p+1} for
+ * the span's groups g. */
+I8MM static void i8_unpack(const pg_qtensor *w, const int32_t rows[8], int32_t c0, int32_t len, int8_t *wb, float *db) {
+    const int32_t K = w->K, G = w->G, ngroups = K / G;
+    for (int p = 0; p < 4; p++) {
+        const uint8_t *ra = w->qs + (int64_t)rows[2 * p] * (K / 2) + c0 / 2, *rb = w->qs + (int64_t)rows[2 * p + 1] * (K / 2) + c0 / 2;
+        int8_t *o = wb + 16 * p;
+        for (int32_t c = 0; c < len; c += 64, ra += 32, rb += 32, o += 512) {
+            int8x16_t va[4], vb[4];
+            weights32(ra, 0, va);
+            weights32(ra, 32, va + 2);
+            weights32(rb, 0, vb);
+            weights32(rb, 32, vb + 2);
+            UNROLL for (int h = 0; h < 4; h++) { /* columns c + 16h .. c + 16h + 15 */
+                const int64x2_t a = vreinterpretq_s64_s8(va[h]), b = vreinterpretq_s64_s8(vb[h]);
+                vst1q_s8(o + 128 * h, vreinterpretq_s8_s64(vzip1q_s64(a, b)));
+                vst1q_s8(o + 128 * h + 64, vreinterpretq_s8_s64(vzip2q_s64(a, b)));
+            }
+        }
+        for (int32_t g = 0; g < len / G; g++) {
+            const float da = pg_f16_to_f32(w->scales[(int64_t)rows[2 * p] * ngroups + c0 / G + g]);
+            const float dr = pg_f16_to_f32(w->scales[(int64_t)rows[2 * p + 1] * ngroups + c0 / G + g]);
+            float *d = db + (g * 4 + p) * 4;
+            d[0] = da, d[1] = dr, d[2] = da, d[3] = dr;
+        }
+    }
+}
+
+/* The two outputs of lane pair {t.r0, t.r1} at y + t * M: adjacent rows, or a clamped one. */
+static inline __attribute__((always_inline)) float32x2_t i8_load2(const float *y, int32_t r0, int32_t r1) {
+    return r1 == r0 + 1 ? vld1_f32(y + r0) : vset_lane_f32(y[r1], vdup_n_f32(y[r0]), 1);
+}
+static inline __attribute__((always_inline)) void i8_store2(float *y, int32_t r0, int32_t r1, float32x2_t v) {
+    if (r1 == r0 + 1) {
+        vst1_f32(y + r0, v);
+    } else { /* r1 == r0 (clamped): both lanes hold the same bits */
+        vst1_lane_f32(y + r1, v, 1);
+        vst1_lane_f32(y + r0, v, 0);
+    }
+}
+
+/* The tile of 8 rows x T (2 or 4) tokens `tok` (clamped) over the span [c0, c0 + len). */
+I8MM static inline __attribute__((always_inline)) void i8_tile(const pg_qtensor *w, const int32_t rows[8], const int32_t *tok,
+                                                               const int T, int32_t c0, int32_t len, const int8_t *wb, const float *db,
+                                                               const uint8_t *q, const float *scale, const int32_t *zp, float *y) {
+    const int32_t K = w->K, G = w->G, M = w->M;
+    const uint8_t *x[4];
+    float32x4_t acc[4][2];
+    UNROLL for (int t = 0; t < T; t++) x[t] = q + (int64_t)tok[t] * K + c0;
+    UNROLL for (int p = 0; p < 4; p++) UNROLL for (int u = 0; u < T / 2; u++) {
+        if (c0 == 0) {
+            acc[p][u] = vdupq_n_f32(0.0f);
+        } else {
+            const float *y0 = y + (int64_t)tok[2 * u] * M, *y1 = y + (int64_t)tok[2 * u + 1] * M;
+            acc[p][u] = vcombine_f32(i8_load2(y0, rows[2 * p], rows[2 * p + 1]), i8_load2(y1, rows[2 * p], rows[2 * p + 1]));
+        }
+    }
+    for (int32_t g = 0; g < len / G; g++) {
+        int32x4_t sum[4][2];
+        UNROLL for (int p = 0; p < 4; p++) UNROLL for (int u = 0; u < T / 2; u++) sum[p][u] = vdupq_n_s32(0);
+        const int8_t *wp = wb + (int64_t)g * G * 8;
+        for (int32_t c = g * G; c < (g + 1) * G; c += 16, wp += 128) {
+            uint8x16_t a[2][2];
+            UNROLL for (int u = 0; u < T / 2; u++) {
+                const uint64x2_t x0 = vreinterpretq_u64_u8(vld1q_u8(x[2 * u] + c)), x1 = vreinterpretq_u64_u8(vld1q_u8(x[2 * u + 1] + c));
+                a[u][0] = vreinterpretq_u8_u64(vzip1q_u64(x0, x1));
+                a[u][1] = vreinterpretq_u8_u64(vzip2q_u64(x0, x1));
+            }
+            UNROLL for (int h = 0; h < 2; h++) {
+                const int8x16x4_t wv = vld1q_s8_x4(wp + 64 * h);
+                UNROLL for (int p = 0; p < 4; p++) UNROLL for (int u = 0; u < T / 2; u++)
+                    sum[p][u] = vusmmlaq_s32(sum[p][u], a[u][h], wv.val[p]);
+            }
+        }
+        UNROLL for (int p = 0; p < 4; p++) {
+            const float32x4_t d = vld1q_f32(db + (g * 4 + p) * 4);
+            UNROLL for (int u = 0; u < T / 2; u++) acc[p][u] = vaddq_f32(acc[p][u], vmulq_f32(d, vcvtq_f32_s32(sum[p][u])));
+        }
+    }
+    const int last = c0 + len == K;
+    UNROLL for (int u = 0; u < T / 2; u++) {
+        const int32_t t0 = tok[2 * u], t1 = tok[2 * u + 1];
+        const float32x4_t s = vcombine_f32(vdup_n_f32(scale[t0]), vdup_n_f32(scale[t1]));
+        const float32x4_t z = vcombine_f32(vdup_n_f32((float)zp[t0]), vdup_n_f32((float)zp[t1]));
+        UNROLL for (int p = 0; p < 4; p++) {
+            const int32_t r0 = rows[2 * p], r1 = rows[2 * p + 1];
+            float32x4_t v = acc[p][u];
+            if (last) {
+                const float32x2_t rs = vset_lane_f32(w->rowsum[r1], vdup_n_f32(w->rowsum[r0]), 1);
+                v = vmulq_f32(s, vsubq_f32(v, vmulq_f32(z, vcombine_f32(rs, rs))));
+            }
+            i8_store2(y + (int64_t)t0 * M, r0, r1, vget_low_f32(v));
+            i8_store2(y + (int64_t)t1 * M, r0, r1, vget_high_f32(v));
+        }
+    }
+}
+
+I8MM static void i8_tile4(const pg_qtensor *w, const int32_t rows[8], const int32_t *tok, int32_t c0, int32_t len, const int8_t *wb,
+                          const float *db, const uint8_t *q, const float *scale, const int32_t *zp, float *y) {
+    i8_tile(w, rows, tok, 4, c0, len, wb, db, q, scale, zp, y);
+}
+I8MM static void i8_tile2(const pg_qtensor *w, const int32_t rows[8], const int32_t *tok, int32_t c0, int32_t len, const int8_t *wb,
+                          const float *db, const uint8_t *q, const float *scale, const int32_t *zp, float *y) {
+    i8_tile(w, rows, tok, 2, c0, len, wb, db, q, scale, zp, y);
+}
+
+/* Rows [m0, m1) of Y[N][M]: tokens in blocks whose span of activations fits I8_BLOCK bytes;
+ * per block, 8 rows at a time, a span of their weights unpacked once for every token of the
+ * block (W read from memory once per block). */
+I8MM static void gemm_rows_i8mm(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q, const float *scale,
+                                const int32_t *zp, int32_t N, float *y) {
+    int8_t wb[I8_SPAN * 8] __attribute__((aligned(64)));
+    float db[I8_SPAN / 32 * 16] __attribute__((aligned(16)));
+    const int32_t K = w->K, span = K < I8_SPAN ? K : I8_SPAN;
+    int32_t block = (I8_BLOCK / span) & ~3;
+    block = block > 4 ? block : 4;
+    for (int32_t n0 = 0; n0 < N; n0 += block) {
+        const int32_t n1 = n0 + block < N ? n0 + block : N;
+        for (int32_t m = m0; m < m1; m += 8) {
+            int32_t rows[8];
+            for (int r = 0; r < 8; r++) rows[r] = m + r < m1 ? m + r : m1 - 1;
+            for (int32_t c0 = 0; c0 < K; c0 += I8_SPAN) {
+                const int32_t len = K - c0 < I8_SPAN ? K - c0 : I8_SPAN;
+                i8_unpack(w, rows, c0, len, wb, db);
+                int32_t n = n0;
+                for (; n + 4 <= n1; n += 4) {
+                    const int32_t tok[4] = {n, n + 1, n + 2, n + 3};
+                    i8_tile4(w, rows, tok, c0, len, wb, db, q, scale, zp, y);
+                }
+                for (; n < n1; n += 2) {
+                    const int32_t tok[2] = {n, n + 1 < n1 ? n + 1 : n};
+                    i8_tile2(w, rows, tok, c0, len, wb, db, q, scale, zp, y);
+                }
+            }
+        }
+    }
+}
+
 /* out[K] = d * q for one row; products of a 4-bit integer and an fp16 scale are exact. */
 static void dequant_row(const pg_qtensor *w, int32_t row, float *out) {
     const int32_t K = w->K, G = w->G;
@@ -217,6 +374,9 @@ static void swiglu_row(const float *g, const float *up, int32_t len, float *out)
     for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL};
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+/* i8mm: the prefill GEMM on USMMLA; the GEMV (one token would fill half of each 2x2 block) is
+ * neon-dotprod's. */
+const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
 #endif

@@ -14,7 +14,7 @@ typedef struct {
     int32_t M, K, G;
 } pg_qtensor;
 
-/* Kernel path: "scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod". Chosen
+/* Kernel path: "scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod", "neon-i8mm". Chosen
  * at load from the CPU (and PYGUARD_ISA, by the Python layer); pg_set_isa returns 0, or -1 if the
  * path is unknown or the CPU lacks it. The path is process-wide; each job reads it once when it
  * starts. pg_amx_status: "available", or why this process cannot run AMX code. */

@@ -13,7 +13,7 @@
 /* Every path computes the same exact int32 group sums and then the scalar path's float
  * operations in its order: each must match scalar bit for bit. */
 static const char *PATHS[] = {"avx2", "avxvnni", "avx512vnni", "amx", "vnni-emulated", "avx512vnni-emulated", "amx-emulated",
-                              "neon", "neon-dotprod"};
+                              "neon", "neon-dotprod", "neon-i8mm"};
 
 static uint64_t rng_state;
 static uint32_t rnd(void) { /* xorshift64* */

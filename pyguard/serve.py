@@ -22,6 +22,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -293,8 +294,10 @@ class Batcher:
             try:
                 results = self.guard.classify_many([j.conversation for j in jobs], batch_size=len(jobs), **options)
             except PyguardError as e:  # a damaged model (non-finite logits): no verdict
+                # classify_many names the conversation by its index in this call, which no client saw
+                message = re.sub(r"^conversation \d+: ", "", str(e))
                 for job in jobs:
-                    job.settle(ApiError(500, str(e), code="no_verdict"))
+                    job.settle(ApiError(500, message, code="no_verdict"))
                 continue
             self.metrics.batch(results, time.perf_counter() - t0)
             for job, r in zip(jobs, results):
@@ -325,18 +328,23 @@ def _fields(body: Any, required: tuple[str, ...], allowed: tuple[str, ...]) -> d
 
 
 def _inputs(value: Any) -> list[str]:
-    """OpenAI's moderation input: a string, a list of strings, or of {"type": "text", "text": ...}."""
+    """OpenAI's moderation input: a string, a list of strings, or of {"type": "text", "text": ...}.
+    Errors name the input as users count: "input" for a string, "input 1" for a list's first."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
         raise ApiError(400, "input must be a string or a non-empty list of strings", param="input")
     out = []
     for i, x in enumerate(items):
+        name = "input" if isinstance(value, str) else f"input {i + 1}"
         if isinstance(x, dict) and x.get("type") == "text" and set(x) == {"type", "text"}:
             x = x["text"]
         elif isinstance(x, dict) and x.get("type") == "image_url":
-            raise ApiError(400, f"input {i}: images are not supported (Llama Guard 3 judges text)", param="input")
+            raise ApiError(400, f"{name}: images are not supported (Llama Guard 3 judges text)", param="input")
         if not isinstance(x, str):
-            raise ApiError(400, f"input {i} must be a string, not {type(x).__name__}", param="input")
+            raise ApiError(400, f"{name} must be a string, not {type(x).__name__}", param="input")
+        if not x.strip():  # named here: judged as a conversation, it would be "the message"
+            raise ApiError(400, f"{name} is empty (nothing but white space): there is nothing to judge", param="input",
+                           code="invalid_input")
         out.append(x)
     return out
 
@@ -456,7 +464,8 @@ class Service:
         return _json(b"".join(chunks))
 
     async def _judge(self, options: dict, conversations: list, what: str) -> list[Result]:
-        """The results of conversations (errors name the failing one as `what` and its index)."""
+        """The results of conversations (errors name the failing one as `what` and its index,
+        counted from 1, when there are several)."""
         n, room = len(conversations), self.batcher.max_queue
         if n > room:
             raise ApiError(400, f"{n} conversations in one request, over the queue's {room}", param="input")
@@ -469,7 +478,7 @@ class Service:
         for i, r in enumerate(done):
             if isinstance(r, ApiError):
                 if n > 1:
-                    r.message = f"{what} {i}: {r.message}"
+                    r.message = f"{what} {i + 1}: {r.message}"
                 raise r
             if isinstance(r, BaseException):
                 raise r

@@ -1,4 +1,4 @@
-"""The NEON paths (plain and dotprod), cross-compiled for aarch64 and run under qemu against the
+"""The NEON paths (plain, dotprod and i8mm), cross-compiled for aarch64 and run under qemu against the
 scalar path (csrc/test_kernels.c). .ci/run installs the tools: a missing tool fails, never skips."""
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ def arm_binary(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cpu, best, paths", [
-    ("cortex-a53", "neon", ["neon"]),                 # ARMv8.0: no dotprod, detected at run time
-    ("max", "neon-dotprod", ["neon", "neon-dotprod"]),
+    ("cortex-a53", "neon", ["neon"]),                                  # ARMv8.0: no dotprod, detected at run time
+    ("cortex-a76", "neon-dotprod", ["neon", "neon-dotprod"]),          # ARMv8.2 with dotprod, no i8mm
+    ("max", "neon-i8mm", ["neon", "neon-dotprod", "neon-i8mm"]),       # i8mm (USMMLA): HWCAP2_I8MM
 ])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_neon_paths_match_scalar(arm_binary, cpu, best, paths, seed):

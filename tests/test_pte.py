@@ -111,6 +111,39 @@ def exported(tmp_path_factory, request):
     return get
 
 
+def test_export_key_covers_what_an_export_depends_on(monkeypatch):
+    import importlib.metadata
+
+    key = export_key(32)
+    assert export_key(32) == key and export_key(256) != key
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "0.0" if p == "torch" else importlib.metadata.distribution(p).version)
+    assert export_key(32) != key
+    monkeypatch.undo()
+    monkeypatch.setattr(sys.modules[__name__], "MAX_SEQ", MAX_SEQ + 1)
+    assert export_key(32) != key
+    real = _sha256
+    monkeypatch.setattr(sys.modules[__name__], "_sha256", lambda p: real(p) + ("x" if str(p).endswith("export_pte.py") else ""))
+    assert export_key(32) != key
+
+
+def test_cached_export_is_reused_and_a_damaged_one_redone(tmp_path, monkeypatch):
+    made = []
+
+    def fake_export(out, geometry, embedding_group, max_seq_length):
+        made.append(out)
+        os.makedirs(os.path.join(out, "src"))
+        for name in ("model.pte", "params.json", "tokenizer.model"):
+            Path(out, name).write_text(f"{name} {len(made)}")
+
+    monkeypatch.setattr(export_pte, "export", fake_export)
+    d = cached_export(tmp_path, 32)
+    assert len(made) == 1 and (d / "model.pte").read_text() == "model.pte 1" and not (d / "src").exists()
+    assert cached_export(tmp_path, 32) == d and len(made) == 1
+    (d / "model.pte").write_text("damaged")
+    assert cached_export(tmp_path, 32) == d and len(made) == 2 and (d / "model.pte").read_text() == "model.pte 2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [d.name]  # no work directory left behind
+
+
 def _runtime(path):
     import torch  # noqa: F401  (the runtime's tensors)
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, update_cache)
@@ -282,7 +315,8 @@ def anatomy(exported):
     """Byte positions in the group-32 export: {op: [position of each call's argument count]},
     [(position of a tensor value's sizes, their count)], [the rotary tables' sizes positions],
     [(start, end) of each delegate's XNNPACK flatbuffer], [every vtable entry of the XNNPACK
-    graphs' values and nodes], [the vtable entry of each quantized value's tensor part]."""
+    graphs' values and nodes], [the vtable entry of each quantized weight's tensor part],
+    [the scalar type of each one-value constant], [each operator's vtable entry of its name]."""
     from pyguard.convert.flatbuffer import Buf
 
     data = (exported(32)[0] / "model.pte").read_bytes()
@@ -295,9 +329,11 @@ def anatomy(exported):
         kind, a = ins.union(0)
         if kind == pte._KERNEL_CALL:
             args.setdefault(operators[a.scalar(0, "i")], []).append(a._ref(1))
-    sizes, rotary = [], []
+    sizes, rotary, scalars = [], [], []
     for v in plan.tables(2):
         kind, t = v.union(0)
+        if kind == pte._TENSOR and t is not None and t.scalar(5, "I") > 0 and t._field(0) and not t.scalars(2, "i"):
+            scalars.append(t._field(0))  # the scalar type of a constant of one value (e.g. the norm epsilon)
         if kind == pte._TENSOR and t is not None and t._ref(2):
             p, n = t._ref(2), t.buf.unpack("I", t._ref(2))
             if n:
@@ -322,7 +358,8 @@ def anatomy(exported):
         fields += [start + t.vt + 4 + 2 * i for t in tables for i in range((t.vt_size - 4) // 2)]
         at = data.find(b"XH00", at + 4)
     assert set(READ_OPS) <= set(args) and len(rotary) == 2 and len(graphs) == 4 * 2 + 1
-    return data, args, sizes, rotary, graphs, fields, qtensors
+    names = [o.vt + 4 for o in plan.tables(6)]  # each operator's vtable entry of its name
+    return data, args, sizes, rotary, graphs, fields, qtensors, scalars, names
 
 
 def _judged(exported, tmp_path, data: bytes, must_refuse: bool) -> None:
@@ -413,13 +450,32 @@ def test_xnnpack_graph_changed(exported, anatomy, tmp_path, which, where, value)
 @given(which=st.floats(0, 0.9999))
 def test_xnnpack_field_removed(exported, anatomy, tmp_path, which):
     """A field of a value or node of an XNNPACK graph made absent (its vtable entry zeroed)."""
-    data, *_, fields, _ = anatomy
+    data, *_, fields, _, _, _ = anatomy
     _judged(exported, tmp_path, _put(data, fields[int(which * len(fields))], "<H", 0), False)
+
+
+def test_constant_scalar_of_another_type(exported, anatomy, tmp_path):
+    """Each one-value constant (the norm epsilon among them) given an unknown scalar type (99)
+    or an integer one: a PyguardError or a valid file, never a numpy TypeError."""
+    data, *_, scalars, _ = anatomy
+    assert scalars
+    for pos in scalars:
+        for st_ in (99, 4):
+            _judged(exported, tmp_path, _put(data, pos, "<b", st_), False)
+
+
+def test_nameless_operator_beside_an_unknown_one(exported, anatomy, tmp_path):
+    """Operators without a name (their shared vtable's entry zeroed) and a renamed one: refused."""
+    data, *_, names = anatomy
+    i = data.index(b"aten::sigmoid")
+    renamed = data[:i] + b"aten::sigmoix" + data[i + 13 :]
+    for pos in names[:1] + names[-1:]:
+        _judged(exported, tmp_path, _put(renamed, pos, "<H", 0), True)
 
 
 def test_xnnpack_quantized_value_without_its_tensor(exported, anatomy, tmp_path):
     """A quantized value whose tensor part is absent (once an AttributeError): refused."""
-    data, *_, qtensors = anatomy
+    data, *_, qtensors, _, _ = anatomy
     assert len(qtensors) == 7 * 2 + 1  # the weights of the 7 linear layers of each layer, and the head
     for pos in qtensors[:2] + qtensors[-1:]:
         _judged(exported, tmp_path, _put(data, pos, "<H", 0), True)

@@ -250,15 +250,26 @@ BAD = [
     ("/v1/moderations", {"input": "x", "extra": 1}, "extra", "unknown field"),
     ("/v1/moderations", {"input": 5}, "input", "input must be a string"),
     ("/v1/moderations", {"input": []}, "input", "non-empty list"),
-    ("/v1/moderations", {"input": ["ok", 3]}, "input", "input 1 must be a string"),
-    ("/v1/moderations", {"input": "   "}, None, "empty"),
+    ("/v1/moderations", {"input": ["ok", 3]}, "input", "input 2 must be a string"),  # inputs count from 1
+    ("/v1/moderations", {"input": "   "}, "input", "input is empty (nothing but white space)"),
+    ("/v1/moderations", {"input": ""}, "input", "input is empty (nothing but white space)"),  # was "message 0"
+    ("/v1/moderations", {"input": ["ok", ""]}, "input", "input 2 is empty"),
+    ("/v1/moderations", {"input": [{"type": "text", "text": " "}]}, "input", "input 1 is empty"),
+    ("/v1/moderations", {"input": ["ok", {"type": "image_url", "image_url": {"url": "x"}}]}, "input",
+     "input 2: images are not supported"),
     ("/v1/moderations", {"input": "x", "model": 3}, "model", "model must be a string"),
-    ("/v1/moderations", {"input": ["ok", LONG]}, None, "input 1: the prompt is"),
+    ("/v1/moderations", {"input": ["ok", LONG]}, None, "input 2: the prompt is"),
     ("/v1/moderations", {"input": ["x"] * 257}, "input", "257 conversations in one request, over the queue's 256"),
     ("/v1/classify", {}, None, "exactly one of messages"),
     ("/v1/classify", {"messages": [], "conversations": []}, None, "exactly one of messages"),
     ("/v1/classify", {"conversations": "abc"}, "conversations", "non-empty list"),
     ("/v1/classify", {"messages": [{"role": "robot", "content": "hi"}]}, None, "role"),
+    ("/v1/classify", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, None,
+     "message 2 (the response): empty content"),
+    ("/v1/classify", {"messages": " "}, None, "the message: empty content"),
+    ("/v1/classify", {"conversations": ["ok", [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "user", "content": "c"}]]},
+     None, "conversation 2: message 2: roles must alternate"),
+    ("/v1/classify", {"conversations": ["ok", "fine", " "]}, None, "conversation 3: the message: empty content"),
     ("/v1/classify", {"messages": "hi", "threshold": 2}, "threshold", "threshold must be"),
     ("/v1/classify", {"messages": "hi", "threshold": "0.5"}, "threshold", "threshold must be"),
     ("/v1/classify", {"messages": "hi", "exclude": ["S99"]}, "exclude", "S99"),
@@ -275,7 +286,8 @@ def test_bad_input(server, path, body, param, message):
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
     assert message in err["message"] and err["param"] == param and "\n" not in err["message"]
-    assert not err["message"].startswith(("input 0:", "conversation 0:"))  # an index only among several
+    assert not err["message"].startswith(("input 1:", "conversation 1:"))  # an index only among several
+    assert not any(f"{what} 0" in err["message"] for what in ("input", "conversation", "message"))  # counted from 1
 
 
 FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "category_scores", "role",
@@ -611,6 +623,26 @@ def test_tokens_in_flight_bound_each_inference_call(guard, monkeypatch):
         monkeypatch.undo()
         assert calls == [per_call] * (len(convs) // per_call), (budget, calls)
         assert [native(r) for r in out[0]] == [native(guard.classify(c)) for c in convs]
+
+
+def test_no_verdict_names_no_internal_index(model):
+    """A damaged model (non-finite logits) is a 500 for every request of the failing call; its
+    message names no conversation by its index in the server's internal batch (which the client
+    never saw: "conversation 0: ..." for a request's only conversation, or its second)."""
+    import numpy as np
+
+    from pyguard.engine.model import Model
+    from pyguard.formats.file import load
+
+    f = load(model)
+    tensors = dict(f.tensors)
+    tensors["norm"] = np.full(f.config.dim, np.nan, np.float32)  # every logit NaN
+    damaged = Guard(Model(f.config, tensors, f.head_ids, threads=1), f.tokenizer(), f.family)
+    out, _ = _batcher_run(damaged, [(PLAIN, ["hello"]), (PLAIN, ["there", "again"])])
+    for results in out:
+        for r in results:
+            assert isinstance(r, ApiError) and r.status == 500 and r.code == "no_verdict", r
+            assert r.message.startswith("the model computed non-finite logits") and "conversation" not in r.message
 
 
 class _SlowGuard:

@@ -109,8 +109,8 @@ def test_stream_errors(warm):
     with pytest.raises(PyguardError, match="cannot exclude"):
         warm.stream(USER, exclude=["S99"])
     s = warm.stream(USER)
-    with pytest.raises(PyguardError, match="empty content"):
-        s.check()  # nothing to judge yet
+    with pytest.raises(PyguardError, match="^the reply is empty"):
+        s.check()  # nothing to judge yet: the reply is named, not counted as a message
     with pytest.raises(PyguardError, match="not UTF-8"):
         s.feed(b"ok \xff")
     s = warm.stream(USER)
@@ -307,7 +307,7 @@ def test_finish_always_checks_and_ends_the_stream(warm, cold):
     assert s.text == "Sure, café"
     s = warm.stream(USER, every=10**6)
     s.feed("   ")
-    with pytest.raises(PyguardError, match="empty content"):
+    with pytest.raises(PyguardError, match="^the reply is empty"):
         s.finish()  # only white space cannot be judged
     s = warm.stream(USER, every=10**6)  # bytes-like chunks: bytes, bytearray, memoryview, cut inside a character
     raw = "Sure, café 🐉.".encode()
@@ -319,6 +319,29 @@ def test_finish_always_checks_and_ends_the_stream(warm, cold):
     with pytest.raises(PyguardError, match="not UTF-8"):
         s.feed(b"\xff")
     assert s.text == "ok" and key(s.finish()) == key(cold.classify(reply_of(USER, "ok")))  # the bad chunk left nothing
+
+
+def test_utf8_errors_count_every_character_fed(warm):
+    """A UTF-8 error names how many characters of the reply came before the bad byte: those of
+    earlier chunks (str or bytes), of the failing chunk, and a character completed across chunks."""
+    for chunks, bad, before in [
+        ([], b"abc\xff", 3),  # the failing chunk's own characters count (was "after 0 characters")
+        (["ok "], b"abc\xff", 6),
+        ([b"ab", "c"], b"de\x80", 5),
+        (["Caf", "é".encode()[:1]], "é".encode()[1:] + b"!\xff", 5),  # "Café!" then the bad byte
+        (["x", "é".encode()[:1]], b"\xff", 1),  # the held-back byte is not a character
+        (["🐉"], b"\xe2\x82", None),  # a truncated sequence is held back, not an error
+    ]:
+        s = warm.stream(USER, every=10**6)
+        for c in chunks:
+            s.feed(c)
+        if before is None:
+            assert s.feed(bad) is None
+            continue
+        text = s.text
+        with pytest.raises(PyguardError, match=rf"^the reply is not UTF-8 \(.* after {before} characters\)$"):
+            s.feed(bad)
+        assert s.text == text  # the bad chunk left nothing
 
 
 # ---------------------------------------------------------------- the command line

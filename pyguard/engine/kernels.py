@@ -12,10 +12,10 @@ from .._kernels import ffi, lib
 from ..errors import PyguardError
 from ..formats.quant import GROUP_SIZES, QActs, QTensor
 
-ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod")
+ISAS = ("scalar", "avx2", "avxvnni", "avx512vnni", "amx", "neon", "neon-dotprod", "neon-i8mm")
 # CPU flags (Linux /proc/cpuinfo names) that decide the kernel paths, printed by the benchmarks
 FEATURES = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-            "amx_tile", "amx_int8", "asimd", "asimddp")
+            "amx_tile", "amx_int8", "asimd", "asimddp", "i8mm")
 MAX_THREADS = 256  # PG_MAX_THREADS in csrc/kernels.h
 
 

@@ -48,8 +48,9 @@ class Stream:
         if isinstance(chunk, (bytes, bytearray, memoryview)):
             try:
                 chunk = self._utf8.decode(bytes(chunk))
-            except UnicodeDecodeError as e:
-                raise PyguardError(f"the reply is not UTF-8 ({e.reason} after {len(self.text)} characters)") from None
+            except UnicodeDecodeError as e:  # e.object: the bytes held back from the last chunk, then this one
+                before = len(self.text) + len(e.object[: e.start].decode("utf-8", "replace"))  # every character fed
+                raise PyguardError(f"the reply is not UTF-8 ({e.reason} after {before} characters)") from None
         elif not isinstance(chunk, str):
             raise PyguardError(f"feed() takes str or bytes, not {type(chunk).__name__}")
         elif self._utf8.getstate()[0]:
@@ -61,7 +62,9 @@ class Stream:
 
     def check(self) -> "Result":
         """Check the reply so far now: `guard.classify(conversation + [reply])`. A reply with
-        nothing but white space yet cannot be judged (PyguardError, as in classify)."""
+        nothing but white space yet cannot be judged (PyguardError naming the reply)."""
+        if not self.text.strip():  # named here: classify would count it as a message of the conversation
+            raise PyguardError("the reply is empty (nothing but white space so far): there is nothing to judge")
         r = self._guard.classify(self._conversation + [{"role": "assistant", "content": self.text}], **self._options)
         self._checked = self.tokens
         self.unsafe |= r.unsafe
