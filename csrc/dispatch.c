@@ -181,8 +181,9 @@ int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *s
             int32_t N, float *y) {
     job j = {.k = atomic_load(&active), .w = w, .q = q, .scale = scale, .zp = zp, .N = N, .y = y};
     uint8_t *packed = NULL;
-    if (N > 1 && j.k->gemm_lanes) {
-        if (!(packed = pack_tokens(q, N, w->K, j.k->gemm_lanes))) return -1;
+    const int32_t lanes = N > 1 && j.k->gemm_lanes ? j.k->gemm_lanes(w, N) : 0; /* N = 1: the GEMV reads q */
+    if (lanes) {
+        if (!(packed = pack_tokens(q, N, w->K, lanes))) return -1;
         j.q = packed;
     }
     run_rows(pool, &j);

@@ -118,57 +118,73 @@ XINLINE void NAME(group_sums)(const NAME(acc_t) *acc, const int n, const int G32
 }
 #endif
 
-/* GEMV_R rows m + r*step of W (r < R) against one activation row q: y[m + r*step]; G32: W
- * has G == 32 (else G is a multiple of 64). R and G32 are constants at every call, so the
- * accumulators (fixed-size arrays, fully unrolled loops) live in registers. Per group: each
- * row's int32 sum, then the float work with one row per lane (the order stated at the top). */
-XINLINE void NAME(gemv_tile)(const pg_qtensor *w, int32_t m, int32_t step, const uint8_t *q, float scale, int32_t zp,
-                             float *y, const int R, const int G32) {
+/* Lane j: the float scale d[r * stride] of output o0 + j of an R x T tile (output o = r T + t;
+ * lanes past the tile's outputs are 0). */
+XINLINE __m256 NAME(scales8)(const uint16_t *d, int64_t stride, const int o0, const int R, const int T) {
+    const int r0 = o0 / T;
+#define PG_SCALE(i) (r0 + (i) < R && (i) < 8 ? d[(r0 + (i)) * stride] : 0)
+    const __m256 v = _mm256_cvtph_ps(_mm_setr_epi16(PG_SCALE(0), PG_SCALE(1), PG_SCALE(2), PG_SCALE(3), PG_SCALE(4),
+                                                    PG_SCALE(5), PG_SCALE(6), PG_SCALE(7)));
+#undef PG_SCALE
+    if (T == 1) return v;
+    return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32((o0 + 0) / T - r0, (o0 + 1) / T - r0, (o0 + 2) / T - r0, (o0 + 3) / T - r0,
+                                                         (o0 + 4) / T - r0, (o0 + 5) / T - r0, (o0 + 6) / T - r0, (o0 + 7) / T - r0));
+}
+
+/* Columns in the lanes: R rows m + r*step of W (r < R) x T tokens q[t*K] (R T <= LANES_MAX):
+ * y[t*M + m + r*step]; G32: W has G == 32 (else G is a multiple of 64). R, T and G32 are
+ * constants at every call, so the accumulators (fixed-size arrays, fully unrolled loops) live
+ * in registers. Per group: each output's int32 sum, then the float work one output per lane
+ * (output o = r T + t; the order stated at the top). The GEMV (T = 1) and the GEMM of a few
+ * tokens, where the tokens cannot fill the lanes. */
+XINLINE void NAME(cols_tile)(const pg_qtensor *w, int32_t m, int32_t step, const uint8_t *q, const float *scale,
+                             const int32_t *zp, float *y, const int R, const int T, const int G32) {
     const int32_t K = w->K, G = G32 ? 32 : w->G, ngroups = K / G, S = GROUPS_PER_STEP(G32);
     const uint16_t *d = w->scales + (int64_t)m * ngroups;
     const int64_t dstride = (int64_t)step * ngroups;
-    const uint8_t *rows[GEMV_R];
-    __m256 facc = _mm256_setzero_ps();
+    const uint8_t *rows[4];
+    __m256 facc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}; /* outputs 0..7, 8..15 */
     UNROLL for (int r = 0; r < R; r++) rows[r] = w->qs + (int64_t)(m + r * step) * (K / 2);
     for (int32_t g = 0; g < ngroups; g += S) {
-        NAME(acc_t) acc[GEMV_R];
-        UNROLL for (int r = 0; r < R; r++) acc[r] = NAME(zero)();
+        NAME(acc_t) acc[16];
+        UNROLL for (int o = 0; o < R * T; o++) acc[o] = NAME(zero)();
         /* a 32-column half of a block (G == 32 on 256-bit vectors), else whole 64-column blocks */
         const int half = G32 && S == 1;
         for (int32_t c = g * G; c < (g + S) * G; c += half ? 32 : 64) {
             UNROLL for (int r = 0; r < R; r++) {
                 const uint8_t *p = rows[r] + (c & ~63) / 2;
-                /* the weight stream is the bottleneck, and rows are too short for the hardware
-                 * prefetcher to ramp up; fetch 16 KB ahead */
-                if ((c & 127) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
+                /* one token: the weight stream is the bottleneck, and rows are too short for the
+                 * hardware prefetcher to ramp up; fetch 16 KB ahead */
+                if (T == 1 && (c & 127) == 0) _mm_prefetch((const char *)(p + 16384), _MM_HINT_T0);
 #if !WIDE
                 if (half) { /* only the half of the block this group covers */
-                    acc[r] = NAME(half)(acc[r], q + c, NAME(unpack32)(p, c & 32));
+                    const __m256i wv = NAME(unpack32)(p, c & 32);
+                    UNROLL for (int t = 0; t < T; t++) acc[r * T + t] = NAME(half)(acc[r * T + t], q + (int64_t)t * K + c, wv);
                     continue;
                 }
 #endif
-                acc[r] = NAME(block)(acc[r], q + c, NAME(wblock)(p));
+                const NAME(wblock_t) wb = NAME(wblock)(p);
+                UNROLL for (int t = 0; t < T; t++) acc[r * T + t] = NAME(block)(acc[r * T + t], q + (int64_t)t * K + c, wb);
             }
         }
         __m256i sums[2][2];
-        NAME(group_sums)(acc, R, G32, sums);
-        UNROLL for (int s = 0; s < S; s++) { /* lane r: row r's scale of group g + s */
-#define PG_SCALE(r) ((r) < R ? d[(r) * dstride + g + s] : 0)
-            const __m256 dv = _mm256_cvtph_ps(_mm_setr_epi16(PG_SCALE(0), PG_SCALE(1), PG_SCALE(2), PG_SCALE(3), PG_SCALE(4),
-                                                             PG_SCALE(5), PG_SCALE(6), PG_SCALE(7)));
-#undef PG_SCALE
-            facc = _mm256_add_ps(facc, _mm256_mul_ps(_mm256_cvtepi32_ps(sums[s][0]), dv));
-        }
+        NAME(group_sums)(acc, R * T, G32, sums);
+        UNROLL for (int s = 0; s < S; s++)
+            UNROLL for (int h = 0; h < (R * T + 7) / 8; h++)
+                facc[h] = _mm256_add_ps(facc[h], _mm256_mul_ps(_mm256_cvtepi32_ps(sums[s][h]), NAME(scales8)(d + g + s, dstride, 8 * h, R, T)));
     }
-    float out[8];
-    _mm256_storeu_ps(out, facc);
-    UNROLL for (int r = 0; r < R; r++) y[m + r * step] = scale * (out[r] - (float)zp * w->rowsum[m + r * step]);
+    float out[16];
+    _mm256_storeu_ps(out, facc[0]);
+    _mm256_storeu_ps(out + 8, facc[1]);
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int t = 0; t < T; t++)
+            y[(int64_t)t * w->M + m + r * step] = scale[t] * (out[r * T + t] - (float)zp[t] * w->rowsum[m + r * step]);
 }
 
 /* ---- GEMM: LANES tokens per vector (tv_*: the vector operations of this width) */
 #if !WIDE
 #define LANES 8
-#define TILE_R 2 /* 2 rows x 2 token vectors: 4 partial, 4 group and 4 float accumulators */
+#define TILE_R 3 /* 3 rows x 2 token vectors: 6 partial and 6 group accumulators */
 typedef __m256i NAME(tvi);
 typedef __m256 NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return _mm256_setzero_si256(); }
@@ -185,7 +201,7 @@ XINLINE NAME(tvf) NAME(tv_fma)(NAME(tvf) facc, NAME(tvi) sums, float d) {
 }
 #else
 #define LANES 16
-#define TILE_R 4 /* 4 rows x 2 token vectors: 8 group and 8 float accumulators of the 32 zmm */
+#define TILE_R 4 /* 4 rows x 2 token vectors: 8 group accumulators */
 typedef W512 NAME(tvi);
 typedef W512F NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return W_ZERO(); }
@@ -230,19 +246,30 @@ XINLINE void NAME(gemm_part)(const int8_t *w, int32_t c, const uint8_t *qt, int6
  * row, from column k0; d: their float scales, SPAN / 32 a row. T, R constant at every call. */
 XINLINE void NAME(gemm_tile)(const int8_t *w, const float *d, int32_t k0, int32_t k1, int32_t G, const uint8_t *qt,
                              int64_t NP, int32_t v, int first, float (*fsum)[BLOCK_LANES], int32_t v0, const int R, const int T) {
+#if WIDE /* the float sums in registers too */
     NAME(tvf) facc[TILE_R][TILE_T];
     UNROLL for (int r = 0; r < R; r++)
-        UNROLL for (int t = 0; t < T; t++)
-            facc[r][t] = first ? NAME(tv_zerof)() : NAME(tv_loadf)(fsum[r] + (v - v0 + t) * LANES);
+        UNROLL for (int t = 0; t < T; t++) facc[r][t] = first ? NAME(tv_zerof)() : NAME(tv_loadf)(fsum[r] + (v - v0 + t) * LANES);
+#endif
     for (int32_t g0 = k0; g0 < k1; g0 += G) {
         NAME(tvi) acc[TILE_R][TILE_T];
         NAME(gemm_part)(w, g0 - k0, qt + (int64_t)(g0 / 4) * NP * 4, NP, v, acc, 1, R, T);
         for (int32_t c = g0 + 32; c < g0 + G; c += 32) NAME(gemm_part)(w, c - k0, qt + (int64_t)(c / 4) * NP * 4, NP, v, acc, 0, R, T);
+        const float *dg = d + (g0 - k0) / G;
         UNROLL for (int r = 0; r < R; r++)
-            UNROLL for (int t = 0; t < T; t++) facc[r][t] = NAME(tv_fma)(facc[r][t], acc[r][t], d[r * (SPAN / 32) + (g0 - k0) / G]);
+            UNROLL for (int t = 0; t < T; t++) {
+#if WIDE
+                facc[r][t] = NAME(tv_fma)(facc[r][t], acc[r][t], dg[r * (SPAN / 32)]);
+#else /* the float sums wait in L1 (touched once a group): the 16 registers hold the integer sums */
+                float *f = fsum[r] + (v - v0 + t) * LANES;
+                NAME(tv_storef)(f, NAME(tv_fma)(first && g0 == k0 ? NAME(tv_zerof)() : NAME(tv_loadf)(f), acc[r][t], dg[r * (SPAN / 32)]));
+#endif
+            }
     }
+#if WIDE
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int t = 0; t < T; t++) NAME(tv_storef)(fsum[r] + (v - v0 + t) * LANES, facc[r][t]);
+#endif
 }
 
 /* Rows [m, m + R) of Y for token vectors [v0, v1): the weights unpacked a SPAN of columns at a
@@ -275,11 +302,47 @@ XINLINE void NAME(gemm_rows_tv)(const pg_qtensor *w, int32_t m, const uint8_t *q
             y[(int64_t)n * w->M + m + r] = scale[n] * (fsum[r][n - v0 * LANES] - (float)zp[n] * w->rowsum[m + r]);
 }
 
-/* Rows [m0, m1) of Y[N][M] from the packed activations qt (LANES tokens a vector), by equal
- * blocks of token vectors whose activations (up to 128 KB) stay in L2; within a block, TILE_R
- * rows at a time. */
+/* Columns in the lanes for a product of N > 1 tokens (q[N][K] as it is): tiles of COLS_R rows x
+ * 4 tokens (the tails: 1 to 3 tokens, 1 row), the work following N. */
+#define COLS_R (LANES / 4) /* rows of a tile: 8 outputs a reduction on ymm, 16 on zmm */
+XINLINE void NAME(gemm_rows_cols_g)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q, const float *scale,
+                                    const int32_t *zp, int32_t N, float *y, const int G32) {
+    const int64_t K = w->K;
+    int32_t m = m0;
+#define PG_TOKENS(R)                                                                                       \
+    {                                                                                                     \
+        int32_t n = 0;                                                                                    \
+        for (; n + 4 <= N; n += 4) NAME(cols_tile)(w, m, 1, q + n * K, scale + n, zp + n, y + n * w->M, R, 4, G32); \
+        const uint8_t *qn = q + n * K;                                                                    \
+        float *yn = y + n * w->M;                                                                         \
+        if (N - n == 1) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 1, G32);                   \
+        if (N - n == 2) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 2, G32);                   \
+        if (N - n == 3) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 3, G32);                   \
+    }
+    for (; m + COLS_R <= m1; m += COLS_R) PG_TOKENS(COLS_R)
+    for (; m < m1; m++) PG_TOKENS(1)
+#undef PG_TOKENS
+}
+
+/* The activations gemm_rows reads for N tokens: packed for LANES tokens a vector (returns
+ * LANES: dispatch.c packs them), or, with fewer tokens than lanes, q[N][K] as it is (0). */
+XTARGET static int32_t NAME(gemm_lanes)(const pg_qtensor *w, int32_t N) {
+    (void)w;
+    return N >= LANES ? LANES : 0;
+}
+
+/* Rows [m0, m1) of Y[N][M]. Packed activations (gemm_lanes): by equal blocks of token vectors
+ * whose activations (up to 128 KB) stay in L2; within a block, TILE_R rows at a time. Else
+ * from q[N][K], gemm_rows_cols_g. */
 XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *qt,
                              const float *scale, const int32_t *zp, int32_t N, float *y) {
+    if (!NAME(gemm_lanes)(w, N)) {
+        if (w->G == 32)
+            NAME(gemm_rows_cols_g)(w, m0, m1, qt, scale, zp, N, y, 1);
+        else
+            NAME(gemm_rows_cols_g)(w, m0, m1, qt, scale, zp, N, y, 0);
+        return;
+    }
     const int64_t K = w->K, NP = (N + LANES - 1) / LANES * LANES;
     const int32_t vectors = (int32_t)(NP / LANES);
     int32_t most = (int32_t)((128 << 10) / (K * LANES));
@@ -293,6 +356,7 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
     }
 }
 #undef TV_DOT
+#undef COLS_R
 #undef LANES
 #undef TILE_R
 #undef TILE_T
@@ -305,8 +369,8 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
 XINLINE void NAME(gemv_rows_g)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,
                         float scale, int32_t zp, float *y, const int G32) {
     const int32_t h = (m1 - m0) / GEMV_R;
-    for (int32_t m = m0; m < m0 + h; m++) NAME(gemv_tile)(w, m, h, q, scale, zp, y, GEMV_R, G32);
-    for (int32_t m = m0 + h * GEMV_R; m < m1; m++) NAME(gemv_tile)(w, m, 1, q, scale, zp, y, 1, G32);
+    for (int32_t m = m0; m < m0 + h; m++) NAME(cols_tile)(w, m, h, q, &scale, &zp, y, GEMV_R, 1, G32);
+    for (int32_t m = m0 + h * GEMV_R; m < m1; m++) NAME(cols_tile)(w, m, 1, q, &scale, &zp, y, 1, 1, G32);
 }
 
 XTARGET static void NAME(gemv_rows)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *q,

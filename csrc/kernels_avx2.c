@@ -547,13 +547,13 @@ __attribute__((target("amx-tile,amx-int8"))) static int64_t peak_amx(int64_t ite
     return iters * 4 * 16384;
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8, peak_avx2};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8, peak_avxvnni};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16, peak_avx512vnni};
-const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0, peak_amx};
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx2, peak_avx2};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avxvnni, peak_avxvnni};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni, peak_avx512vnni};
+const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, peak_amx};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 8};
-const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 16};
-const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, 0};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated, NULL};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated, NULL};
+const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL};
 #endif
 #endif

@@ -374,9 +374,9 @@ static void swiglu_row(const float *g, const float *up, int32_t len, float *out)
     for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, 0};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, 0};
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
 /* i8mm: the prefill GEMM on USMMLA; the GEMV (one token would fill half of each 2x2 block) is
  * neon-dotprod's. */
-const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, 0};
+const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
 #endif

@@ -120,4 +120,4 @@ void pg_rms_row_scalar(const float *x, const float *w, int32_t K, float eps, flo
 }
 
 const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar,
-                                      rope_row, swiglu_row, pg_rms_row_scalar, 0};
+                                      rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
