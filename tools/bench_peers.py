@@ -18,7 +18,7 @@ PyPI (nothing else is downloaded; the project's own dependencies and tests do no
   (DYNAMIC_QUANTIZATION_GROUP_SIZE); the primitives its FullyConnected nodes run on are read
   from the compiled model and printed.
 - ONNX Runtime GenAI (/tmp/benchenv-ort): onnxruntime-genai (it pulls onnxruntime), onnx,
-  transformers, torch. Export: onnxruntime_genai.models.builder, -p int4 -e cpu, MatMulNBits
+  onnx_ir (the builder imports it without requiring it), transformers, torch. Export: onnxruntime_genai.models.builder, -p int4 -e cpu, MatMulNBits
   of 4 bits, block 32, accuracy_level 4 (int8 activations: MLAS's CompInt8 kernels), the
   head computed for the last position only where the builder offers it.
 
@@ -59,7 +59,7 @@ PEERS = {
     "ort": {
         "title": "ONNX Runtime GenAI",
         "venv": "/tmp/benchenv-ort",
-        "packages": ["onnxruntime-genai==0.18.0", "onnx", "transformers"],
+        "packages": ["onnxruntime-genai==0.18.0", "onnx", "onnx_ir", "transformers"],
         "after": [],
     },
 }
@@ -203,7 +203,10 @@ def export_ort(hf: str, out: str) -> dict:
     cache = out + ".cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", out, "-p", "int4", "-e", "cpu",
            "-c", cache, "--extra_options", "block_size=32", "accuracy_level=4", "prune_lm_head=true"]
-    subprocess.run(cmd, check=True)
+    with open(out + ".log", "w") as log:  # the builder's progress bars and quantizer's lines
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"the model builder failed (exit {r.returncode}): see {out}.log")
     return {"onnxruntime_genai": onnxruntime_genai.__version__, "weights": "MatMulNBits int4 block 32, accuracy level 4"}
 
 
