@@ -19,13 +19,15 @@
  * float32 acc = acc + d_g * (float)sum_g, group after group (a multiply, then an add), and
  * y = s * (acc - zp * rowsum). Integer sums do not depend on how they are split, so kernels
  * are free to order the integer work; the float work is done one output per lane.
- * - GEMM (N > 1): lanes are tokens. The activations come packed by dispatch.c (pg_gemm) as
- *   [K/4][NP][4]: the 4 bytes of columns 4c..4c+3 of token n at (c NP + n) 4, NP = N rounded
- *   up to the vector's LANES tokens. A row's 4 weights, broadcast, multiply LANES tokens' 4
- *   bytes at once and accumulate per token: each lane ends a group holding that token's exact
- *   sum, with no horizontal reduction (as an AMX or i8mm tile gives per row and token).
- * - GEMV (N = 1): lanes are columns; each group's lanes are summed across GEMV_R rows at once
- *   (a transposing reduction), and the float work done one row per lane.
+ * - GEMM of N >= LANES tokens (8 on ymm, 16 on zmm): lanes are tokens. The activations come
+ *   packed by dispatch.c (pg_gemm) as [K/4][NP][4]: the 4 bytes of columns 4c..4c+3 of token n
+ *   at (c NP + n) 4, NP = N rounded up to LANES. A row's 4 weights, broadcast, multiply LANES
+ *   tokens' 4 bytes at once and accumulate per token: each lane ends a group holding that
+ *   token's exact sum, with no horizontal reduction (as an AMX or i8mm tile gives per row and
+ *   token).
+ * - GEMV, and GEMMs of fewer tokens: lanes are columns; at each group's end the lanes of up to
+ *   8 (ymm) or 16 (zmm) outputs are summed at once (a transposing reduction), and the float
+ *   work is done one output per lane.
  * No include guard: included once per instruction set. */
 
 /* 32 packed bytes -> 64 signed weights: lo = columns 0..31 of the block, hi = 32..63. */
