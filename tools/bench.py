@@ -281,7 +281,7 @@ def best_of(runs: list[dict]) -> dict:
     out = dict(runs[0])
     for key in out:
         values = [r[key] for r in runs if key in r]
-        if key.startswith(("prefill_", "decode_")):
+        if key.startswith(("prefill_", "decode_")) and isinstance(out[key], (int, float)):
             out[key] = max(values)
         elif key == "load_s":
             out[key] = min(values)

@@ -556,7 +556,7 @@ def main() -> None:
         if not skip:
             turns[PEER_TITLES[name]], exports[name] = peer_turn(name, args, setup, setup_path)
     load = os.getloadavg()
-    runs = take_turns(turns, args.rounds)
+    runs = take_turns(turns, args.rounds, str(pathlib.Path(args.workdir) / "rounds.json"))
     if not args.no_transformers:
         for dt in ("bf16", "fp32"):
             runs[f"transformers {dt}"] = run_child([sys.executable, me, "--transformers", dt, "--transformers-runs",
@@ -581,12 +581,14 @@ def peer_turn(name: str, args, setup: dict, setup_path) -> tuple[list[str] | str
             "--threads", str(args.threads)], info
 
 
-def take_turns(turns: dict, rounds: int) -> dict:
+def take_turns(turns: dict, rounds: int, keep: str | None = None) -> dict:
     results = {name: [] for name in turns}
     for r in range(rounds):
         print(f"round {r + 1} of {rounds} ...", file=sys.stderr)
         for name, cmd in turns.items():
             results[name].append(run_child(cmd) if isinstance(cmd, list) else cmd)
+            if keep:  # every round's figures, should the report fail
+                pathlib.Path(keep).write_text(json.dumps(results))
     return {name: best_of(rs) for name, rs in results.items()}
 
 
@@ -600,7 +602,7 @@ def best_of(runs: list) -> dict | str:
     for key, v in best.items():
         if isinstance(v, dict) and "median" in v:
             best[key] = min((r[key] for r in ok), key=lambda v: v["median"])
-        elif key.startswith(("batch_", "prefill_")) or key.endswith("_tok_s"):
+        elif isinstance(v, (int, float)) and (key.startswith(("batch_", "prefill_")) or key.endswith("_tok_s")):
             best[key] = max(r[key] for r in ok)
     best["rounds"] = len(ok)
     return best

@@ -18,9 +18,11 @@ PyPI (nothing else is downloaded; the project's own dependencies and tests do no
   (DYNAMIC_QUANTIZATION_GROUP_SIZE); the primitives its FullyConnected nodes run on are read
   from the compiled model and printed.
 - ONNX Runtime GenAI (/tmp/benchenv-ort): onnxruntime-genai (it pulls onnxruntime), onnx,
-  onnx_ir (the builder imports it without requiring it), transformers, torch. Export: onnxruntime_genai.models.builder, -p int4 -e cpu, MatMulNBits
-  of 4 bits, block 32, accuracy_level 4 (int8 activations: MLAS's CompInt8 kernels), the
-  head computed for the last position only where the builder offers it.
+  onnx_ir (the builder imports it without requiring it), transformers, torch. Export:
+  onnxruntime_genai.models.builder -p int4 -e cpu, block_size=32, accuracy_level=4 (int8
+  activations: MLAS's CompInt8 kernels), prune_lm_head=true (the head for the last position
+  only), from the checkpoint beside a tokenizer.json made from its tokenizer.model (the
+  builder loads a tokenizer); the embedding stays fp32 (the builder's default).
 
 Exports are made once into the benchmark's --workdir (keyed by the checkpoint and the options)
 and reused; their time and peak RSS are kept beside them (export.json) and printed.
