@@ -133,7 +133,19 @@ def _options(a: argparse.Namespace) -> dict:
     exclude = tuple(c.strip() for c in a.exclude.split(",") if c.strip()) if a.exclude else ()
     if a.threshold is not None and not 0 <= a.threshold <= 1:
         raise PyguardError("--threshold must be between 0 and 1")
-    return {"categories": categories, "exclude": exclude, "threshold": a.threshold}
+    threshold, thresholds = a.threshold, None
+    if a.thresholds:
+        from .guard import thresholds as th
+
+        try:
+            in_file, thresholds = th.read(a.thresholds)
+        except PyguardError as e:
+            raise PyguardError(f"--thresholds {e}") from None
+        if None not in (in_file, threshold) and in_file != threshold:
+            raise PyguardError(f"--threshold {threshold} and the threshold {in_file} of --thresholds {a.thresholds} "
+                               "differ: give one of them")
+        threshold = in_file if threshold is None else threshold
+    return {"categories": categories, "exclude": exclude, "threshold": threshold, "thresholds": thresholds}
 
 
 def _summary(r) -> str:
@@ -246,6 +258,7 @@ def _jsonl_command(a: argparse.Namespace) -> int:
     src = _open_input(a.jsonl)  # before the model: a missing IN fails at once
     with src:
         guard = _load_guard(a)
+        guard.check_policy(**options)  # a bad policy is one error, not one per line
         run = run_id(a.model, options)
         done = done_results(a.out, run) if a.resume else None
         return _classify_jsonl(guard, src, a.jsonl, a.out, done, options, run)
@@ -273,7 +286,8 @@ def run_id(model: str, options: dict) -> str:
     can refuse to mix results: 16 hex digits of a SHA-256 over the model file's identity (its
     header and metadata, which hold the configuration, the tokenizer and every array's CRC-32,
     so any change of the weights changes it: not its name or its time) and the options that
-    change results (--categories as read, --exclude, --threshold). Threads do not change results."""
+    change results (--categories as read, --exclude, --threshold, --thresholds as read). Threads
+    do not change results."""
     import hashlib
 
     from .formats.file import HEADER
@@ -284,6 +298,8 @@ def run_id(model: str, options: dict) -> str:
     categories = options["categories"]
     record = {"model": identity, "categories": None if categories is None else list(categories.items()),
               "exclude": sorted(options["exclude"]), "threshold": options["threshold"]}
+    if options["thresholds"] is not None:  # only then: the runs of earlier versions keep their ids
+        record["thresholds"] = sorted(options["thresholds"].items())
     return hashlib.sha256(json.dumps(record, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -348,7 +364,7 @@ def done_results(path: str, run: str) -> tuple[set[str], int, int]:
                 raise PyguardError(f"--out {path}: line {n} is not a result with an id: cannot resume from it") from None
             if r.get("run") != run:
                 raise PyguardError(f"--out {path}: line {n} was made " + ("by another model file or with other --categories, "
-                                   "--exclude or --threshold" if "run" in r else "with no record of its model and options")
+                                   "--exclude, --threshold or --thresholds" if "run" in r else "with no record of its model and options")
                                    + ": cannot resume from it (the same model and options, or --overwrite)")
             end += len(raw)
     return ids, unsafe, end
@@ -545,6 +561,9 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--exclude", help="category codes to leave out, e.g. S6,S7")
     k.add_argument("--categories", metavar="JSON", help='file with {"code": "description"} replacing the default categories')
     k.add_argument("--threshold", type=float, help="unsafe when the score reaches this (default: greedy answer)")
+    k.add_argument("--thresholds", metavar="JSON", help='file with {"threshold": P or null, "categories": {"S1": P, ...}} '
+                                                        "(as pyguard eval writes it): also unsafe when a category's score "
+                                                        "reaches its own threshold (docs/THRESHOLDS.md)")
     k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores; with --ray: per worker, 1)")
     k.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="classify --jsonl IN on a Ray cluster (at ADDRESS, else a local one), a worker per core but one; "

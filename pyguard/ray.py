@@ -37,6 +37,7 @@ except ImportError as e:
 from pyguard import checks
 from pyguard.errors import PyguardError
 from pyguard.guard.guard import Guard, Result
+from pyguard.guard.thresholds import check as check_thresholds
 
 # Switches for a local cluster that pyguard starts for its own jobs (init without an address),
 # kept for their measured effect (docs/RAY.md, "A lean local cluster"). A cluster given by
@@ -116,20 +117,20 @@ class Classifier:
 
 def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, threads_per_worker: int = 1,
              batch_size: int = 16, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
-             threshold: float | None = None) -> ray.data.Dataset:
+             threshold: float | None = None, thresholds: Mapping[str, float] | None = None) -> ray.data.Dataset:
     """The dataset's rows with the result columns added (RESULTS), lazily (Ray runs it when the
     output is consumed or written).
 
     path: the pyguard file, at this path on every node (or on shared storage); concurrency:
     actors (None: the cluster's CPUs less one, / threads_per_worker); threads_per_worker: each
     actor's kernel threads and the CPUs it reserves; batch_size: rows per actor call,
-    classified together. categories, exclude, threshold: as Guard.classify. When the file is
-    present here, it and the policy are checked before the job starts.
+    classified together. categories, exclude, threshold, thresholds: as Guard.classify. When
+    the file is present here, it and the policy are checked before the job starts.
 
     Actors holding every CPU leave none for Ray Data's own tasks (listing files, reading,
     writing) and the job waits forever: the default leaves one CPU to them."""
     # checked here, not by each actor: a bad value would otherwise fail the job, or every row
-    threshold = checks.threshold(threshold)
+    threshold, thresholds = checks.threshold(threshold), check_thresholds(thresholds)
     checks.integer(threads_per_worker, "threads_per_worker", 1)
     checks.integer(batch_size, "batch_size", 1)
     if concurrency is None:
@@ -138,8 +139,9 @@ def classify(ds: ray.data.Dataset, path: str, concurrency: int | None = None, th
     exclude = tuple(exclude)
     if os.path.exists(path):
         path = os.path.abspath(path)  # the workers' working directory is not ours
-        Guard.load(path, threads=1).prepare("x", categories, exclude)  # a bad file or policy fails here, not per row
-    options = {"categories": categories, "exclude": exclude, "threshold": threshold}
+        # a bad file or policy fails here, not per row (thresholds' codes are checked against the file's policy)
+        Guard.load(path, threads=1).check_policy(categories, exclude, threshold, thresholds)
+    options = {"categories": categories, "exclude": exclude, "threshold": threshold, "thresholds": thresholds}
     return ds.map_batches(Classifier, fn_constructor_args=(path, threads_per_worker, options, batch_size),
                           batch_format="pyarrow", batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=concurrency),
                           # exactly-once output rests on Ray Data's defaults for actor pools
@@ -213,7 +215,7 @@ def run_cli(model: str, src: str, out: str | None, address: str | None, threads:
         if address is None and not os.path.exists(name):  # a local cluster reads them here
             raise PyguardError(f"{what} {name}: no such file or directory")
     if os.path.exists(model):  # else a path on the cluster's nodes: its actors check it
-        Guard.load(model, threads=1).prepare("x", options["categories"], options["exclude"])
+        Guard.load(model, threads=1).check_policy(**options)
     if os.path.exists(src):
         _check_input(src)
     # the actors print nothing of use here, but Ray forwards their tracebacks: an actor that

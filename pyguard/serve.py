@@ -38,6 +38,7 @@ from .engine import kernels
 from .errors import PyguardError
 from .guard.guard import Guard, Result
 from .guard.prompt import categories_of
+from .guard.thresholds import check as check_thresholds
 
 # OpenAI's moderation categories, each with the Llama Guard 3 codes it is filled from. A code
 # may fill several; S6 (specialized advice), S7 (privacy), S8 (intellectual property) and S13
@@ -498,21 +499,24 @@ class Service:
 
     async def classify(self, request):
         body = _fields(await self._body(request), (), ("messages", "conversations", "categories", "exclude", "threshold",
-                                                       "category_scores"))
+                                                       "thresholds", "category_scores"))
         if ("messages" in body) == ("conversations" in body):
             raise ApiError(400, "give exactly one of messages (a conversation) and conversations (a list of them)")
         convs = [body["messages"]] if "messages" in body else body["conversations"]
         if not isinstance(convs, list) or not convs:
             raise ApiError(400, "conversations must be a non-empty list of conversations", param="conversations")
         options = {"categories": body.get("categories"), "exclude": body.get("exclude", []),
-                   "threshold": body.get("threshold"), "category_scores": body.get("category_scores", False)}
+                   "threshold": body.get("threshold"), "thresholds": body.get("thresholds"),
+                   "category_scores": body.get("category_scores", False)}
         try:  # the options, checked here (cheap) so that an error in them is the request's, with its field
             param = "categories"
             categories_of(options["categories"], (), self.guard.family)
             param = "exclude"
-            categories_of(options["categories"], options["exclude"], self.guard.family)
+            policy = categories_of(options["categories"], options["exclude"], self.guard.family)
             param = "threshold"
             checks.threshold(options["threshold"])
+            param = "thresholds"
+            options["thresholds"] = check_thresholds(options["thresholds"], policy)
             param = "category_scores"
             checks.flag(options["category_scores"], "category_scores")
         except PyguardError as e:

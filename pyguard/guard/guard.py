@@ -28,6 +28,7 @@ from ..engine.cache import PrefixCache
 from ..errors import PyguardError
 from ..engine.model import Model
 from .prompt import CATEGORIES, Conversation, categories_of, conversation_text, messages, prompt_parts
+from . import thresholds as th
 from .stream import Stream
 from ..formats.tokenizer import Tokenizer
 from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
@@ -212,6 +213,17 @@ class Guard:
         p = dict(zip(kept, e / e.sum()))
         return {c: score * float(p[r]) if r is not None else 0.0 for c, r in zip(cats, rows)}
 
+    def check_policy(self, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
+                     threshold: float | None = None, thresholds: Mapping[str, float] | None = None) -> None:
+        """Raise PyguardError now for options no request could be judged with: bad categories or
+        exclusions, codes this model cannot answer, a bad threshold, or per-category thresholds
+        that are malformed or name codes outside the policy. (For jobs that judge many
+        conversations: one error before any work rather than one per conversation.)"""
+        cats = categories_of(categories, exclude, self.family)
+        self._decoder(tuple(cats))
+        checks.threshold(threshold)
+        th.check(thresholds, cats)
+
     def prepare(self, conversation: Conversation, categories: Mapping[str, str] | None = None,
                 exclude: Sequence[str] = ()) -> Request:
         """A request, validated: a prompt that with the policy's answer budget exceeds
@@ -233,30 +245,37 @@ class Guard:
         return Request(ids, len(prefix), len(prefix) + shared, cats)
 
     def classify(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
-                 threshold: float | None = None, category_scores: bool = False) -> Result:
+                 threshold: float | None = None, category_scores: bool = False,
+                 thresholds: Mapping[str, float] | None = None) -> Result:
         """Judge the last message of a conversation (a str is one user message).
 
         categories: {code: description} replacing the defaults; exclude: codes left out;
         threshold: if given (0 to 1), the verdict is unsafe exactly when score >= threshold
         (the categories are then still decoded greedily) instead of the greedy first token;
+        thresholds: {code: 0 to 1}, the verdict is also unsafe when a category's score reaches
+        its threshold, and that category is listed (guard/thresholds.py has the rule);
         category_scores: fill Result.category_scores even when the verdict is safe (one more
-        step of a few tokens; an unsafe verdict always has them)."""
+        step of a few tokens; an unsafe verdict, or thresholds, always have them)."""
+        threshold = checks.threshold(threshold)
+        checks.flag(category_scores, "category_scores")
         with self._lock:
-            return self._classify([self.prepare(conversation, categories, exclude)], checks.threshold(threshold), 1, False,
-                                  checks.flag(category_scores, "category_scores"))[0]
+            request = self.prepare(conversation, categories, exclude)
+            return self._classify([request], threshold, self._thresholds(thresholds, request), 1, False, category_scores)[0]
 
     def stream(self, conversation: Conversation, every: int = 32, categories: Mapping[str, str] | None = None,
-               exclude: Sequence[str] = (), threshold: float | None = None) -> Stream:
+               exclude: Sequence[str] = (), threshold: float | None = None,
+               thresholds: Mapping[str, float] | None = None) -> Stream:
         """Moderate the assistant's reply to a conversation (ending with a user message) while it
         is generated: `feed(text)` checks once `every` new reply tokens arrived, `check()` now,
         `finish()` at the end. Each check's Result is `classify(conversation + [{"role":
-        "assistant", "content": reply so far}], categories, exclude, threshold)`, bit for bit;
-        the token-prefix cache makes it cost the new tokens, not the whole reply."""
-        return Stream(self, conversation, checks.integer(every, "every", 1), categories, exclude, checks.threshold(threshold))
+        "assistant", "content": reply so far}], categories, exclude, threshold, thresholds=thresholds)`,
+        bit for bit; the token-prefix cache makes it cost the new tokens, not the whole reply."""
+        return Stream(self, conversation, checks.integer(every, "every", 1), categories, exclude, checks.threshold(threshold),
+                      th.check(thresholds, categories_of(categories, exclude, self.family)))
 
     def classify_many(self, conversations: Sequence[Conversation], categories: Mapping[str, str] | None = None,
                       exclude: Sequence[str] = (), threshold: float | None = None, batch_size: int = 16,
-                      category_scores: bool = False) -> list[Result]:
+                      category_scores: bool = False, thresholds: Mapping[str, float] | None = None) -> list[Result]:
         """classify() of every conversation, batch_size at a time: a batch is prefilled and
         decoded together (each weight matrix streamed once per pass for all), and every result
         is the one classify() gives alone. All conversations are validated before any work
@@ -274,18 +293,25 @@ class Guard:
                     requests.append(self.prepare(c, categories, exclude))
                 except PyguardError as e:
                     raise PyguardError(f"conversation {i + 1}: {e}") from None  # counted as users count
-            return self._classify(requests, threshold, batch_size, True, category_scores)
+            limits = self._thresholds(thresholds, requests[0]) if requests else th.check(thresholds)
+            return self._classify(requests, threshold, limits, batch_size, True, category_scores)
 
-    def _classify(self, requests: list, threshold: float | None, batch_size: int, named: bool,
-                  category_scores: bool) -> list[Result]:
+    @staticmethod
+    def _thresholds(thresholds: Any, request: Request) -> dict[str, float] | None:
+        """Per-category thresholds, checked against the request's policy (every request of a
+        call has the same one)."""
+        return th.check(thresholds, request.categories)
+
+    def _classify(self, requests: list, threshold: float | None, thresholds: dict[str, float] | None, batch_size: int,
+                  named: bool, category_scores: bool) -> list[Result]:
         """Results of prepared requests; named: errors name the request's index."""
         out: list[Result] = []
         for i in range(0, len(requests), batch_size):
-            out += self._batch(requests[i : i + batch_size], threshold, i if named else None, category_scores)
+            out += self._batch(requests[i : i + batch_size], threshold, thresholds, i if named else None, category_scores)
         return out
 
-    def _batch(self, requests: list[Request], threshold: float | None, first: int | None,
-               category_scores: bool) -> list[Result]:
+    def _batch(self, requests: list[Request], threshold: float | None, thresholds: dict[str, float] | None,
+               first: int | None, category_scores: bool) -> list[Result]:
         """Results of requests first, first + 1, ... (None: not named in errors)."""
         t0 = time.perf_counter()
         states, cached = [], []
@@ -305,7 +331,10 @@ class Guard:
         for k, x in enumerate(logits):
             self._check_finite(x, first, k)
         scores = [self.score(x) for x in logits]
-        force = [None if threshold is None else UNSAFE if s >= threshold else SAFE for s in scores]
+        code_scores: list[dict[str, float]] = [{} for _ in requests]
+        if thresholds:  # they decide the verdict with the score: needed before the answer
+            self._category_scores(requests, states, scores, code_scores, range(len(requests)), first)
+        force = [th.impose(s, c, threshold, thresholds) for s, c in zip(scores, code_scores)]
         decoders = [self._decoder(tuple(r.categories)) for r in requests]
         texts, tokens = [""] * len(requests), [[] for _ in requests]
         active = list(range(len(requests)))
@@ -322,14 +351,8 @@ class Guard:
                 for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], new)):
                     logits[k] = self._check_finite(x, first, k)
             active = fed
-        scored = [k for k in range(len(requests)) if category_scores or texts[k].startswith(UNSAFE)]
-        code_scores: list[dict[str, float]] = [{} for _ in requests]
-        if scored:
-            for k in scored:  # back to the end of the prompt (positions after it are overwritten)
-                states[k].pos = len(requests[k].ids)
-            fed_ids = [self._code_step(tuple(requests[k].categories))[0] for k in scored]
-            for k, x in zip(scored, self.model.prefill_many([states[k] for k in scored], fed_ids)):
-                code_scores[k] = self._code_scores(scores[k], self._check_finite(x, first, k), requests[k].categories)
+        scored = [k for k in range(len(requests)) if not code_scores[k] and (category_scores or texts[k].startswith(UNSAFE))]
+        self._category_scores(requests, states, scores, code_scores, scored, first)
         t2 = time.perf_counter()
         results = []
         for k, r in enumerate(requests):
@@ -337,11 +360,26 @@ class Guard:
             verdict = UNSAFE if texts[k].startswith(UNSAFE) else SAFE
             if force[k] not in (None, verdict):  # the decoder imposes it: never a silent disagreement
                 raise PyguardError(f"the answer {texts[k]!r} contradicts the threshold's verdict {force[k]!r}")
-            codes = decoders[k].grammar.categories(texts[k])
+            codes = th.listed(decoders[k].grammar.categories(texts[k]), code_scores[k], thresholds, cats)
             results.append(Result(verdict, codes, [cats[c] for c in codes], scores[k], texts[k], len(r.ids),
                                   cached[k], len(tokens[k]), {"prefill": t1 - t0, "decode": t2 - t1, "total": t2 - t0},
                                   code_scores[k]))
         return results
+
+    def _category_scores(self, requests: list[Request], states: list, scores: list[float], out: list[dict[str, float]],
+                         ks: Sequence[int], first: int | None) -> None:
+        """out[k] = the category scores of requests ks: one batched step of _code_step's tokens
+        after each prompt, whose state is then back at the prompt's end (the positions after it
+        are overwritten by whatever is fed next)."""
+        if not ks:
+            return
+        fed_ids = [self._code_step(tuple(requests[k].categories))[0] for k in ks]
+        for k in ks:
+            states[k].pos = len(requests[k].ids)
+        for k, x in zip(ks, self.model.prefill_many([states[k] for k in ks], fed_ids)):
+            out[k] = self._code_scores(scores[k], self._check_finite(x, first, k), requests[k].categories)
+        for k in ks:
+            states[k].pos = len(requests[k].ids)
 
     @staticmethod
     def _check_finite(logits: np.ndarray, first: int | None, k: int) -> np.ndarray:

@@ -24,14 +24,15 @@ class Stream:
     """A reply under moderation; made by Guard.stream. Not for several threads at once."""
 
     def __init__(self, guard: "Guard", conversation: Conversation, every: int, categories: Mapping[str, str] | None,
-                 exclude: Sequence[str], threshold: float | None):
+                 exclude: Sequence[str], threshold: float | None, thresholds: Mapping[str, float] | None):
         msgs = messages(conversation)
         if msgs[-1][0] != "user":
             raise PyguardError("a streamed reply answers the conversation's last message, which must be the user's")
         self._conversation = [{"role": role, "content": text} for role, text in msgs]  # a copy the caller cannot change
         guard.prepare(self._conversation + [{"role": "assistant", "content": "x"}], categories, exclude)  # the policy
         self._options = {"categories": None if categories is None else dict(categories),
-                         "exclude": [exclude] if isinstance(exclude, str) else list(exclude or ()), "threshold": threshold}
+                         "exclude": [exclude] if isinstance(exclude, str) else list(exclude or ()), "threshold": threshold,
+                         "thresholds": thresholds}
         self._guard, self.every = guard, every
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
         self._checked = 0  # reply tokens at the last check
