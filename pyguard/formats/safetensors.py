@@ -12,7 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -63,8 +63,10 @@ class SafetensorsFile:
             f.seek(t.begin + r0 * row_bytes)
             if f.readinto(memoryview(a).cast("B")) != a.nbytes:
                 raise PyguardError(f"{self.path}: truncated while reading {name}")
-        if t.dtype == "BF16":  # bf16 is the top half of a float32
-            return (a.astype(np.uint32) << 16).view(np.float32)
+        if t.dtype == "BF16":  # bf16 is the top half of a float32 (shifted in place: one float32 copy, not two)
+            u = a.astype(np.uint32)
+            u <<= 16
+            return u.view(np.float32)
         return a.astype(np.float32)
 
 
@@ -158,9 +160,11 @@ def to_bf16(a: np.ndarray) -> np.ndarray:
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def write(path: str, specs: list[tuple[str, tuple[int, ...]]], make: Callable[[str], np.ndarray], dtype: str = "F32") -> None:
+def write(path: str, specs: list[tuple[str, tuple[int, ...]]], make: Callable[[str], np.ndarray | Iterable[np.ndarray]],
+          dtype: str = "F32") -> None:
     """Write float tensors as one safetensors file of dtype BF16, F16 or F32; specs gives
-    (name, shape) in file order and make(name) each tensor, called one at a time."""
+    (name, shape) in file order and make(name) each tensor, called one at a time: an array, or
+    an iterator of its row blocks in order (a tensor larger than memory)."""
     header, offset = {}, 0
     for name, shape in specs:
         nbytes = DTYPES[dtype][1] * math.prod(shape)
@@ -173,6 +177,15 @@ def write(path: str, specs: list[tuple[str, tuple[int, ...]]], make: Callable[[s
         f.write(raw)
         for name, shape in specs:
             a = make(name)
-            if a.shape != tuple(shape):
-                raise PyguardError(f"tensor {name}: shape {a.shape}, declared {tuple(shape)}")
-            f.write((to_bf16(a) if dtype == "BF16" else np.ascontiguousarray(a, dtype=DTYPES[dtype][0])).tobytes())
+            if isinstance(a, np.ndarray):
+                if a.shape != tuple(shape):
+                    raise PyguardError(f"tensor {name}: shape {a.shape}, declared {tuple(shape)}")
+                a = [a]
+            rows = 0
+            for b in a:
+                if b.shape[1:] != tuple(shape[1:]):
+                    raise PyguardError(f"tensor {name}: a block of shape {b.shape}, declared {tuple(shape)}")
+                rows += b.shape[0] if b.ndim else 1
+                f.write((to_bf16(b) if dtype == "BF16" else np.ascontiguousarray(b, dtype=DTYPES[dtype][0])).tobytes())
+            if rows != (shape[0] if shape else 1):
+                raise PyguardError(f"tensor {name}: {rows} rows made, declared {tuple(shape)}")
