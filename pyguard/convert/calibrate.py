@@ -57,6 +57,7 @@ DAMP = 1.0  # share of the mean Hessian diagonal added before inverting: 2048 to
 SPAN = 512  # columns (in activation order) among which rounding errors are fed back: the Hessian's diagonal blocks (docs/CONVERT.md)
 SUB = 16  # columns whose error feedback is applied to the rest of their span at once
 MAX_LINE = 1 << 20  # bytes of one calibration JSONL line
+ROWS = 1024  # rows of a matrix whose scales are searched, or which are packed, at once (bounds the temporaries)
 
 # The built-in calibration conversations: what a guard reads (the eight languages Llama Guard 3
 # supports, code, benign and unsafe-looking requests, agent replies). Rendered with the guard
@@ -154,14 +155,16 @@ class Calibration:
     worker: ThreadPoolExecutor | None = None  # those threads
     pending: list = field(default_factory=list)  # its futures
 
-    def fold(self, src: str, rows, w: np.ndarray) -> np.ndarray:
-        """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied."""
+    def fold(self, src: str, rows, w: np.ndarray, inplace: bool = False) -> np.ndarray:
+        """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied: a new
+        array, or w itself changed (float32 w; the same values either way)."""
+        out = w if inplace else None
         if src in self.row:
             d = self.row[src][rows]
-            w = w / (d[:, None] if w.ndim == 2 else d)
+            w = np.divide(w, d[:, None] if w.ndim == 2 else d, out=out)
         if src in self.col:
-            w = w * self.col[src]
-        return w.astype(np.float32)
+            w = np.multiply(w, self.col[src], out=out)
+        return w if inplace else w.astype(np.float32)
 
     def quantize(self, name: str, w: np.ndarray, group: int) -> quant.QTensor:
         """Rows of pyguard matrix `name` (already folded) with importance-weighted scales."""
@@ -190,9 +193,11 @@ class Calibration:
             self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
 
     def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
-        t = quant.pack_weights(*gptq(w, *inverse_factors(x, s), group, self.importance[name]))
+        q, scales = gptq(w, *inverse_factors(x, s), group, self.importance[name])
+        # packed in blocks of rows (row by row arithmetic: the same bytes), bounding the temporaries
+        parts = [quant.pack_weights(q[r : r + ROWS], scales[r : r + ROWS]) for r in range(0, len(q), ROWS)]
         for n in ("qs", "scales", "rowsum"):
-            np.save(os.path.join(store, f"{name}.{n}.npy"), getattr(t, n))
+            np.save(os.path.join(store, f"{name}.{n}.npy"), np.concatenate([getattr(t, n) for t in parts]))
 
     def wait(self) -> None:
         """Wait for the matrices being quantized (their errors are raised here)."""
@@ -284,51 +289,72 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
             raise PyguardError(f"tensor {name} holds infinite or NaN values")
         return w
 
+    def stack(names: list[str]) -> np.ndarray:  # rows of several tensors in one matrix, read one at a time
+        n = [ckpt.rows(name) for name in names]
+        w = np.empty((sum(n), cfg.dim), np.float32)
+        for name, r0, r1 in zip(names, np.cumsum([0] + n[:-1]), np.cumsum(n)):
+            w[r0:r1] = read(name)
+        return w
+
+    def fold(names: list[str], w: np.ndarray) -> np.ndarray:  # in place, tensor by tensor (its rows in w)
+        r0 = 0
+        for name in names:
+            cal.fold(name, slice(None), w[r0 : r0 + ckpt.rows(name)], inplace=True)
+            r0 += ckpt.rows(name)
+        return w
+
+    # Each matrix is in memory once, as float32 (stacked where the file stacks it): folded in
+    # place once used, and handed over to the error feedback (8B: ~0.85 GB a layer).
     for i in range(cfg.n_layers):
         cal.wait()  # the previous layer's matrices: one layer in flight
         p = f"model.layers.{i}."
-        wq, wk, wv, wo = (read(p + f"self_attn.{n}_proj.weight") for n in "qkvo")
-        wg, wu, wd = (read(p + f"mlp.{n}_proj.weight") for n in ("gate", "up", "down"))
+        qkv_names = [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+        w13_names = [p + f"mlp.{n}_proj.weight" for n in ("gate", "up")]
+        wqkv, wo = stack(qkv_names), read(p + "self_attn.o_proj.weight")
         n_att, n_ffn = read(p + "input_layernorm.weight"), read(p + "post_attention_layernorm.weight")
 
         h = rms_norm(x, n_att, cfg.norm_eps)
-        s_qkv = _choose(cal, f"layers.{i}.wqkv", np.concatenate([wq, wk, wv]), h, group, pick)
+        s_qkv = _choose(cal, f"layers.{i}.wqkv", wqkv, h, group, pick)
         if s_qkv is not None:
             cal.row[p + "input_layernorm.weight"] = s_qkv
-            for n in "qkv":
-                cal.col[p + f"self_attn.{n}_proj.weight"] = s_qkv
-        qkv = h @ np.concatenate([wq, wk, wv]).T
+            for n in qkv_names:
+                cal.col[n] = s_qkv
+        qkv = h @ wqkv.T
         apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
         att = np.empty((len(x), q_rows), np.float32)
         for own, rows in seqs:
             att[own] = _attention(qkv[own, :q_rows], qkv[rows, q_rows:], cfg)
+        del qkv
         # wo's input channel (head h, j) is value channel (h // rep, j): one s per value channel
         s = _choose(cal, f"layers.{i}.wo", wo, att, group, pick, tie=rep, hd=hd)
         if s is not None:
             cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
             cal.col[p + "self_attn.o_proj.weight"] = s
-        if GPTQ:  # wqkv is quantized once wo's folding has set the v rows
-            cal.keep(f"layers.{i}.wqkv", np.concatenate([cal.fold(p + f"self_attn.{n}_proj.weight", slice(None), w)
-                                                         for n, w in zip("qkv", (wq, wk, wv))]), h, s_qkv, group)
-            cal.keep(f"layers.{i}.wo", cal.fold(p + "self_attn.o_proj.weight", slice(None), wo), att, s, group)
         x = x + att @ wo.T
+        if GPTQ:  # wqkv is quantized once wo's folding has set the v rows
+            cal.keep(f"layers.{i}.wqkv", fold(qkv_names, wqkv), h, s_qkv, group)
+            cal.keep(f"layers.{i}.wo", fold([p + "self_attn.o_proj.weight"], wo), att, s, group)
+        del wqkv, wo
 
+        w13, wd = stack(w13_names), read(p + "mlp.down_proj.weight")
         h = rms_norm(x, n_ffn, cfg.norm_eps)
-        s_13 = _choose(cal, f"layers.{i}.w13", np.concatenate([wg, wu]), h, group, pick)
+        s_13 = _choose(cal, f"layers.{i}.w13", w13, h, group, pick)
         if s_13 is not None:
             cal.row[p + "post_attention_layernorm.weight"] = s_13
-            cal.col[p + "mlp.gate_proj.weight"] = cal.col[p + "mlp.up_proj.weight"] = s_13
-        g, u = h @ wg.T, h @ wu.T
+            for n in w13_names:
+                cal.col[n] = s_13
+        g, u = h @ w13[: cfg.hidden_dim].T, h @ w13[cfg.hidden_dim :].T
         act = g / (1 + np.exp(-np.maximum(g, -80))) * u
+        del g, u
         s = _choose(cal, f"layers.{i}.w2", wd, act, group, pick)
         if s is not None:
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
-        if GPTQ:  # w13 is quantized once w2's folding has set the up rows
-            cal.keep(f"layers.{i}.w13", np.concatenate([cal.fold(p + f"mlp.{n}_proj.weight", slice(None), w)
-                                                        for n, w in (("gate", wg), ("up", wu))]), h, s_13, group)
-            cal.keep(f"layers.{i}.w2", cal.fold(p + "mlp.down_proj.weight", slice(None), wd), act, s, group)
         x = x + act @ wd.T
+        if GPTQ:  # w13 is quantized once w2's folding has set the up rows
+            cal.keep(f"layers.{i}.w13", fold(w13_names, w13), h, s_13, group)
+            cal.keep(f"layers.{i}.w2", fold([p + "mlp.down_proj.weight"], wd), act, s, group)
+        del w13, wd, act
         if not np.isfinite(x).all():
             raise PyguardError(f"calibration: the float model overflows at layer {i} (convert with --no-calibration)")
         if progress:
@@ -381,7 +407,8 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
     to the rest of the span at once (a matrix product)."""
     w = np.asarray(w, dtype=np.float32)
     m, k = w.shape
-    scales = quant.mse_scales(w, group, a)
+    # per row: searched in blocks of rows (the same scales), bounding the search's temporaries
+    scales = np.concatenate([quant.mse_scales(w[r : r + ROWS], group, a) for r in range(0, m, ROWS)])
     # transposed, in the order rounded: a column is a contiguous row, updated in place below
     wt = np.ascontiguousarray(w.T[order])
     d = np.ascontiguousarray(scales.astype(np.float32).T)  # [K/G, M]: column c's scales are d[gi[c]]
@@ -419,7 +446,7 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
     rows = np.linspace(0, len(w) - 1, min(SEARCH_ROWS, len(w))).astype(np.int64)
     ws, xs = w[rows], x[pick]
     ref = xs @ ws.T
-    peak = np.abs(w).max(axis=0)
+    peak = np.maximum(w.max(axis=0), -w.min(axis=0))  # max |w| per column, without an |w| copy of w
     for alpha in ALPHAS:
         s = _scales(mag, alpha, tie, hd)
         if alpha and (peak * s).max() > quant.MAX_WEIGHT:  # folded weights must stay within fp16 scales
