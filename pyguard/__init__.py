@@ -4,6 +4,9 @@ file -> weights (file.py, quant.py) -> forward (model.py, kernels.py) -> logits 
 (tokenizer.py, prompt.py, verdict.py, guard.py).
 """
 
+# The one version string: pyproject.toml reads it (setuptools dynamic), `pyguard --version` prints it.
+__version__ = "0.1.0"
+
 from .errors import PyguardError
 from .guard.guard import Guard, Result
 from .engine.model import Model

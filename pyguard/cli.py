@@ -523,12 +523,12 @@ def _isa() -> str:
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    """pyguard.__version__ (its one place) and the kernel path this CPU runs, e.g. `0.1.0 (kernels:
+    neon-dotprod; this CPU runs scalar, neon, neon-dotprod)`."""
+    from . import __version__
+    from .engine import kernels
 
-    try:
-        return version("pyguard")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "(not installed)"
+    return f"{__version__} (kernels: {kernels.isa()}; this CPU runs {', '.join(kernels.available_isas())})"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ import shlex
 import signal
 import subprocess
 import sys
-from importlib.metadata import version
 
 import pytest
 
@@ -109,8 +108,12 @@ def test_usage_errors_are_one_line(args, words):
 
 
 def test_version():
-    r = run("--version")
-    assert r.returncode == 0 and r.out.split() == ["pyguard", version("pyguard")]
+    """pyguard.__version__ (the distribution's version is read from it) and the kernel path in use."""
+    import pyguard
+
+    r = run("--version", env={"PYGUARD_ISA": "scalar"})
+    assert r.returncode == 0 and r.out.split()[:4] == ["pyguard", pyguard.__version__, "(kernels:", "scalar;"], r.out
+    assert r.out.rstrip().endswith(", ".join(kernels.available_isas()) + ")"), r.out
 
 
 def test_help_texts():
