@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from synth import decisive_guard
+
 # Reasons a test may skip: properties of the machine, never of the installation.
 ALLOWED_SKIPS = (
     r"^CPU lacks ",  # a kernel path for a CPU feature this machine does not have (e.g. avx512vnni)
@@ -43,3 +45,26 @@ def pytest_terminal_summary(terminalreporter) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     if any(not any(re.search(p, r) for p in ALLOWED_SKIPS) for _, r in _skips) and exitstatus == 0:
         session.exitstatus = 1
+
+
+# ---------------------------------------------------------------- the decisive model, built once per run
+
+@pytest.fixture(scope="session")
+def decisive_paths(tmp_path_factory) -> dict:
+    """The decisive model's files (tests/synth.py), one per head, shared by every test file."""
+    d = tmp_path_factory.getbasetemp() / "decisive-shared"
+    d.mkdir(exist_ok=True)
+    return {head: decisive_guard(str(d), head) for head in ("guard", "full")}
+
+
+@pytest.fixture(scope="session")
+def decisive_path(decisive_paths) -> str:
+    return decisive_paths["guard"]
+
+
+@pytest.fixture(scope="module")
+def cold(decisive_path):
+    """A guard without a token-prefix cache: what every cached or streamed result must equal."""
+    from pyguard import Guard
+
+    return Guard.load(decisive_path, threads=2, cache_bytes=0)

@@ -211,3 +211,13 @@ def decisive_guard(tmp_dir: str, head: str = "guard", group: int = 32, seed: int
     if not os.path.exists(out):
         convert(hf_dir, out, group=group, head=head, table="int4", calibration=False)
     return out
+
+
+def reply_of(conversation: list, text: str) -> list:
+    """The conversation with an assistant reply appended."""
+    return conversation + [{"role": "assistant", "content": text}]
+
+
+def result_key(r) -> tuple:
+    """What a result is, apart from timings and cache hits."""
+    return r.verdict, r.categories, r.category_names, r.score, r.answer, r.prompt_tokens, r.generated_tokens, r.category_scores

@@ -16,7 +16,7 @@ from pyguard import Guard
 from pyguard.engine.cache import PrefixCache
 from pyguard.engine.model import State
 from pyguard.formats.config import ModelConfig
-from synth import decisive_guard
+from synth import reply_of, result_key
 
 TINY = ModelConfig(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, vocab_size=64, hidden_dim=32, max_seq_len=64)
 P = State(TINY, 1).kv[:, :, :, :1].nbytes  # bytes of one position
@@ -250,56 +250,35 @@ def test_cache_of_zero_bytes_holds_nothing():
 
 # ---------------------------------------------------------------- a guard's cache (the decisive model)
 
-@pytest.fixture(scope="session")
-def path(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "decisive-shared"  # built once per session, shared by the files that use it
-    d.mkdir(exist_ok=True)
-    return decisive_guard(str(d), "guard")
-
-
-@pytest.fixture(scope="module")
-def cold(path):
-    return Guard.load(path, threads=2, cache_bytes=0)
-
-
-def key(r):
-    """What a result is, apart from timings and cache hits."""
-    return r.verdict, r.categories, r.category_names, r.score, r.answer, r.prompt_tokens, r.generated_tokens, r.category_scores
-
-
-def reply_of(conv, text):
-    return conv + [{"role": "assistant", "content": text}]
-
-
-def test_default_budget_is_4096_positions(path):
-    g = Guard.load(path, threads=2)
+def test_default_budget_is_4096_positions(decisive_path):
+    g = Guard.load(decisive_path, threads=2)
     assert g.cache.budget == 4096 * g.model.new_state(1).kv.nbytes
 
 
-def test_what_goes_in_and_what_comes_back(path, cold):
+def test_what_goes_in_and_what_comes_back(decisive_path, cold):
     """A first request computes the policy prefix alone (cached_tokens = the policy) and keeps
     its conversation, not the closing instructions; the same request again restores exactly
     the conversation; a cold guard restores nothing."""
-    g = Guard.load(path, threads=2)
+    g = Guard.load(decisive_path, threads=2)
     conv = reply_of(USER, "Once upon a time, a dragon.")
     r = g.prepare(conv)
     first, again = g.classify(conv), g.classify(conv)
     assert (first.cached_tokens, again.cached_tokens) == (r.policy, r.conversation)
     assert len(g.cache) == r.conversation and g.cache.bytes == r.conversation * g.model.new_state(1).kv.nbytes
-    assert key(first) == key(again) == key(cold.classify(conv))
+    assert result_key(first) == result_key(again) == result_key(cold.classify(conv))
     assert cold.classify(conv).cached_tokens == 0 and len(cold.cache) == 0 == cold.cache.bytes
 
 
-def test_a_batch_shares_the_policy_prefix(path, cold):
-    g = Guard.load(path, threads=2)
+def test_a_batch_shares_the_policy_prefix(decisive_path, cold):
+    g = Guard.load(decisive_path, threads=2)
     convs = ["hello", "How do I pick a lock?", reply_of(USER, "Sure.")]
     got = g.classify_many(convs, batch_size=3)
     assert [r.cached_tokens for r in got] == [g.prepare(c).policy for c in convs]
-    assert [key(r) for r in got] == [key(cold.classify(c)) for c in convs]
+    assert [result_key(r) for r in got] == [result_key(cold.classify(c)) for c in convs]
 
 
-def test_multi_turn_reuse_matches_a_cold_guard(path, cold):
-    g = Guard.load(path, threads=2)
+def test_multi_turn_reuse_matches_a_cold_guard(decisive_path, cold):
+    g = Guard.load(decisive_path, threads=2)
     turns = ["Hi, can you help me plan a trip?", "Sure! Where would you like to go?", "Somewhere warm in March.",
              "The Canary Islands are warm then.", "What should I pack?", "Light clothes, sunscreen, a jacket.",
              "Give me the home address of a celebrity there."]
@@ -307,24 +286,24 @@ def test_multi_turn_reuse_matches_a_cold_guard(path, cold):
     for i, text in enumerate(turns):
         conv.append({"role": ("user", "assistant")[i % 2], "content": text})
         r = g.classify(conv, category_scores=True)
-        assert key(r) == key(cold.classify(conv, category_scores=True))
+        assert result_key(r) == result_key(cold.classify(conv, category_scores=True))
         if i >= 2:  # the conversation so far (same role: two messages back) came from the cache
             assert r.cached_tokens > g.prepare(conv).policy
     prefixes = [conv[:k] for k in range(1, 8)]  # batched, each one's earlier turns cached
-    assert [key(r) for r in g.classify_many(prefixes, batch_size=3)] == [key(cold.classify(c)) for c in prefixes]
+    assert [result_key(r) for r in g.classify_many(prefixes, batch_size=3)] == [result_key(cold.classify(c)) for c in prefixes]
     assert len({r.verdict for r in g.classify_many(prefixes)}) == 2  # results that can differ, compared
 
 
 @SETTINGS
 @given(st.lists(st.integers(0, 6), min_size=1, max_size=10), st.integers(1, 400))
-def test_eviction_under_a_tiny_budget_never_changes_a_result(path, cold, picks, positions):
+def test_eviction_under_a_tiny_budget_never_changes_a_result(decisive_path, cold, picks, positions):
     """Conversations sharing prefixes in random order through a cache of a few positions."""
     per_position = cold.model.new_state(1).kv.nbytes
-    g = Guard.load(path, threads=2, cache_bytes=positions * per_position)
+    g = Guard.load(decisive_path, threads=2, cache_bytes=positions * per_position)
     convs = [USER, "hello", reply_of(USER, "Once upon a time"), reply_of(USER, "Once upon a time, a dragon."),
              reply_of(USER, "Once"), "hello there", [{"role": "user", "content": "hello there"}]]
     for i in picks:
-        assert key(g.classify(convs[i])) == key(cold.classify(convs[i]))
+        assert result_key(g.classify(convs[i])) == result_key(cold.classify(convs[i]))
         assert g.cache.bytes <= g.cache.budget
     got = g.classify_many([convs[i] for i in picks], batch_size=4)
-    assert [key(r) for r in got] == [key(cold.classify(convs[i])) for i in picks]
+    assert [result_key(r) for r in got] == [result_key(cold.classify(convs[i])) for i in picks]

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyguard import Guard, PyguardError
-from synth import decisive_guard
+from synth import reply_of, result_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER = [{"role": "user", "content": "Tell me a story about a dragon."}]
@@ -27,30 +27,9 @@ PIECES = ["Once", " upon", " a", " time", ",", " dragon", " 🐉", " 👩‍🚀
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 
-def key(r):
-    """What a result is, apart from timings and cache hits."""
-    return r.verdict, r.categories, r.category_names, r.score, r.answer, r.prompt_tokens, r.generated_tokens, r.category_scores
-
-
-@pytest.fixture(scope="session")
-def path(tmp_path_factory):
-    d = tmp_path_factory.getbasetemp() / "decisive-shared"  # built once per session, shared by the files that use it
-    d.mkdir(exist_ok=True)
-    return decisive_guard(str(d), "guard")
-
-
 @pytest.fixture(scope="module")
-def cold(path):
-    return Guard.load(path, threads=2, cache_bytes=0)
-
-
-@pytest.fixture(scope="module")
-def warm(path):
-    return Guard.load(path, threads=2)
-
-
-def reply_of(conv, text):
-    return conv + [{"role": "assistant", "content": text}]
+def warm(decisive_path):
+    return Guard.load(decisive_path, threads=2)
 
 
 # ---------------------------------------------------------------- streaming
@@ -76,12 +55,12 @@ def test_stream_results_equal_classify(warm, cold, pieces, data):
     results.append((s.text, s.finish()))
     assert s.text == raw.decode()
     for text, r in results:
-        assert key(r) == key(cold.classify(reply_of(USER, text)))
+        assert result_key(r) == result_key(cold.classify(reply_of(USER, text)))
     assert s.unsafe == any(r.unsafe for _, r in results)
 
 
-def test_stream_checks_every_n_tokens_and_reuses_the_reply(path, cold):
-    g = Guard.load(path, threads=2)
+def test_stream_checks_every_n_tokens_and_reuses_the_reply(decisive_path, cold):
+    g = Guard.load(decisive_path, threads=2)
     s = g.stream(USER, every=8)
     checks = []
     for word in ("Once upon a time, a dragon 🐉 named Ünsal lived in the mountains. " * 4).split(" "):
@@ -96,7 +75,7 @@ def test_stream_checks_every_n_tokens_and_reuses_the_reply(path, cold):
         # the previous check's conversation came from the cache: only new tokens and the instructions ran
         assert r.cached_tokens >= prev.prompt_tokens - 70
     final = s.finish()
-    assert key(final) == key(cold.classify(reply_of(USER, s.text)))
+    assert result_key(final) == result_key(cold.classify(reply_of(USER, s.text)))
 
 
 def test_stream_errors(warm):
@@ -130,8 +109,8 @@ def test_stream_errors(warm):
     assert s.finish().prompt_tokens == warm.classify(reply_of(USER, "Sure.")).prompt_tokens
 
 
-def test_stream_honours_the_length_limit(path):
-    g = Guard.load(path, threads=2, max_tokens=400)
+def test_stream_honours_the_length_limit(decisive_path):
+    g = Guard.load(decisive_path, threads=2, max_tokens=400)
     s = g.stream(USER, every=10_000)
     s.feed("word " * 300)
     with pytest.raises(PyguardError, match="over the limit"):
@@ -190,7 +169,7 @@ def test_unsafe_is_sticky(warm, judged):
     s = warm.stream(USER, every=1)
     for k, w in enumerate(WORDS, 1):
         r = s.feed(w if k == 1 else " " + w)
-        assert r is not None and key(r) == key(judged[k]) and s.last is r
+        assert r is not None and result_key(r) == result_key(judged[k]) and s.last is r
         assert s.unsafe == any(v[1 : k + 1])
 
 
@@ -217,12 +196,12 @@ def test_checks_come_every_n_tokens_exactly(warm):
         assert got == [2 + every, 2 + 2 * every]
 
 
-def test_each_check_computes_only_what_changed(path):
+def test_each_check_computes_only_what_changed(decisive_path):
     """Each check restores from the cache the longest prefix any earlier check of the stream
     left there (the policy, the conversation and the reply up to the previous check), so it
     computes the reply's new tokens, the one or two whose tokenization changed, and the
     closing instructions."""
-    g = Guard.load(path, threads=2)
+    g = Guard.load(decisive_path, threads=2)
     s = g.stream(USER, every=3)
     kept = [g.prepare(reply_of(USER, "x")).ids[: g.prepare(reply_of(USER, "x")).policy]]
     tokens_before = 0
@@ -257,16 +236,16 @@ def test_options_reach_every_check(warm, cold, judged):
         feed_to(s, i)
         got = s.check()
         want = cold.classify(reply_of(conv, text), **opts)
-        assert key(got) == key(want) and key(s.finish()) == key(want)
-        changed.append(key(want) != key(plain))
+        assert result_key(got) == result_key(want) and result_key(s.finish()) == result_key(want)
+        changed.append(result_key(want) != result_key(plain))
     assert changed[0] and changed[1] and (changed[2] or changed[3]) and changed[4]  # each option matters here
 
 
-def test_a_check_that_fails_fails_every_later_check(path):
+def test_a_check_that_fails_fails_every_later_check(decisive_path):
     """Fail closed: once a check raised (a prompt over max_tokens), every later feed with a
     check due raises again instead of returning None, finish() raises, and nothing safe is
     reported for the text that could not be judged (s.last stays the last judged result)."""
-    g = Guard.load(path, threads=2, max_tokens=400)
+    g = Guard.load(decisive_path, threads=2, max_tokens=400)
     s = g.stream(USER, every=20)
     first = None
     while True:
@@ -294,12 +273,12 @@ def test_finish_always_checks_and_ends_the_stream(warm, cold):
     character whose bytes came apart, and takes no more: feed or finish again raise."""
     s = warm.stream(USER, every=1)
     r = s.feed("Sure, café".encode()[:-1])  # "Sure, caf" and the first byte of "é"
-    assert s.text == "Sure, caf" and r is not None and key(r) == key(cold.classify(reply_of(USER, "Sure, caf")))
+    assert s.text == "Sure, caf" and r is not None and result_key(r) == result_key(cold.classify(reply_of(USER, "Sure, caf")))
     s.feed("é".encode()[1:])
     assert s.text == "Sure, café"
     last = s.check()
     f = s.finish()
-    assert f is not last and s.last is f and key(f) == key(last) == key(cold.classify(reply_of(USER, "Sure, café")))
+    assert f is not last and s.last is f and result_key(f) == result_key(last) == result_key(cold.classify(reply_of(USER, "Sure, café")))
     with pytest.raises(PyguardError, match="finished"):
         s.finish()
     with pytest.raises(PyguardError, match="finished"):
@@ -313,12 +292,12 @@ def test_finish_always_checks_and_ends_the_stream(warm, cold):
     raw = "Sure, café 🐉.".encode()
     for chunk in (raw[:10], bytearray(raw[10:14]), memoryview(raw)[14:]):
         s.feed(chunk)
-    assert s.text == "Sure, café 🐉." and key(s.finish()) == key(cold.classify(reply_of(USER, "Sure, café 🐉.")))
+    assert s.text == "Sure, café 🐉." and result_key(s.finish()) == result_key(cold.classify(reply_of(USER, "Sure, café 🐉.")))
     s = warm.stream(USER, every=10**6)
     s.feed("ok")
     with pytest.raises(PyguardError, match="not UTF-8"):
         s.feed(b"\xff")
-    assert s.text == "ok" and key(s.finish()) == key(cold.classify(reply_of(USER, "ok")))  # the bad chunk left nothing
+    assert s.text == "ok" and result_key(s.finish()) == result_key(cold.classify(reply_of(USER, "ok")))  # the bad chunk left nothing
 
 
 def test_utf8_errors_count_every_character_fed(warm):
@@ -377,11 +356,11 @@ def read_line(fd: int) -> str:
 
 
 @pytest.mark.parametrize("threshold", [None, 0.99])
-def test_cli_stream_prints_each_check_and_stops_at_the_first_unsafe(path, cold, threshold):
+def test_cli_stream_prints_each_check_and_stops_at_the_first_unsafe(decisive_path, cold, threshold):
     every = 4
-    want, unsafe = expected_lines(Guard.load(path, threads=2), every, threshold)
+    want, unsafe = expected_lines(Guard.load(decisive_path, threads=2), every, threshold)
     args = ["--every", str(every), "--json"] + ([] if threshold is None else ["--threshold", str(threshold)])
-    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "classify", "-m", path, USER[0]["content"], "--stream",
+    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "classify", "-m", decisive_path, USER[0]["content"], "--stream",
                           "--threads", "2", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          cwd=ROOT, bufsize=0)
     try:
@@ -405,19 +384,19 @@ def test_cli_stream_prints_each_check_and_stops_at_the_first_unsafe(path, cold, 
         assert line["score"] == cold.classify(reply_of(USER, text), threshold=threshold).score
 
 
-def test_cli_stream_both_outcomes_are_covered(path):
+def test_cli_stream_both_outcomes_are_covered(decisive_path):
     """The decisive model says unsafe at some check by default and never at threshold 0.99, so
     the test above sees both exits (it is computed, not assumed)."""
-    g = Guard.load(path, threads=2)
+    g = Guard.load(decisive_path, threads=2)
     assert expected_lines(g, 4, None)[1] and not expected_lines(g, 4, 0.99)[1]
 
 
-def test_cli_stream_usage_errors(path):
+def test_cli_stream_usage_errors(decisive_path):
     for args, words in ((["--stream", "--response", "x"], "no --response"), (["--every", "3"], "--every goes with --stream"),
                         (["--stream", "--every", "0"], "positive integer")):
-        r = subprocess.run([sys.executable, "-m", "pyguard.cli", "classify", "-m", path, "hi", *args], capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "pyguard.cli", "classify", "-m", decisive_path, "hi", *args], capture_output=True,
                            cwd=ROOT, input=b"")
         assert r.returncode == 2 and words in r.stderr.decode().splitlines()[-1], r.stderr  # argparse: usage, then the error
-    r = subprocess.run([sys.executable, "-m", "pyguard.cli", "classify", "-m", path, "hi", "--stream"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pyguard.cli", "classify", "-m", decisive_path, "hi", "--stream"], capture_output=True,
                        cwd=ROOT, input=b"ok \xff")
     assert r.returncode == 2 and "not UTF-8" in r.stderr.decode() and r.stdout == b""
