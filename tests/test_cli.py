@@ -510,3 +510,66 @@ def test_demo_keeps_its_files_and_the_next_commands_work(tmp_path):
         assert done.returncode == expected, done.err
     assert os.path.exists(commands[2][3])
     one_error(run("demo", "--keep", str(keep)), f"--keep {keep}: exists and is not an empty directory")
+
+
+# ---- --thresholds (per-category thresholds: docs/THRESHOLDS.md)
+
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_thresholds_file_gives_the_api_verdict(model, guard, tmp_path, capsys):
+    """classify --thresholds, alone and with --jsonl, gives Guard.classify(thresholds=...)'s results."""
+    base = guard.classify(SAFE, category_scores=True)
+    top = max(base.category_scores, key=base.category_scores.get)
+    limits = {top: base.category_scores[top]}  # reached exactly: unsafe, with that code
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"threshold": None, "categories": limits}))
+    expected = guard.classify(SAFE, thresholds=limits)
+    assert expected.unsafe and top in expected.categories and base.verdict == "safe"
+    code, out, err = _main(capsys, "classify", "-m", model, SAFE, "--thresholds", str(t), "--json")
+    got = json.loads(out)
+    assert code == 1 and {k: got[k] for k in STABLE[1:]} == {k: getattr(expected, k) for k in STABLE[1:]}, err
+    src, res = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(line("a") + "\n" + line("b", UNSAFE) + "\n")
+    assert _main(capsys, "classify", "-m", model, "--jsonl", str(src), "--out", str(res), "--thresholds", str(t))[0] == 1
+    want = [expected, guard.classify(UNSAFE, thresholds=limits)]
+    assert [{k: r[k] for k in STABLE[1:]} for r in stable(res)] == [{k: getattr(r, k) for k in STABLE[1:]} for r in want]
+    # the thresholds are in the run record: resuming with others (or none) is refused, the same ones go on
+    t2 = tmp_path / "t2.json"
+    t2.write_text(json.dumps({"threshold": None, "categories": {top: 0.5}}))
+    for extra in (["--thresholds", str(t2)], []):
+        code, _, err = _main(capsys, "classify", "-m", model, "--jsonl", str(src), "--out", str(res), "--resume", *extra)
+        assert code == 2 and "with other --categories, --exclude, --threshold or --thresholds" in err
+    assert _main(capsys, "classify", "-m", model, "--jsonl", str(src), "--out", str(res), "--resume", "--thresholds", str(t))[0] == 1
+
+
+def test_thresholds_file_and_threshold_option(model, guard, tmp_path, capsys):
+    t = tmp_path / "t.json"
+    t.write_text(json.dumps({"threshold": 0.0, "categories": {"S1": 1}}))
+    assert _main(capsys, "classify", "-m", model, SAFE, "--thresholds", str(t))[0] == 1  # the file's threshold applies
+    assert _main(capsys, "classify", "-m", model, SAFE, "--thresholds", str(t), "--threshold", "0")[0] == 1  # equal: fine
+    code, _, err = _main(capsys, "classify", "-m", model, SAFE, "--thresholds", str(t), "--threshold", "0.5")
+    assert code == 2 and err == f"pyguard: error: --threshold 0.5 and the threshold 0.0 of --thresholds {t} differ: give one of them\n"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("not json", ["not JSON"]),
+    ('{"threshold": NaN, "categories": {}}', ["NaN is not a JSON number"]),
+    ('{"threshold": 0.5, "categories": {"S1": 2}}', ["categories: S1 must be a number from 0 to 1"]),
+    ('{"threshold": 0.5, "categories": {"S1": "x"}}', ["categories: S1 must be a number"]),
+    ('{"threshold": 0.5}', ['expected {"threshold"']),
+    ('{"categories": {"S99": 0.5}}', ["thresholds: S99 not among the categories judged"]),  # the model's policy
+    ('{"categories": {"S6": 0.5}}', ["thresholds: S6 not among the categories judged"]),  # excluded
+])
+@pytest.mark.parametrize("mode", [[SAFE], ["--jsonl", "{src}"], [SAFE, "--stream"]])
+def test_bad_thresholds_files_exit_2_in_one_line(model, tmp_path, capsys, text, words, mode):
+    t, src = tmp_path / "t.json", tmp_path / "in.jsonl"
+    t.write_text(text)
+    src.write_text(line("a") + "\n")
+    argv = ["classify", "-m", model, *[m.format(src=src) for m in mode], "--exclude", "S6", "--thresholds", str(t)]
+    code, out, err = _main(capsys, *argv)
+    assert code == 2 and out == "" and len(err.splitlines()) == 1 and err.startswith("pyguard: error: ")
+    assert all(w in err for w in words) and ("S99" in text or "S6" in text or f"--thresholds {t}: " in err), err
