@@ -198,6 +198,20 @@ def test_classify_options_and_conversations(server, guard):
     assert {k: r.json()[k] for k in SAME} == native(guard.classify(TEXTS[1], categories=cats))
 
 
+def test_classify_thresholds(server, guard):
+    """Per-category thresholds give Guard.classify's verdicts: a threshold at a safe sample's
+    top category score makes it unsafe with that code (docs/THRESHOLDS.md)."""
+    convs = SAMPLES[:6]
+    base = guard.classify(convs[0], category_scores=True)
+    top = max(base.category_scores, key=base.category_scores.get)
+    limits = {top: base.category_scores[top], "S10": 0.05}
+    r = post(server.url, "/v1/classify", {"conversations": convs, "thresholds": limits, "threshold": None})
+    assert r.status_code == 200, r.text
+    want = guard.classify_many(convs, thresholds=limits)
+    assert [{k: x[k] for k in SAME} for x in r.json()["results"]] == [native(w) for w in want]
+    assert base.verdict == "safe" and want[0].unsafe and top in want[0].categories
+
+
 def test_health_and_metrics(server):
     h = httpx.get(server.url + "/healthz").json()
     assert h["status"] == "ok" and h["model"].endswith(".pgw") and h["kernel"] and h["queue_depth"] == 0
@@ -275,6 +289,13 @@ BAD = [
     ("/v1/classify", {"messages": "hi", "exclude": ["S99"]}, "exclude", "S99"),
     ("/v1/classify", {"messages": "hi", "categories": {"X1": "Unspellable."}}, None, "cannot answer X1"),
     ("/v1/classify", {"messages": "hi", "category_scores": "yes"}, "category_scores", "True or False"),
+    ("/v1/classify", {"messages": "hi", "thresholds": {"S1": 1.5}}, "thresholds", "S1 must be a number from 0 to 1"),
+    ("/v1/classify", {"messages": "hi", "thresholds": {"S1": "0.5"}}, "thresholds", "S1 must be a number from 0 to 1"),
+    ("/v1/classify", {"messages": "hi", "thresholds": {"S1": True}}, "thresholds", "S1 must be a number from 0 to 1"),
+    ("/v1/classify", {"messages": "hi", "thresholds": {"S99": 0.5}}, "thresholds", "S99 not among the categories judged"),
+    ("/v1/classify", {"messages": "hi", "exclude": ["S6"], "thresholds": {"S6": 0.5}}, "thresholds",
+     "S6 not among the categories judged"),
+    ("/v1/classify", {"messages": "hi", "thresholds": [0.5]}, "thresholds", "thresholds must be a mapping"),
     ("/v1/classify", {"messages": [{"role": "user", "content": LONG}]}, None, "tokens"),
 ]
 
@@ -290,7 +311,7 @@ def test_bad_input(server, path, body, param, message):
     assert not any(f"{what} 0" in err["message"] for what in ("input", "conversation", "message"))  # counted from 1
 
 
-FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "category_scores", "role",
+FIELDS = ["input", "model", "messages", "conversations", "categories", "exclude", "threshold", "thresholds", "category_scores", "role",
           "content", "type", "text", "S1", "S6"]
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.sampled_from(["", " ", "user", "assistant", "S6", "hi"]),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=4),
