@@ -1,4 +1,4 @@
-"""The `pyguard` command line: demo, convert, verify, classify, serve.
+"""The `pyguard` command line: demo, convert, verify, classify, serve, eval, report (cli_eval.py).
 
 Exit status: 0 safe (or success), 1 unsafe, 2 error (any error, including a bug in pyguard, so
 that a failure never reads as a verdict). Errors are one line on stderr.
@@ -237,17 +237,7 @@ def _jsonl_command(a: argparse.Namespace) -> int:
     """classify --jsonl: the arguments, OUT and IN checked before the model is loaded."""
     if a.response is not None:
         raise PyguardError("--response does not go with --jsonl: put the reply in each line's messages")
-    if a.resume and not a.out:
-        raise PyguardError("--resume needs --out: the results file to continue")
-    if a.resume and a.overwrite:
-        raise PyguardError("--resume keeps OUT's results, --overwrite replaces them: one or the other")
-    if a.out:
-        check_output(a.out, "--out")
-        for what, other in (("--jsonl", a.jsonl), ("-m", a.model)):
-            if _same_file(a.out, other):
-                raise PyguardError(f"--out {a.out}: the same file as {what} {other} (it would be overwritten as it is read)")
-        if not (a.resume or a.overwrite) and os.path.exists(a.out) and os.path.getsize(a.out) > 0:
-            raise PyguardError(f"--out {a.out}: holds results already: --resume to continue them, --overwrite to replace them")
+    check_jsonl_out(a)
     if a.ray is not None:
         if a.resume or a.jsonl == "-":
             raise PyguardError("--ray reads IN as a file and writes OUT whole: no stdin, no --resume")
@@ -262,6 +252,21 @@ def _jsonl_command(a: argparse.Namespace) -> int:
         run = run_id(a.model, options)
         done = done_results(a.out, run) if a.resume else None
         return _classify_jsonl(guard, src, a.jsonl, a.out, done, options, run)
+
+
+def check_jsonl_out(a: argparse.Namespace) -> None:
+    """--out, --resume and --overwrite of a --jsonl run (classify, eval), checked before any work."""
+    if a.resume and not a.out:
+        raise PyguardError("--resume needs --out: the results file to continue")
+    if a.resume and a.overwrite:
+        raise PyguardError("--resume keeps OUT's results, --overwrite replaces them: one or the other")
+    if a.out:
+        check_output(a.out, "--out")
+        for what, other in (("--jsonl", a.jsonl), ("-m", a.model)):
+            if _same_file(a.out, other):
+                raise PyguardError(f"--out {a.out}: the same file as {what} {other} (it would be overwritten as it is read)")
+        if not (a.resume or a.overwrite) and os.path.exists(a.out) and os.path.getsize(a.out) > 0:
+            raise PyguardError(f"--out {a.out}: holds results already: --resume to continue them, --overwrite to replace them")
 
 
 def _open_input(path: str) -> BinaryIO:
@@ -596,6 +601,9 @@ def parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGINT, time to answer what is queued; then the rest gets 503 (default 30)")
     s.add_argument("--no-verify", action="store_true", help="skip checking the file's checksums at start (faster start)")
     s.set_defaults(run=cmd_serve)
+    from . import cli_eval  # here, not at the top: it imports this module
+
+    cli_eval.add_parsers(sub)
     for command in sub.choices.values():
         command.set_defaults(usage=command)  # whose usage an unrecognized argument is reported on
     return p
