@@ -155,12 +155,29 @@ def test_arguments_fail_before_the_job(data, local):
                      ({"batch_size": 0}, "batch_size"), ({"batch_size": True}, "batch_size"),
                      ({"threshold": 2}, "threshold"), ({"threshold": float("nan")}, "threshold"),
                      ({"threshold": True}, "threshold"), ({"threshold": "0.5"}, "threshold"),
-                     ({"exclude": ["S99"]}, "S99"), ({"categories": {"X1": "Bad."}}, "X1")):
+                     ({"exclude": ["S99"]}, "S99"), ({"categories": {"X1": "Bad."}}, "X1"),
+                     ({"thresholds": {"S1": 2}}, "S1 must be a number"), ({"thresholds": {"S99": 0.5}}, "S99"),
+                     ({"thresholds": [0.5]}, "thresholds must be a mapping")):
         with pytest.raises(PyguardError, match=what):
             pgray.classify(ds, data["model"], **{"concurrency": 1, **kw})
     # absent here (a path on the nodes, say): the actors' PyguardError ends the job, no hang
     with pytest.raises(ray.exceptions.RayError, match="nope.pgw: cannot read"):
         pgray.classify(ds, str(data["dir"] / "nope.pgw"), concurrency=1).take_all()
+
+
+def test_thresholds_give_the_api_results(data, local):
+    """Per-category thresholds through the actors: Guard.classify's results, row for row
+    (docs/THRESHOLDS.md; the same rule as the CLI and the service)."""
+    convs = [r["messages"] for r in rows()[:24]]
+    guard = Guard.load(data["model"], threads=2)
+    limits = {"S1": 0.04, "S10": 0.05, "S12": 0.05}
+    want = guard.classify_many(convs, thresholds=limits, threshold=0.9)
+    out = pgray.classify(ray.data.from_items([{"messages": c} for c in convs]), data["model"], concurrency=2,
+                         batch_size=8, thresholds=limits, threshold=0.9).take_all()
+    got = [r | {"category_scores": dict(r["category_scores"])} for r in out]
+    assert [{f: r[f] for f in FIELDS} for r in got] == [{f: getattr(w, f) for f in FIELDS} for w in want]
+    plain = guard.classify_many(convs, threshold=0.9)
+    assert sum(w.unsafe for w in want) > sum(p.unsafe for p in plain)  # the category thresholds made a difference
 
 
 def test_the_actors_verify_the_file(data, local, tmp_path):
@@ -270,6 +287,10 @@ def test_the_cli_checks_before_any_cluster(data, tmp_path):
     pq.write_table(pa.Table.from_pylist([{**rows()[0], "verdict": "safe"}]), parquet)
     one_error(run_cli(*cmd, str(parquet), "--ray", nowhere), "already has result columns (verdict)")
     one_error(run_cli(*cmd, data["src"], "--exclude", "S99", "--ray", nowhere), "S99")
+    thresholds = tmp_path / "t.json"
+    thresholds.write_text(json.dumps({"threshold": None, "categories": {"S6": 0.5}}))
+    one_error(run_cli(*cmd, data["src"], "--exclude", "S6", "--thresholds", str(thresholds), "--ray", nowhere),
+              "thresholds: S6 not among the categories judged")
     one_error(run_cli("classify", "-m", str(tmp_path / "nope.pgw"), "--jsonl", data["src"], "--ray"), "nope.pgw")  # no local cluster either
     # all is well here: only now the address, which nothing answers
     one_error(run_cli(*cmd, data["src"], "--ray", nowhere), f"--ray {nowhere}: cannot connect", f"within {pgray.CONNECT_TIMEOUT:g} s")
