@@ -28,7 +28,7 @@ h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 19px; margin-top: 32
 table { border-collapse: collapse; margin: 8px 0; } td, th { padding: 4px 10px; border-bottom: 1px solid #e3e3e3; }
 th { text-align: left; background: #f5f5f5; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .big td.n { font-size: 18px; } .none { color: #999; }
-table.cm td { width: 110px; height: 48px; text-align: center; font-size: 18px; border: 1px solid #ccc; }
+table.cm th { white-space: nowrap; } table.cm td { width: 130px; height: 48px; text-align: center; font-size: 18px; border: 1px solid #ccc; }
 td.ok { background: #e3f1e3; } td.bad { background: #f8e1de; }
 img { max-width: 100%; height: auto; display: block; margin: 8px 0; } p.note { color: #555; font-size: 13px; }
 """
@@ -121,23 +121,28 @@ def _histogram(Figure, task: Task, lines: list[tuple[str, float]], xlabel: str) 
     for (label, x), style in zip(lines, ("-", "--", ":", "-.")):
         ax.axvline(x, color="k", ls=style, lw=1.2, label=label)
     ax.set(xlabel=xlabel, ylabel="conversations", xlim=(0, 1))
-    ax.legend(fontsize=8, loc="upper center")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts: no 0.25 of a conversation
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars, never over them
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _png(fig)
 
 
 def _category_bars(Figure, doc: Mapping[str, Any], codes: list[str]) -> str:
-    """F1, precision and recall per category with labelled examples; the support under each."""
+    """F1, precision and recall at the verdicts used, and AUPRC, per category with labelled
+    examples, each bar's value written on it (n/a: undefined); the support under each."""
     fig = Figure(figsize=(10, 3.8))
     ax = fig.subplots()
     x = np.arange(len(codes))
-    for i, (key, color) in enumerate((("f1", "#333"), ("precision", "#3b75af"), ("recall", "#e19c24"))):
+    keys = (("f1", "F1", "#333"), ("precision", "precision", "#3b75af"), ("recall", "recall", "#e19c24"),
+            ("auprc", "AUPRC (from the scores)", "#9a9a9a"))
+    for i, (key, name, color) in enumerate(keys):
         values = [doc["categories"][c][key] for c in codes]
-        ax.bar(x + (i - 1) * 0.27, [0 if v is None else v for v in values], 0.27, color=color, label=key if key != "f1" else "F1")
+        bars = ax.bar(x + (i - 1.5) * 0.2, [0 if v is None else v for v in values], 0.2, color=color, label=name)
+        ax.bar_label(bars, ["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(x, [f"{c}\n{doc['categories'][c]['support']['positive']} unsafe" for c in codes], fontsize=8)
-    ax.set(ylim=(0, 1.05), ylabel="at the verdicts used")
-    ax.legend(fontsize=8, ncols=3, loc="upper right")
+    ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), ylabel="F1, precision, recall at the verdicts used")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -150,7 +155,8 @@ def _rate_bars(Figure, doc: Mapping[str, Any], codes: list[str]) -> str:
     rates = [doc["verdict"]["rate"]] + [doc["categories"][c]["rate"] for c in codes]
     bars = ax.bar(names, [r or 0 for r in rates], color=[UNSAFE_COLOR] + ["#777"] * len(codes))
     ax.bar_label(bars, [f"{(r or 0) * 100:.1f}%" for r in rates], fontsize=8)
-    ax.set(ylabel="share of results", ylim=(0, max([r or 0 for r in rates] + [0.01]) * 1.2))
+    ax.set(ylabel="share of results flagged", ylim=(0, max([r or 0 for r in rates] + [0.01]) * 1.2))
+    ax.yaxis.set_major_formatter(lambda y, _: f"{y * 100:.0f}%")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
