@@ -141,7 +141,7 @@ def _category_bars(Figure, doc: Mapping[str, Any], codes: list[str]) -> str:
         bars = ax.bar(x + (i - 1.5) * 0.2, [0 if v is None else v for v in values], 0.2, color=color, label=name)
         ax.bar_label(bars, ["n/a" if v is None else f"{v:.2f}" for v in values], fontsize=7, rotation=90, padding=2)
     ax.set_xticks(x, [f"{c}\n{doc['categories'][c]['support']['positive']} unsafe" for c in codes], fontsize=8)
-    ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), ylabel="F1, precision, recall at the verdicts used")
+    ax.set(ylim=(0, 1.25), yticks=np.linspace(0, 1, 6), ylabel="0 to 1")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -186,7 +186,7 @@ def _confusion(block: Mapping[str, Any]) -> str:
 
 
 def _category_table(doc: Mapping[str, Any], codes: list[str]) -> str:
-    head = ["code", "unsafe", "safe", "TP", "FP", "FN", "precision", "recall", "F1", "AUPRC", "ROC AUC", "best-F1 threshold"]
+    head = ["code", "labelled with it", "others", "TP", "FP", "FN", "precision", "recall", "F1", "AUPRC", "ROC AUC", "best-F1 threshold"]
     out = ["<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for c in codes:
         b = doc["categories"][c]
