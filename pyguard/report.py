@@ -52,10 +52,12 @@ def _png(fig) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _num(x: float | int | None, digits: int = 3) -> str:
+def _num(x: float | int | None, threshold: bool = False) -> str:
+    """A cell: a count, a rate to 3 decimals, a threshold to 4 significant digits (scores of a
+    poor model can be 1e-90), n/a for undefined."""
     if x is None:
         return '<span class="none" title="undefined: no examples to divide by">n/a</span>'
-    return str(x) if isinstance(x, int) else f"{x:.{digits}f}"
+    return str(x) if isinstance(x, int) else f"{x:.4g}" if threshold else f"{x:.3f}"
 
 
 def _e(text: Any) -> str:
@@ -67,10 +69,10 @@ def _marks(block: Mapping[str, Any], task: Task) -> list[tuple[str, Mapping[str,
     used = {"threshold": None, **{k: block[k] for k in ("precision", "recall", "fpr")}}
     marks = [("used (the results' verdicts)", used, "ko")]
     if block["best_f1"]:
-        marks.append((f"best F1, threshold {block['best_f1']['threshold']:.3f}", block["best_f1"], "D"))
+        marks.append((f"best F1, threshold {block['best_f1']['threshold']:.4g}", block["best_f1"], "D"))
     for p in block["max_fpr"]:
         if p["threshold"] is not None:
-            marks.append((f"FPR <= {p['target']:g}, threshold {p['threshold']:.3f}", p, "s"))
+            marks.append((f"FPR <= {p['target']:g}, threshold {p['threshold']:.4g}", p, "s"))
     return marks
 
 
@@ -169,7 +171,7 @@ def _headline(block: Mapping[str, Any]) -> str:
     rows += [(f"lowest threshold with FPR &le; {p['target']:g}", p) for p in block["max_fpr"]]
     out = ["<table class=big><tr><th></th><th>threshold</th><th>precision</th><th>recall</th><th>F1</th><th>FPR</th></tr>"]
     for name, p in rows:
-        t = "verdict" if name.startswith("at the") else _num(p["threshold"])
+        t = "verdict" if name.startswith("at the") else _num(p["threshold"], threshold=True)
         out.append(f"<tr><th>{name}</th><td class=n>{t}</td>" + "".join(f"<td class=n>{_num(p[k])}</td>" for k in
                                                                             ("precision", "recall", "f1", "fpr")) + "</tr>")
     out.append("</table>")
@@ -193,7 +195,8 @@ def _category_table(doc: Mapping[str, Any], codes: list[str]) -> str:
         cells = [b["support"]["positive"], b["support"]["negative"], b["confusion"]["tp"], b["confusion"]["fp"],
                  b["confusion"]["fn"], b["precision"], b["recall"], b["f1"], b["auprc"], b["roc_auc"],
                  b["best_f1"]["threshold"] if b["best_f1"] else None]
-        out.append(f"<tr><th>{_e(c)}</th>" + "".join(f"<td class=n>{_num(x)}</td>" for x in cells) + "</tr>")
+        out.append(f"<tr><th>{_e(c)}</th>" + "".join(f"<td class=n>{_num(x)}</td>" for x in cells[:-1])
+                   + f"<td class=n>{_num(cells[-1], threshold=True)}</td></tr>")
     out.append("</table>")
     return "".join(out)
 
@@ -227,8 +230,8 @@ def render(ev: Evaluation, doc: Mapping[str, Any], model: str | None = None, res
 
 def _labelled(Figure, ev: Evaluation, doc: Mapping[str, Any]) -> str:
     v = doc["verdict"]
-    lines = ([(f"best F1 {v['best_f1']['threshold']:.3f}", v["best_f1"]["threshold"])] if v["best_f1"] else [])
-    lines += [(f"FPR <= {p['target']:g}: {p['threshold']:.3f}", p["threshold"]) for p in v["max_fpr"] if p["threshold"] is not None]
+    lines = ([(f"best F1 {v['best_f1']['threshold']:.4g}", v["best_f1"]["threshold"])] if v["best_f1"] else [])
+    lines += [(f"FPR <= {p['target']:g}: {p['threshold']:.4g}", p["threshold"]) for p in v["max_fpr"] if p["threshold"] is not None]
     scored = [c for c in ev.codes if doc["categories"][c]["support"]["positive"]]
     unscored = [c for c in ev.codes if c not in scored]
     parts = [
