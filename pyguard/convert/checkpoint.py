@@ -42,7 +42,7 @@ def random_tensor(cfg: ModelConfig, name: str, seed: int = 0, qk_gain: float = 1
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def random_rows(cfg: ModelConfig, name: str, seed: int = 0, rows: int = 4096, qk_gain: float = 1.5,
+def random_rows(cfg: ModelConfig, name: str, seed: int = 0, rows: int = 1024, qk_gain: float = 1.5,
                 logit_std: float = 6.0) -> Iterator[np.ndarray]:
     """random_tensor's weight in blocks of `rows` rows, the same values (each tensor's stream is
     drawn in order, and the rest is elementwise), so that an 8B checkpoint's 2 GB head and table
