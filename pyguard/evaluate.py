@@ -137,8 +137,8 @@ def join(labels: Mapping[str, Label], results: Mapping[str, Judged], codes: Sequ
 
 
 def unlabelled(results: Sequence[Judged], codes: Sequence[str], run: str) -> Evaluation:
-    """Results alone: the verdict's and the categories' decisions and scores (a category's
-    scores only where every result has them)."""
+    """Results alone: the verdict's and the categories' decisions and scores (NaN where a
+    result has no category scores: classify leaves them out of safe verdicts)."""
     verdict = Task(np.array([r.score for r in results], np.float64), np.array([r.unsafe for r in results], bool))
     categories = {c: Task(np.array([r.category_scores.get(c, math.nan) for r in results], np.float64),
                           np.array([c in r.categories for r in results], bool)) for c in codes}

@@ -64,7 +64,7 @@ def _e(text: Any) -> str:
     return html.escape(str(text))
 
 
-def _marks(block: Mapping[str, Any], task: Task) -> list[tuple[str, Mapping[str, Any], str]]:
+def _marks(block: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any], str]]:
     """(label, point, style) of the operating point used and of the chosen thresholds."""
     used = {"threshold": None, **{k: block[k] for k in ("precision", "recall", "fpr")}}
     marks = [("used (the results' verdicts)", used, "ko")]
@@ -89,7 +89,7 @@ def _curves(Figure, block: Mapping[str, Any], task: Task, title: str) -> str:
     if c.positives and c.negatives:
         roc.plot(np.concatenate([[0], c.fp / c.negatives]), np.concatenate([[0], c.tp / c.positives]), color=UNSAFE_COLOR, lw=2)
         roc.plot([0, 1], [0, 1], color="#999", ls=":", lw=1, label="chance")
-    for label, p, style in _marks(block, task):
+    for label, p, style in _marks(block):
         if p["recall"] is not None and p["precision"] is not None:
             pr.plot(p["recall"], p["precision"], style, ms=8, mfc="none" if style != "ko" else "k", label=label)
         if p["recall"] is not None and p["fpr"] is not None:
