@@ -64,8 +64,8 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, default=None, choices=(32, 64, 128, 256), help="weights per int4 scale (default 32)")
     p.add_argument("--head", choices=("full", "guard"), default=None,
                    help="output head: the whole vocabulary, or only the tokens of a Llama Guard answer (default full)")
-    p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b"),
-                   help="prompt template and categories (auto: by model size)")
+    p.add_argument("--family", default="auto", choices=("auto", "llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-2"),
+                   help="prompt template and categories (auto: Llama Guard 3 by model size; llama-guard-2 only when given)")
     p.add_argument("--table", choices=("int8", "int4"), default=None,
                    help="embedding table (and a pruned or tied head): int8 per row (default) or int4 like the other matrices")
     p.add_argument("--threads", type=_threads, default=None, help="quantization threads (default: PYGUARD_THREADS or all cores)")

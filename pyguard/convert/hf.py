@@ -155,7 +155,7 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
     if head == "guard":
         if tok is None:
             raise PyguardError(f"--head guard needs the tokenizer, which could not be read: {tok_note}")
-        head_ids = answer_token_ids(tok, list(CATEGORIES[family]))
+        head_ids = answer_token_ids(tok, list(CATEGORIES[family]), family)
 
     cal = None
     if calibration is not False:

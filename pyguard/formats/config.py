@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import PyguardError
 
 # Llama Guard prompt families a file may record (guard/prompt.py has their templates)
-FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b")
+FAMILIES = ("llama-guard-3-1b", "llama-guard-3-8b", "llama-guard-2")
 
 
 # Hard bounds, far above any Llama (Llama 3 405B: 126 layers, dim 16384, vocabulary 128256),

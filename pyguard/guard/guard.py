@@ -31,7 +31,7 @@ from .prompt import CATEGORIES, Conversation, categories_of, conversation_text, 
 from . import thresholds as th
 from .stream import Stream
 from ..formats.tokenizer import Tokenizer
-from .verdict import ANSWER_START, SAFE, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
+from .verdict import ENDS, STARTS, UNSAFE, AnswerDecoder, Grammar, answer_token_ids
 
 # Guards alive in this process: after os.fork() the child gets fresh locks (one held by a
 # parent thread at the fork would never be released in the child, where that thread is gone).
@@ -63,11 +63,7 @@ class Request:
     policy: int  # tokens of the policy prefix (role, categories, exclusions)
     conversation: int  # tokens up to the end of the conversation: what the next turn shares
     categories: dict[str, str]
-
-    @property
-    def budget(self) -> int:
-        """Positions of the longest answer the policy allows."""
-        return Grammar(self.categories).budget()
+    budget: int  # positions of the longest answer the policy allows
 
 
 @dataclass
@@ -76,7 +72,7 @@ class Result:
     categories: list[str]  # violated codes, e.g. ["S1", "S10"]
     category_names: list[str]  # their descriptions, e.g. ["Violent Crimes.", "Hate."]
     score: float  # probability of "unsafe" as the first answer token
-    answer: str  # the model's answer text after "\n\n"
+    answer: str  # the model's answer text after "\n\n" (Llama Guard 2: after "[/INST]", from its space)
     prompt_tokens: int
     cached_tokens: int  # prompt tokens restored from the token-prefix cache
     generated_tokens: int
@@ -110,10 +106,12 @@ class Guard:
             cache_bytes = CACHE_POSITIONS * model.new_state(1).kv.nbytes
         self.cache = PrefixCache(checks.integer(cache_bytes, "cache_bytes", 0))
         self.max_tokens = min(max_tokens, model.config.max_seq_len)
-        self.eot_id = tokenizer.special("<|eot_id|>")
-        self.start_ids = tokenizer.encode(ANSWER_START)
+        cats = categories_of(None, (), family)  # an unknown family fails here; the shortest request, below
+        fed, self.lead = STARTS[family]
+        self.end_ids = [tokenizer.special(e) for e in ENDS[family]]
+        self.start_ids = tokenizer.encode(fed)
         head_text = [self._text(int(i)) for i in model.head_ids]
-        self._unsafe_rows = np.flatnonzero(model.head_ids == tokenizer.encode(UNSAFE)[0])
+        self._unsafe_rows = np.flatnonzero(model.head_ids == tokenizer.encode(self.lead + UNSAFE)[0])
         self._head_text = head_text
         # per policy, at most POLICIES each; their own lock: prepare() runs outside _lock
         self._decoders: OrderedDict[tuple[str, ...], AnswerDecoder] = OrderedDict()
@@ -121,9 +119,8 @@ class Guard:
         self._policy_lock = threading.Lock()
         self._lock = threading.Lock()
         _LIVE.add(self)
-        cats = categories_of(None, (), family)  # the shortest request: the default policy, one word
-        prefix, rest = prompt_parts(tokenizer, "x", cats)
-        least = len(prefix) + len(rest) + len(self.start_ids) + Grammar(cats).budget()
+        prefix, rest = prompt_parts(tokenizer, "x", cats, family=family)
+        least = len(prefix) + len(rest) + len(self.start_ids) + Grammar(cats, self.lead).budget()
         if least > self.max_tokens:
             raise PyguardError(f"max_tokens {max_tokens} is too small for any prompt: the shortest request with the "
                                f"default policy takes {least} tokens (prompt and answer)")
@@ -161,9 +158,9 @@ class Guard:
         dec = self._recall(self._decoders, codes)
         if dec is None:
             # only the tokens answers are spelled with: a full head then decodes like a guard head
-            spelled = set(answer_token_ids(self.tokenizer, codes))
+            spelled = set(answer_token_ids(self.tokenizer, codes, self.family))
             text = [t if int(i) in spelled else None for i, t in zip(self.model.head_ids, self._head_text)]
-            dec = AnswerDecoder(Grammar(codes), self.model.head_ids, text, self.eot_id)
+            dec = AnswerDecoder(Grammar(codes, self.lead), self.model.head_ids, text, self.end_ids)
             bad = dec.unspellable()
             if bad:
                 head = f"guard head of {self.model.head_size} tokens" if self.model.head_size < self.model.config.vocab_size \
@@ -191,12 +188,13 @@ class Guard:
 
     def _code_step(self, codes: tuple[str, ...]) -> tuple[list[int], list[int | None]]:
         """(tokens, rows) of the per-category scores: the tokens fed after the prompt, "unsafe\\n"
-        and the tokens every code's spelling starts with (for S1..S14: "unsafe\\nS"), and per code
+        (after the family's lead) and the tokens every code's spelling starts with (for S1..S14:
+        "unsafe\\nS"), and per code
         the head row of its next token (None when the head lacks it: probability 0). Codes whose
         spellings share that token (one code a prefix of another) share its probability."""
         step = self._recall(self._code_steps, codes)
         if step is None:
-            spelled = [self.tokenizer.encode(f"{UNSAFE}\n{c}") for c in codes]
+            spelled = [self.tokenizer.encode(f"{self.lead}{UNSAFE}\n{c}") for c in codes]
             n = 0  # the common prefix, leaving every code a token of its own
             while all(len(s) > n + 1 and s[n] == spelled[0][n] for s in spelled):
                 n += 1
@@ -231,9 +229,9 @@ class Guard:
         msgs = messages(conversation)
         cats = categories_of(categories, exclude, self.family)
         self._decoder(tuple(cats))
-        prefix, rest = prompt_parts(self.tokenizer, conversation, cats)
+        prefix, rest = prompt_parts(self.tokenizer, conversation, cats, family=self.family)
         ids = np.array(prefix + rest + self.start_ids, np.int64)
-        n, budget = len(ids), Grammar(cats).budget()
+        n, budget = len(ids), Grammar(cats, self.lead).budget()
         if n + budget > self.max_tokens:
             raise PyguardError(f"the prompt is {n} tokens, over the limit of {self.max_tokens - budget} "
                                f"(max_tokens {self.max_tokens} minus {budget} for this policy's longest answer): "
@@ -242,7 +240,7 @@ class Guard:
         # text may merge with the instructions after it)
         conv = self.tokenizer.encode(conversation_text(msgs))[: len(rest)]
         shared = next((i for i, (a, b) in enumerate(zip(conv, rest)) if a != b), len(conv))
-        return Request(ids, len(prefix), len(prefix) + shared, cats)
+        return Request(ids, len(prefix), len(prefix) + shared, cats, budget)
 
     def classify(self, conversation: Conversation, categories: Mapping[str, str] | None = None, exclude: Sequence[str] = (),
                  threshold: float | None = None, category_scores: bool = False,
@@ -351,13 +349,14 @@ class Guard:
                 for k, x in zip(fed, self.model.prefill_many([states[k] for k in fed], new)):
                     logits[k] = self._check_finite(x, first, k)
             active = fed
-        scored = [k for k in range(len(requests)) if not code_scores[k] and (category_scores or texts[k].startswith(UNSAFE))]
+        verdicts = [d.grammar.verdict(t) for d, t in zip(decoders, texts)]
+        scored = [k for k in range(len(requests)) if not code_scores[k] and (category_scores or verdicts[k] == UNSAFE)]
         self._category_scores(requests, states, scores, code_scores, scored, first)
         t2 = time.perf_counter()
         results = []
         for k, r in enumerate(requests):
             cats = r.categories
-            verdict = UNSAFE if texts[k].startswith(UNSAFE) else SAFE
+            verdict = verdicts[k]
             if force[k] not in (None, verdict):  # the decoder imposes it: never a silent disagreement
                 raise PyguardError(f"the answer {texts[k]!r} contradicts the threshold's verdict {force[k]!r}")
             codes = th.listed(decoders[k].grammar.categories(texts[k]), code_scores[k], thresholds, cats)

@@ -1,10 +1,17 @@
-"""The Llama Guard 3 prompt: its exact text, and its tokens with special tokens only where the
-template puts them.
+"""The Llama Guard prompts: their exact text, and their tokens with special tokens only where
+the template puts them.
 
-The prompt is Llama Guard 3's Hugging Face chat template rendered (add_generation_prompt): one
-user turn holding the task, the categories, the conversation and the instructions, then the
-assistant header. It ends there; the model's answer starts with "\\n\\n" (verdict.ANSWER_START,
-which pyguard's decoder feeds itself).
+Llama Guard 3 (families llama-guard-3-1b, -8b): its Hugging Face chat template rendered
+(add_generation_prompt): one user turn holding the task, the categories, the conversation and
+the instructions, then the assistant header. It ends there; the model's answer starts with
+"\\n\\n" (verdict.STARTS, which pyguard's decoder feeds itself).
+
+Llama Guard 2 (family llama-guard-2, Meta-Llama-Guard-2-8B): its chat template rendered
+(tests/data/llama_guard_2_tokenizer_config.json): the same task, conversation and instructions
+as plain text between "[INST] " and " [/INST]", no special token at all (not even
+<|begin_of_text|>: the template has none, and transformers tokenizes a rendered chat template
+without adding one), each category line ending with a space ("S1: Violent Crimes. \\n"). The
+answer's first token carries a space (" safe", " unsafe": verdict.STARTS).
 
 Everything up to "<BEGIN CONVERSATION>\\n\\n" (the policy prefix, 136 tokens with the default
 categories) depends only on the assessed role, the categories and the exclusions, so a guard can
@@ -24,7 +31,12 @@ CATEGORIES_1B = {
     "S9": "Indiscriminate Weapons.", "S10": "Hate.", "S11": "Self-Harm.", "S12": "Sexual Content.", "S13": "Elections.",
 }
 CATEGORIES_8B = {**CATEGORIES_1B, "S14": "Code Interpreter Abuse."}
-CATEGORIES = {"llama-guard-3-1b": CATEGORIES_1B, "llama-guard-3-8b": CATEGORIES_8B}
+CATEGORIES_2 = {  # Llama Guard 2's template: MLCommons' taxonomy less defamation and elections
+    "S1": "Violent Crimes.", "S2": "Non-Violent Crimes.", "S3": "Sex Crimes.", "S4": "Child Exploitation.",
+    "S5": "Specialized Advice.", "S6": "Privacy.", "S7": "Intellectual Property.", "S8": "Indiscriminate Weapons.",
+    "S9": "Hate.", "S10": "Self-Harm.", "S11": "Sexual Content.",
+}
+CATEGORIES = {"llama-guard-3-1b": CATEGORIES_1B, "llama-guard-3-8b": CATEGORIES_8B, "llama-guard-2": CATEGORIES_2}
 
 Message = Mapping[str, str]
 Conversation = Union[str, Sequence[Message]]
@@ -38,6 +50,11 @@ _INSTRUCTIONS = ("<END CONVERSATION>\n\nProvide your safety assessment for ONLY 
                  "conversation:\n - First line must read 'safe' or 'unsafe'.\n - If unsafe, a second line must include "
                  "a comma-separated list of violated categories. ")
 _NAMES = {"user": "User", "assistant": "Agent"}
+# Llama Guard 2: the text before the task ("[INST] " where 3 has its header and "\n\n"), a
+# category's line (a space before the newline), the end (" [/INST]", the space being the
+# instructions' last character, as in 3's " <|eot_id|>").
+_V2 = "llama-guard-2"
+_V2_BEGIN, _V2_LINE, _V2_END = "[INST] ", "{}: {} \n", "[/INST]"
 # Codes come back in the model's answer, so they bound its length (a guard sizes its answer
 # budget from them): Meta's codes are S1..S14, and 32 characters leave room for readable custom
 # ones ("hate_speech_targeted") while the longest answer stays ~2,000 characters.
@@ -117,9 +134,13 @@ def categories_of(categories: Mapping[str, str] | None = None, exclude: Iterable
     return kept
 
 
-def _texts(msgs: list[tuple[str, str]], cats: Mapping[str, str]) -> tuple[str, str]:
-    """The user turn's text as (policy prefix, conversation and instructions)."""
+def _texts(msgs: list[tuple[str, str]], cats: Mapping[str, str], family: str) -> tuple[str, str]:
+    """The prompt's text as (policy prefix, conversation and instructions): for Llama Guard 3
+    the user turn's, between its header and <|eot_id|>; for Llama Guard 2 the whole prompt."""
     role = _NAMES[msgs[-1][0]]
+    if family == _V2:
+        prefix = _V2_BEGIN + _TASK.format(role=role).lstrip("\n") + "".join(_V2_LINE.format(k, v) for k, v in cats.items())
+        return prefix + _CONVERSATION, conversation_text(msgs) + _INSTRUCTIONS.format(role=role) + _V2_END
     prefix = _TASK.format(role=role) + "".join(f"{k}: {v}\n" for k, v in cats.items()) + _CONVERSATION
     return prefix, conversation_text(msgs) + _INSTRUCTIONS.format(role=role)
 
@@ -133,7 +154,9 @@ def format_prompt(conversation: Conversation, categories: Mapping[str, str] | No
                   exclude: Iterable[str] = (), family: str = "llama-guard-3-1b") -> str:
     """The prompt as text, special tokens spelled out (for display and tests: tokenize with
     `prompt_tokens`, never by encoding this string)."""
-    prefix, rest = _texts(messages(conversation), categories_of(categories, exclude, family))
+    prefix, rest = _texts(messages(conversation), categories_of(categories, exclude, family), family)
+    if family == _V2:
+        return prefix + rest
     return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>" + prefix + rest
             + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
 
@@ -145,11 +168,13 @@ def prompt_parts(tokenizer, conversation: Conversation, categories: Mapping[str,
     The prefix ends with "<BEGIN CONVERSATION>\\n\\n" and the rest starts with "User:". The split
     pattern always ends a piece there (">\\n\\n" is one piece, a letter starts the next), so
     encoding the two texts apart gives the tokens of encoding them together."""
-    return _tokens(tokenizer, messages(conversation), categories_of(categories, exclude, family))
+    return _tokens(tokenizer, messages(conversation), categories_of(categories, exclude, family), family)
 
 
-def _tokens(tokenizer, msgs: list[tuple[str, str]], cats: Mapping[str, str]) -> tuple[list[int], list[int]]:
-    prefix, rest = _texts(msgs, cats)
+def _tokens(tokenizer, msgs: list[tuple[str, str]], cats: Mapping[str, str], family: str) -> tuple[list[int], list[int]]:
+    prefix, rest = _texts(msgs, cats, family)
+    if family == _V2:  # text only
+        return tokenizer.encode(prefix), tokenizer.encode(rest)
     sp = tokenizer.special
     return (tokenizer.encode_with_specials([sp("<|begin_of_text|>"), sp("<|start_header_id|>"), "user",
                                             sp("<|end_header_id|>"), prefix]),
@@ -163,7 +188,7 @@ def policy_prefix(tokenizer, role: str = "user", categories: Mapping[str, str] |
     if not isinstance(role, str) or role not in _NAMES:
         raise PyguardError(f"unknown role {role!r} (roles are 'user' and 'assistant')")
     msgs = [("user", "")] + ([("assistant", "")] if role == "assistant" else [])  # the prefix holds no message
-    return _tokens(tokenizer, msgs, categories_of(categories, exclude, family))[0]
+    return _tokens(tokenizer, msgs, categories_of(categories, exclude, family), family)[0]
 
 
 def prompt_tokens(tokenizer, conversation: Conversation, categories: Mapping[str, str] | None = None,
