@@ -389,8 +389,8 @@ class Guard:
         return logits
 
     def score(self, logits: np.ndarray) -> float:
-        """Probability of the "unsafe" token among the head's rows (the whole vocabulary with a
-        full head, the kept answer tokens with a guard head)."""
+        """Probability of the "unsafe" token (Llama Guard 2: " unsafe", with its space) among the
+        head's rows (the whole vocabulary with a full head, the kept answer tokens with a guard head)."""
         if self._unsafe_rows.size == 0:
             raise PyguardError("the model's output head has no 'unsafe' token")
         z = logits.astype(np.float64)
