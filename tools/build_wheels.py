@@ -3,7 +3,7 @@
     python tools/build_wheels.py [--work DIR] [--out DIR] [STEP ...]     (default: every step)
 
 Steps, each timed:
-  sdist         the files git tracks (as they are in the work tree) -> OUT/pyguard_lg3-V.tar.gz
+  sdist         the files of the commit HEAD (commit first) -> OUT/pyguard_lg3-V.tar.gz
   x86_64        a wheel built from the sdist (not the tree), repaired to manylinux_2_17_x86_64
   aarch64       the same inside an arm64 Debian 12 chroot (WORK/arm64-root, made by debootstrap on
                 first use) that qemu-user runs through binfmt: manylinux_2_17_aarch64
@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -61,7 +63,7 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 def check_wheel_files(names: list[str]) -> None:
     """Raise unless the wheel holds pyguard's Python modules, its one abi3 extension and the
     metadata, nothing else (no C sources or objects beside the extension, no grafted libraries)."""
-    package = [n for n in names if not n.split("/")[0].endswith(".dist-info")]
+    package = [n for n in names if not n.split("/")[0].endswith(".dist-info") and not n.endswith("/")]
     extension = "pyguard/_kernels.abi3.so"
     junk = [n for n in package if n != extension and not (n.startswith("pyguard/") and n.endswith(".py"))]
     if junk or extension not in package:
@@ -111,23 +113,13 @@ class Builder:
         run(["unshare", "--mount", "--propagation", "private", "sh", "-c", inner, script])
 
     def suite_copy(self, dest: pathlib.Path) -> None:
-        """The tracked files but the package and its build files: tests run against the installed pyguard."""
-        if dest.exists():
-            shutil.rmtree(dest)
-        for name in tracked():
-            if name.startswith("pyguard/") or name in ("setup.py", "MANIFEST.in"):
-                continue
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
+        """HEAD's files but the package and its build files: tests run against the installed pyguard."""
+        export_head(dest, skip=("pyguard/", "setup.py", "MANIFEST.in"))
 
     # -- steps --------------------------------------------------------------------------------
     def step_sdist(self) -> None:
         src = self.work / "src"
-        if src.exists():
-            shutil.rmtree(src)
-        for name in tracked():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
+        export_head(src)
         for old in self.out.glob("pyguard_lg3-*"):
             old.unlink()
         python = self.venv(self.work / "tools-x86_64", *BUILD_TOOLS)
@@ -256,9 +248,15 @@ def installed() -> None:
     print("installed:", k.__file__)
 
 
-def tracked() -> list[str]:
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    return [n for n in names.decode().split("\0") if n and (REPO / n).is_file()]
+def export_head(dest: pathlib.Path, skip: tuple[str, ...] = ()) -> None:
+    """The files of the commit HEAD into dest (anew), but those under the prefixes skip: what is
+    shipped is what is committed, never a work tree's uncommitted or untracked files."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, members=[m for m in tar.getmembers() if not m.name.startswith(skip)], filter="data")
 
 
 def fingerprint(model_file: str, out: str) -> None:
