@@ -289,7 +289,7 @@ def test_resume_refuses_what_it_cannot_match(model, tmp_path):
     one_error(run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume"),
               f"--out {out}: line 1 is not a result", "cannot resume")
     src.write_text(line("a") + "\n" + line("b") + "\n")
-    run_id = cli.run_id(model, {"categories": None, "exclude": (), "threshold": None})
+    run_id = cli.run_id(model, {"categories": None, "exclude": (), "threshold": None, "thresholds": None})
     done = json.dumps({"id": "a", "verdict": "safe", "run": run_id}) + "\n"
     out.write_text(done + '{"id": "b", "verd')  # a line cut short by a kill is redone
     r = run("classify", "-m", model, "--jsonl", str(src), "--out", str(out), "--resume")
@@ -300,7 +300,7 @@ def test_resume_refuses_what_it_cannot_match(model, tmp_path):
 def test_resume_refuses_results_of_another_model_or_options(model, tmp_path):
     src, out, policy = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "policy.json"
     write_input(src, 3)
-    policy.write_text(json.dumps({"S1": "Violent Crimes.", "S2": "Non-Violent Crimes."}))
+    policy.write_text(json.dumps({"S1": "Violent Crimes.", "S2": "Non-Violent Crimes.", "S3": "Sex-Related Crimes."}))
     base = ["classify", "-m", model, "--jsonl", str(src), "--out", str(out)]
     r = run(*base, "--exclude", "S1,S2")
     assert r.returncode == 1, r.err
