@@ -1,7 +1,7 @@
 """Convert a Hugging Face Llama checkpoint to a pyguard file (same as `pyguard convert`).
 
     python tools/convert_hf.py HF_DIR OUT_FILE [--group 32|64|128|256] [--head full|guard]
-        [--family auto|llama-guard-3-1b|llama-guard-3-8b] [--threads N]
+        [--family auto|llama-guard-3-1b|llama-guard-3-8b|llama-guard-2] [--threads N]
 """
 
 import os
