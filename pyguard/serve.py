@@ -97,8 +97,9 @@ class ApiError(Exception):
 
 
 class ClientGone(Exception):
-    """The client hung up before its request was read: counted as status 499 (nginx's "client
-    closed request"), answered to nobody, never a 5xx."""
+    """The client hung up before its answer was ready (inside its body, or while its
+    conversations waited in the queue, which then drops them): counted as status 499 (nginx's
+    "client closed request"), answered to nobody, never a 5xx."""
 
 
 CLIENT_GONE = 499
@@ -224,6 +225,13 @@ class Batcher:
             self._jobs.extend((key, options, j) for j in jobs)
             self._cv.notify()
         return [j.future for j in jobs]
+
+    def withdraw(self, futures: list[asyncio.Future]) -> None:
+        """Take the queued jobs of these futures off the queue (their client hung up): nobody
+        would read their results. A job already being judged finishes and finds its future done."""
+        gone = set(futures)
+        with self._cv:
+            self._jobs = deque(item for item in self._jobs if item[2].future not in gone)
 
     def close(self, wait: float | None = None) -> None:
         """No more jobs; the thread judges what is queued, then stops. wait: seconds to wait for
@@ -464,7 +472,7 @@ class Service:
             raise ApiError(413, f"the request body is over the limit of {self.max_body} bytes", code="too_large")
         return _json(b"".join(chunks))
 
-    async def _judge(self, options: dict, conversations: list, what: str) -> list[Result]:
+    async def _judge(self, request, options: dict, conversations: list, what: str) -> list[Result]:
         """The results of conversations (errors name the failing one as `what` and its index,
         counted from 1, when there are several)."""
         n, room = len(conversations), self.batcher.max_queue
@@ -475,15 +483,24 @@ class Service:
             wait = max(1, math.ceil(self.batcher.depth() * self.metrics.item_seconds))
             raise ApiError(429, f"the queue is full ({self.batcher.depth()} of {room} waiting): retry later",
                            code="queue_full", headers={"Retry-After": str(wait)})
-        done = await asyncio.gather(*futures, return_exceptions=True)
-        for i, r in enumerate(done):
+        results = asyncio.gather(*futures, return_exceptions=True)
+        gone = asyncio.ensure_future(_hung_up(request))
+        try:
+            await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not results.done():  # the client left first: its queued conversations are not judged (499)
+            self.batcher.withdraw(futures)
+            results.cancel()
+            raise ClientGone
+        for i, r in enumerate(results.result()):
             if isinstance(r, ApiError):
                 if n > 1:
                     r.message = f"{what} {i + 1}: {r.message}"
                 raise r
             if isinstance(r, BaseException):
                 raise r
-        return done
+        return results.result()
 
     async def moderations(self, request):
         body = _fields(await self._body(request), ("input",), ("input", "model"))
@@ -491,7 +508,7 @@ class Service:
             raise ApiError(400, "model must be a string", param="model")
         inputs = _inputs(body["input"])
         options = {"categories": None, "exclude": [], "threshold": None, "category_scores": True}
-        results = await self._judge(options, inputs, "input")
+        results = await self._judge(request, options, inputs, "input")
         from starlette.responses import JSONResponse
 
         return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": self.name,
@@ -521,7 +538,7 @@ class Service:
             checks.flag(options["category_scores"], "category_scores")
         except PyguardError as e:
             raise ApiError(400, str(e), param=param) from None
-        results = await self._judge(options, convs, "conversation")
+        results = await self._judge(request, options, convs, "conversation")
         from starlette.responses import JSONResponse
 
         out = [r.to_dict() for r in results]
@@ -599,6 +616,13 @@ def _server(service: Service, config):
             await super().shutdown(sockets)
 
     return Server(config)
+
+
+async def _hung_up(request) -> None:
+    """Returns when the client closes its connection. Its body has been read, so the next ASGI
+    message is the disconnect (uvicorn reads nothing more of a connection while it answers)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _tokens(results: list[Result]) -> int:

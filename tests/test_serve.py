@@ -552,6 +552,35 @@ def test_client_hangup_is_not_a_server_error(model):
         assert sum(line.startswith("POST /v1/classify 499 ") for line in s.lines) == 3
 
 
+def test_client_gone_while_queued_is_not_judged(model):
+    """A client that hangs up while its conversation waits in the queue is counted as 499 and
+    its conversation leaves the queue unjudged: only the two long requests make batches."""
+    with running(model, "--max-batch", "1", "--cache-mb", "0") as s:
+        results: list = []
+        long = [{"input": f"{i} " + "word " * 7000} for i in range(2)]  # a few seconds each
+        t = threading.Thread(target=lambda: results.extend(burst(s.url, "/v1/moderations", long)))
+        t.start()
+        deadline = time.monotonic() + 60
+        while httpx.get(s.url + "/healthz").json()["queue_depth"] < 1:  # one judged, one waiting
+            assert time.monotonic() < deadline and t.is_alive(), "the requests never queued"
+        body = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+        with _connect(s.url) as sock:
+            sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            while httpx.get(s.url + "/healthz").json()["queue_depth"] < 2:
+                assert time.monotonic() < deadline, "the short request never queued"
+        while _metric(s.url, 'pyguard_requests_total{endpoint="/v1/classify",status="499"}', 0) < 1:
+            assert time.monotonic() < deadline, s.lines
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/healthz").json()["queue_depth"] <= 1  # withdrawn at once, not when its turn came
+        t.join(timeout=120)
+        assert [r.status_code for r in results] == [200, 200]
+        assert _metric(s.url, "pyguard_batch_size_count", 0) == 2, httpx.get(s.url + "/metrics").text
+        assert post(s.url, "/v1/classify", json.loads(body)).status_code == 200  # the server goes on
+        assert _metric(s.url, "pyguard_batch_size_count", 0) == 3
+        assert sum(line.startswith("POST /v1/classify 499 ") for line in s.lines) == 1
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
     b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
