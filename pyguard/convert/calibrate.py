@@ -58,6 +58,7 @@ SPAN = 512  # columns (in activation order) among which rounding errors are fed 
 SUB = 16  # columns whose error feedback is applied to the rest of their span at once
 MAX_LINE = 1 << 20  # bytes of one calibration JSONL line
 ROWS = 1024  # rows of a matrix whose scales are searched, or which are packed, at once (bounds the temporaries)
+BLOCK = 256  # rows of a matrix transposed at once for GPTQ (a cache-sized tile)
 
 # The built-in calibration conversations: what a guard reads (the eight languages Llama Guard 3
 # supports, code, benign and unsafe-looking requests, agent replies). Rendered with the guard
@@ -410,7 +411,10 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
     # per row: searched in blocks of rows (the same scales), bounding the search's temporaries
     scales = np.concatenate([quant.mse_scales(w[r : r + ROWS], group, a) for r in range(0, m, ROWS)])
     # transposed, in the order rounded: a column is a contiguous row, updated in place below
-    wt = np.ascontiguousarray(w.T[order])
+    # (gathered a block of rows at a time: w.T[order] strides across the whole matrix per element)
+    wt = np.empty((k, m), np.float32)
+    for r in range(0, m, BLOCK):
+        wt[:, r : r + BLOCK] = w[r : r + BLOCK, order].T
     d = np.ascontiguousarray(scales.astype(np.float32).T)  # [K/G, M]: column c's scales are d[gi[c]]
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)
     gi = order // group
@@ -430,7 +434,8 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
             wt[s1:b1] -= u[s0 - b0 : s1 - b0, s1 - b0 :].T @ err[: s1 - s0]
         b0 = b1
     q = np.empty((m, k), np.int8)
-    q[:, order] = qt.T
+    for r in range(0, m, BLOCK):
+        q[r : r + BLOCK, order] = qt[:, r : r + BLOCK].T
     return q, scales
 
 
