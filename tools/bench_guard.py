@@ -2,10 +2,21 @@
 transformers (not a test).
 
     python tools/bench_guard.py [--threads 2] [--group 256] [--rounds 2] [--workdir /tmp/pyguard-guard-bench]
-        [--no-llama-cpp] [--no-openvino] [--no-ort] [--no-transformers] [--ov-group 128]
+        [--no-llama-cpp] [--no-openvino] [--no-ort] [--no-transformers] [--ov-group 128] [--geometry 1b|8b]
 
-Llama Guard 3 1B geometry with random weights and the real Llama 3 tokenizer (the checkpoint,
-bf16 safetensors, and its pyguard files are made in --workdir on first use). A fixed set of
+Llama Guard 3 1B geometry (or, `--geometry 8b`, 8B's) with random weights and the real Llama 3
+tokenizer (the checkpoint, bf16 safetensors, and its pyguard files are made in --workdir on
+first use).
+
+`--geometry 8b` (docs/8B.md): the 8B checkpoint (16 GB, 4 shards) in --workdir/hf8b; pyguard
+times its file converted as a user would (`--group G --head guard`, calibration, int8 table);
+llama.cpp's Q4_0 GGUF is written from the default conversion (group 32, full head: Q4_0's
+blocks are groups of 32 with an fp16 scale, so the GGUF holds the very int4 values and
+scales; its int8 table is rounded to int4 for the GGUF: a lookup, no cost at run time). Each
+conversion runs once (~30 min each on 2 cores: link existing files in under these names to
+skip it). Guard.classify is timed on 16 one-turn and 8 two-turn conversations and batch 1
+only (8B requests take seconds); the memory while classifying (resident anonymous and
+file-mapped pages, the key/value cache of 4096 positions) is reported. A fixed set of
 conversations: one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120
 words, each numbered so that it is new to any cache (live traffic repeats the policy, not the
 conversations).
@@ -157,14 +168,18 @@ def prepare(args) -> dict:
     from pyguard.formats.tokenizer import Tokenizer
 
     work = pathlib.Path(args.workdir)
-    hf = pathlib.Path(bench_peers.hf_checkpoint(args.workdir, args.seed))
+    hf = pathlib.Path(bench_peers.hf_checkpoint(args.workdir, args.seed, args.geometry))
     files = {}
     for head in ("guard", "full"):
-        files[head] = str(work / f"guard1b-g{args.group}-{head}.pgw")
+        if args.geometry == "1b":
+            # int4 table: llama.cpp's GGUF is written from these very int4 weights (Q4_0 blocks)
+            files[head], options = str(work / f"guard1b-g{args.group}-{head}.pgw"), {"group": args.group, "table": "int4"}
+        else:  # a user's conversion for pyguard; the defaults (group 32: Q4_0's own blocks) for the GGUF
+            group = args.group if head == "guard" else 32
+            files[head], options = str(work / f"guard8b-g{group}-{head}.pgw"), {"group": group}
         if not os.path.exists(files[head]):
             print(f"converting ({head} head) ...", file=sys.stderr)
-            # int4 table: llama.cpp's GGUF is written from these very int4 weights (Q4_0 blocks)
-            convert(str(hf), files[head], group=args.group, head=head, table="int4")
+            convert(str(hf), files[head], head=head, **options)
     tok = Tokenizer.from_file(str(hf / "original" / "tokenizer.model"))
     one, two = conversations()
     # the engines' token ids: new conversations numbered as pyguard's timed ones (its first 8
@@ -175,7 +190,7 @@ def prepare(args) -> dict:
     policy = min(common_prefix(warm, x) for x in one_ids)
     rate = max(two_ids, key=len)
     assert len(rate) >= PREFILL_RATE + DECODE_TOKENS, "the longest prompt is too short for the rates"
-    return {"hf": str(hf), "files": files, "answer_start": tok.encode("\n\n"), "warm_up": warm, "one": one_ids,
+    return {"geometry": args.geometry, "hf": str(hf), "files": files, "answer_start": tok.encode("\n\n"), "warm_up": warm, "one": one_ids,
             "two": two_ids, "policy": policy, "prefill": {str(PREFILL_RATE): rate[:PREFILL_RATE]},
             "decode": rate[PREFILL_RATE:PREFILL_RATE + DECODE_TOKENS]}
 
@@ -203,6 +218,7 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
     res["first_s"] = time.perf_counter() - t0  # computes the policy prefix
     res["prompt_tokens"] = first.prompt_tokens
     res["cached_tokens"] = guard.classify(one[0]).cached_tokens
+    big = setup["geometry"] != "1b"  # seconds a request: fewer of them
     for name, convs in (("one", one), ("two", two)):
         times = []
         for k, c in enumerate(convs * 2):  # numbered: a repeat would come from the token-prefix cache
@@ -210,8 +226,8 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
             guard.classify(numbered(c, k))
             times.append(time.perf_counter() - t0)
         res[name] = latency(times)
-    for b in BATCHES:  # 64 conversations for every batch size, none seen before
-        work = [numbered(c, 1000 * b + k) for k, c in enumerate(((one + two) * 6)[:64])]
+    for b in BATCHES[:1] if big else BATCHES:  # 64 conversations for every batch size (8B: 16), none seen before
+        work = [numbered(c, 1000 * b + k) for k, c in enumerate(((one + two) * 6)[:16 if big else 64])]
         t0 = time.perf_counter()
         guard.classify_many(work, batch_size=b)
         res[f"batch_{b}"] = len(work) / (time.perf_counter() - t0)
@@ -222,6 +238,10 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
     res.update({f"engine_{k}": v for k, v in engine.items() if k in ("one", "one_kept", "two", "kept_agrees")})
     res.update({k: v for k, v in engine.items() if k.startswith("prefill_") or k == "decode_tok_s"})
     res["peak_rss_mb"] = peak_rss_mb()
+    # while classifying: anonymous memory (caches, work buffers) and the mapped file's resident pages
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    res.update({f"{k.lower()}_mb": int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")})
+    res["kv_4096_mb"] = {np.dtype(t).name: guard.model.new_state(4096, kv_dtype=t).kv.nbytes / 2**20 for t in (np.float32, np.float16)}
     return res
 
 
@@ -255,12 +275,18 @@ def q4_0_gguf(args, setup: dict) -> str:
     """llama.cpp's Q4_0 GGUF of the full-head pyguard file's int4 weights (made once in --workdir)."""
     import bench  # tools/bench.py: the GGUF writer
 
-    from pyguard.formats import file
+    from pyguard.formats import file, quant
 
-    gguf = str(pathlib.Path(args.workdir) / f"guard1b-g{args.group}.gguf")
+    name = f"guard1b-g{args.group}" if setup["geometry"] == "1b" else "guard8b-g32"
+    gguf = str(pathlib.Path(args.workdir) / f"{name}.gguf")
     if not os.path.exists(gguf):
         f = file.load(setup["files"]["full"])
-        bench.write_gguf(gguf + ".part", f.config, f.tensors)
+        tensors = dict(f.tensors)
+        table = tensors["tok_embeddings"]
+        if isinstance(table, quant.Q8Tensor):  # Q4_0 holds int4 only: the int8 table rounded (a lookup: no run-time cost)
+            parts = [quant.quantize_weights(quant.dequantize8(table, slice(r, r + 4096)), 32) for r in range(0, table.shape[0], 4096)]
+            tensors["tok_embeddings"] = quant.QTensor(*(np.concatenate([getattr(p, n) for p in parts]) for n in ("qs", "scales", "rowsum")), 32)
+        bench.write_gguf(gguf + ".part", f.config, tensors)
         os.replace(gguf + ".part", gguf)
     return gguf
 
@@ -509,6 +535,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--group", type=int, default=256, help="int4 group size (256: Meta's INT4 recipe)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--geometry", choices=("1b", "8b"), default="1b", help="Llama Guard 3 1B, or 8B (docs/8B.md)")
     ap.add_argument("--workdir", default="/tmp/pyguard-guard-bench")
     ap.add_argument("--venv", default="/tmp/benchenv", help="llama-cpp-python's environment (see tools/bench.py)")
     ap.add_argument("--no-llama-cpp", action="store_true")
@@ -675,7 +702,7 @@ def report(runs: dict, args, setup: dict, exports: dict, load: tuple) -> None:
         sys.exit(f"pyguard {pg}")
     for line in machine_lines(pg["isa"]):
         print(line)
-    print(f"Llama Guard 3 1B geometry, random weights, real tokenizer, {args.threads} threads, best of {args.rounds} "
+    print(f"Llama Guard 3 {setup['geometry'].upper()} geometry, random weights, real tokenizer, {args.threads} threads, best of {args.rounds} "
           f"rounds taken in turns; load average {load[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     print(f"pyguard: its file (group {args.group}, guard head); Guard.classify's one-turn prompts {pg['prompt_tokens']} "
           f"tokens, {pg['cached_tokens']} from its token-prefix cache; engines' one-turn prompts "
@@ -726,8 +753,11 @@ def report(runs: dict, args, setup: dict, exports: dict, load: tuple) -> None:
                   f"linear layers; first answer token the same with the policy kept as from position 0: "
                   f"{r.get('kept_agrees')} of {len(r['one_kept']['argmax'])} prompts")
     print(f"pyguard: load {pg['load_s']:.2f} s, first request (builds the prefix cache) {pg['first_s']:.2f} s; "
-          f"batch-64 / batch-1 throughput {pg['batch_64'] / pg['batch_1']:.2f}x; engine policy-kept check "
-          f"{pg.get('engine_kept_agrees')} of {len(pg['engine_one_kept']['argmax'])}")
+          + (f"batch-64 / batch-1 throughput {pg['batch_64'] / pg['batch_1']:.2f}x; " if "batch_64" in pg else "")
+          + f"engine policy-kept check {pg.get('engine_kept_agrees')} of {len(pg['engine_one_kept']['argmax'])}")
+    print(f"pyguard memory after classifying: {pg['rssanon_mb']:.0f} MB anonymous, {pg['rssfile_mb']:.0f} MB of mapped "
+          f"file resident; a key/value cache of 4096 positions: {pg['kv_4096_mb']['float32']:.0f} MiB float32, "
+          f"{pg['kv_4096_mb']['float16']:.0f} MiB float16")
     for k, r in peers.items():
         if isinstance(r, str):
             print(f"{k}: {r}")

@@ -102,16 +102,18 @@ def ensure_venv(name: str, venv: str | None = None) -> str:
     return str(py)
 
 
-def hf_checkpoint(workdir: str, seed: int = 0) -> str:
-    """The benchmark's Hugging Face checkpoint (Llama Guard 3 1B geometry, random bf16 weights,
-    the Llama 3 tokenizer.model), written into workdir/hf on first use (with pyguard, in the
-    project's interpreter); tools/bench_guard.py and tools/bench.py share it."""
-    hf = pathlib.Path(workdir) / "hf"
+def hf_checkpoint(workdir: str, seed: int = 0, geometry: str = "1b") -> str:
+    """The benchmark's Hugging Face checkpoint (Llama Guard 3 1B geometry, or 8B's, random bf16
+    weights, the Llama 3 tokenizer.model), written into workdir/hf (hf8b) on first use (with
+    pyguard, in the project's interpreter; the 8B's 16 GB in 4 shards, a block of rows at a
+    time); tools/bench_guard.py and tools/bench.py share it."""
+    hf = pathlib.Path(workdir) / ("hf" if geometry == "1b" else "hf" + geometry)
     if not (hf / "config.json").exists():
-        from pyguard.convert.checkpoint import GUARD_1B, reference_tokenizer_model, write_checkpoint
+        from pyguard.convert.checkpoint import GUARD_1B, GUARD_8B, reference_tokenizer_model, write_checkpoint
 
-        print(f"writing a random Llama Guard 3 1B checkpoint to {hf} ...", file=sys.stderr)
-        write_checkpoint(str(hf) + ".part", GUARD_1B, seed=seed, tokenizer_model=reference_tokenizer_model())
+        cfg, shard = {"1b": (GUARD_1B, None), "8b": (GUARD_8B, 5 * 10**9)}[geometry]
+        print(f"writing a random Llama Guard 3 {geometry.upper()} checkpoint to {hf} ...", file=sys.stderr)
+        write_checkpoint(str(hf) + ".part", cfg, seed=seed, tokenizer_model=reference_tokenizer_model(), max_shard_bytes=shard)
         os.replace(str(hf) + ".part", hf)
     return str(hf)
 
