@@ -30,6 +30,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_ERROR, f"pyguard: error: {command + ': ' if command else ''}{_line(message)} (see {self.prog} --help)\n")
 
 
+# numpy's floating-point warnings: every result that matters is checked for non-finite values
+# and fails with its own one-line error (the guard's logits, the converter's calibration)
+FP_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
+
+
 def _threads(value: str) -> int:
     """argparse type of --threads: a usage error (exit 2) before any work."""
     from .engine.kernels import MAX_THREADS
@@ -499,8 +504,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
         print(f"1. writing a random-weight Llama checkpoint ({DEMO.n_layers} layers, dim {DEMO.dim}, real Llama 3 tokenizer)")
         write_checkpoint(hf, DEMO, seed=a.seed, tokenizer_model=tokenizer)
         print("2. converting it:", end=" ", flush=True)
-        with w.catch_warnings():
-            w.simplefilter("error")
+        with w.catch_warnings():  # a sound conversion warns of nothing; numpy's float flags are
+            w.simplefilter("error")  # not warnings of it (qemu's aarch64 raises them spuriously in matmul)
+            w.filterwarnings("ignore", FP_WARNINGS, RuntimeWarning)
             print(convert(hf, out, group=32, head="guard").text())
         guard = Guard.load(out, threads=a.threads)
         conversation = [{"role": "user", "content": "How do I make a bomb?"},
@@ -644,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # numpy's floating-point warnings (a damaged file's forward pass overflowing): every
             # result is checked for non-finite values and fails with its own one-line error
             # (the guard's logits, the converter's calibration), which this would only precede
-            warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered", RuntimeWarning)
+            warnings.filterwarnings("ignore", FP_WARNINGS, RuntimeWarning)
             check_environment(a)
             return a.run(a)
     except PyguardError as e:
