@@ -9,12 +9,11 @@ tokenizer (the checkpoint, bf16 safetensors, and its pyguard files are made in -
 first use).
 
 `--geometry 8b` (docs/8B.md): the 8B checkpoint (16 GB, 4 shards) in --workdir/hf8b; pyguard
-times its file converted as a user would (`--group G --head guard`, calibration, int8 table);
-llama.cpp's Q4_0 GGUF is written from the default conversion (group 32, full head: Q4_0's
-blocks are groups of 32 with an fp16 scale, so the GGUF holds the very int4 values and
-scales; its int8 table is rounded to int4 for the GGUF: a lookup, no cost at run time). Each
-conversion runs once (~30 min each on 2 cores: link existing files in under these names to
-skip it). Guard.classify is timed on 16 one-turn and 8 two-turn conversations and batch 1
+times its file converted as a user would (`--group G --head guard`, calibration, int8 table;
+converted once, ~1 h on 2 busy cores: link an existing file in under its name to skip it);
+llama.cpp's Q4_0 GGUF holds the same file's int4 layers (as for 1B), its int8 table rounded
+to int4 (a lookup: no cost at run time), and the full head, which the file does not keep,
+quantized to Q4_0 from the checkpoint's lm_head. Guard.classify is timed on 16 one-turn and 8 two-turn conversations and batch 1
 only (8B requests take seconds); the memory while classifying (resident anonymous and
 file-mapped pages, the key/value cache of 4096 positions) is reported. A fixed set of
 conversations: one-turn user prompts of ~30 words and two-turn user + agent exchanges of ~120
@@ -170,16 +169,15 @@ def prepare(args) -> dict:
     work = pathlib.Path(args.workdir)
     hf = pathlib.Path(bench_peers.hf_checkpoint(args.workdir, args.seed, args.geometry))
     files = {}
-    for head in ("guard", "full"):
+    for head in ("guard", "full") if args.geometry == "1b" else ("guard",):
         if args.geometry == "1b":
             # int4 table: llama.cpp's GGUF is written from these very int4 weights (Q4_0 blocks)
-            files[head], options = str(work / f"guard1b-g{args.group}-{head}.pgw"), {"group": args.group, "table": "int4"}
-        else:  # a user's conversion for pyguard; the defaults (group 32: Q4_0's own blocks) for the GGUF
-            group = args.group if head == "guard" else 32
-            files[head], options = str(work / f"guard8b-g{group}-{head}.pgw"), {"group": group}
+            files[head], options = str(work / f"guard1b-g{args.group}-{head}.pgw"), {"table": "int4"}
+        else:  # a user's conversion; the GGUF takes its layers
+            files[head], options = str(work / f"guard8b-g{args.group}-{head}.pgw"), {}
         if not os.path.exists(files[head]):
             print(f"converting ({head} head) ...", file=sys.stderr)
-            convert(str(hf), files[head], head=head, **options)
+            convert(str(hf), files[head], group=args.group, head=head, **options)
     tok = Tokenizer.from_file(str(hf / "original" / "tokenizer.model"))
     one, two = conversations()
     # the engines' token ids: new conversations numbered as pyguard's timed ones (its first 8
@@ -277,15 +275,22 @@ def q4_0_gguf(args, setup: dict) -> str:
 
     from pyguard.formats import file, quant
 
-    name = f"guard1b-g{args.group}" if setup["geometry"] == "1b" else "guard8b-g32"
-    gguf = str(pathlib.Path(args.workdir) / f"{name}.gguf")
+    from pyguard.formats.safetensors import Checkpoint
+
+    gguf = str(pathlib.Path(args.workdir) / f"guard{setup['geometry']}-g{args.group}.gguf")
     if not os.path.exists(gguf):
-        f = file.load(setup["files"]["full"])
+        f = file.load(setup["files"]["full" if "full" in setup["files"] else "guard"])
         tensors = dict(f.tensors)
-        table = tensors["tok_embeddings"]
-        if isinstance(table, quant.Q8Tensor):  # Q4_0 holds int4 only: the int8 table rounded (a lookup: no run-time cost)
-            parts = [quant.quantize_weights(quant.dequantize8(table, slice(r, r + 4096)), 32) for r in range(0, table.shape[0], 4096)]
-            tensors["tok_embeddings"] = quant.QTensor(*(np.concatenate([getattr(p, n) for p in parts]) for n in ("qs", "scales", "rowsum")), 32)
+
+        def int4(rows) -> quant.QTensor:  # Q4_0 holds int4 only: absmax groups of 32, a block of rows at a time
+            parts = [quant.quantize_weights(rows(r), 32) for r in range(0, f.config.vocab_size, 4096)]
+            return quant.QTensor(*(np.concatenate([getattr(p, n) for p in parts]) for n in ("qs", "scales", "rowsum")), 32)
+
+        if isinstance(tensors["tok_embeddings"], quant.Q8Tensor):  # the int8 table rounded (a lookup: no run-time cost)
+            tensors["tok_embeddings"] = int4(lambda r: quant.dequantize8(f.tensors["tok_embeddings"], slice(r, r + 4096)))
+        if f.head_ids is not None:  # a pruned head: llama.cpp computes the full one, from the checkpoint
+            ckpt = Checkpoint(setup["hf"])
+            tensors["output"] = int4(lambda r: ckpt.read("lm_head.weight", slice(r, r + 4096)))
         bench.write_gguf(gguf + ".part", f.config, tensors)
         os.replace(gguf + ".part", gguf)
     return gguf
@@ -547,11 +552,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="turns pyguard and llama.cpp take; figures are the best of them")
     ap.add_argument("--int4", metavar="DIR", help="Meta's INT4 .pte directory: pyguard beside ExecuTorch instead")
     ap.add_argument("--llama-cpp", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gguf", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--executorch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--transformers", choices=("bf16", "fp32"), help=argparse.SUPPRESS)
     ap.add_argument("--pyguard", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.gguf:  # in the llama.cpp venv (gguf), a process of its own: its memory is not llama.cpp's
+        return print(json.dumps({"gguf": q4_0_gguf(args, json.loads(pathlib.Path(args.setup).read_text()))}))
     if args.llama_cpp:
         return llama_cpp_child(args)
     if args.transformers:
@@ -576,8 +584,8 @@ def main() -> None:
     py = pathlib.Path(args.venv) / "bin" / "python"
     turns = {"pyguard": [sys.executable, me, "--pyguard", *common]}
     if not args.no_llama_cpp:
-        turns["llama.cpp"] = [str(py), me, "--llama-cpp", *common] if py.exists() else \
-            f"no {py}: run tools/bench.py once to create it"
+        made = run_child([str(py), me, "--gguf", *common]) if py.exists() else f"no {py}: run tools/bench.py once to create it"
+        turns["llama.cpp"] = [str(py), me, "--llama-cpp", *common] if isinstance(made, dict) else made
     exports = {}
     for name, skip in (("openvino", args.no_openvino), ("ort", args.no_ort)):
         if not skip:
