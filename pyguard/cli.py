@@ -578,7 +578,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--threads", type=_threads, help="kernel threads (default: PYGUARD_THREADS or all cores; with --ray: per worker, 1)")
     k.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="classify --jsonl IN on a Ray cluster (at ADDRESS, else a local one), a worker per core but one; "
-                        "IN and OUT are Parquet when named *.parquet (pip install 'pyguard[ray]', docs/RAY.md)")
+                        "IN and OUT are Parquet when named *.parquet (pip install 'pyguard-lg3[ray]', docs/RAY.md)")
     k.set_defaults(run=cmd_classify)
     d = sub.add_parser("demo", help="end to end on a random-weight model (no download needed)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")

@@ -38,7 +38,7 @@ def _fraction(value: str) -> float:
 def _output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="METRICS.json", help="write the metrics here (default: stdout)")
     p.add_argument("--html", metavar="REPORT.html", help="write the report here: one self-contained page "
-                   "(pip install 'pyguard[report]')")
+                   "(pip install 'pyguard-lg3[report]')")
     p.add_argument("--max-fpr", type=_fraction, action="append", default=[], metavar="P",
                    help="also the lowest threshold whose false positive rate is at most P (repeat for several)")
     p.add_argument("--thresholds-out", metavar="THRESHOLDS.json",

@@ -32,7 +32,7 @@ try:
 except ImportError as e:
     from pyguard.errors import PyguardError
 
-    raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard[ray]'") from None
+    raise PyguardError(f"pyguard.ray needs Ray Data ({e.name} is missing): pip install 'pyguard-lg3[ray]'") from None
 
 from pyguard import checks
 from pyguard.errors import PyguardError

@@ -41,7 +41,7 @@ def _matplotlib():
         matplotlib.use("Agg")  # no display, the same pixels everywhere
         from matplotlib.figure import Figure
     except ImportError:
-        raise PyguardError("the HTML report needs matplotlib: pip install 'pyguard[report]'") from None
+        raise PyguardError("the HTML report needs matplotlib: pip install 'pyguard-lg3[report]'") from None
     return Figure
 
 

@@ -679,7 +679,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, threads: int | 
         import starlette  # noqa: F401
         import uvicorn
     except ImportError:
-        raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard[serve]'") from None
+        raise PyguardError("pyguard serve needs the serve extra: pip install 'pyguard-lg3[serve]'") from None
     try:
         guard = Guard.load(model, threads=threads, verify=verify, cache_bytes=cache_bytes,
                            max_tokens=min(GUARD_MAX_TOKENS, max_tokens_in_flight))

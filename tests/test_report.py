@@ -123,7 +123,7 @@ def test_without_matplotlib_the_error_names_the_extra(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     ev = evaluate.unlabelled([evaluate.Judged(1, False, 0.2, (), {})], [], "r")
-    with pytest.raises(PyguardError, match=r"pip install 'pyguard\[report\]'"):
+    with pytest.raises(PyguardError, match=r"pip install 'pyguard-lg3\[report\]'"):
         render(ev, evaluate.metrics(ev))
 
 
