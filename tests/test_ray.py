@@ -364,10 +364,15 @@ def test_the_cli_keeps_the_input_order_when_blocks_finish_out_of_order(data, loc
     src.write_text("".join(json.dumps(r) + "\n" for r in items))
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = False
-    loose = [r["id"] for r in pgray.classify(ray.data.read_json(str(src), lines=True), data["model"], concurrency=2).take_all()]
-    assert sorted(loose) == sorted(r["id"] for r in items) and loose != [r["id"] for r in items]
+    ids = [r["id"] for r in items]
+    for _ in range(5):  # Ray schedules: on a loaded machine one actor may take every block, in order
+        loose = [r["id"] for r in pgray.classify(ray.data.read_json(str(src), lines=True), data["model"], concurrency=2).take_all()]
+        assert sorted(loose) == sorted(ids)
+        if loose != ids:
+            break
+    assert loose != ids, "five runs without preserve_order all came out in order: the test would prove nothing"
     assert cli.main(["classify", "-m", data["model"], "--jsonl", str(src), "--out", str(out), "--ray"]) in (0, 1)
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [r["id"] for r in items]
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ids
 
 
 def test_a_failed_ray_job_is_one_line(data, local):
