@@ -11,7 +11,9 @@ import errno
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 import warnings
 from typing import Any, BinaryIO, NoReturn, Sequence
 
@@ -637,6 +639,16 @@ def check_environment(a: argparse.Namespace) -> None:
         kernels.env_threads()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, `kill`, a job's timeout): the command stops as at Ctrl-C,
+    leaving what it writes whole (a conversion's temporary files removed, a --jsonl run's
+    completed batches kept), where the default action would kill it mid-write."""
+
+
+def _terminate(signum, frame) -> NoReturn:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -645,6 +657,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         top = extra[0] in argv and argv.index(extra[0]) < argv.index(a.command)
         (p if top else a.usage).error(f"unrecognized arguments: {' '.join(extra)}")
     warnings.formatwarning = lambda msg, *_: f"warning: {msg}\n"
+    # `serve` answers SIGTERM itself (a bounded drain); main() called off the main thread cannot
+    # take signals (and leaves them to its caller)
+    handle = a.command != "serve" and threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if handle else None
     try:
         with warnings.catch_warnings():
             # numpy's floating-point warnings (a damaged file's forward pass overflowing): every
@@ -657,10 +673,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyguard: error: {_line(e)}", file=sys.stderr)
     except OSError as e:
         print(f"pyguard: error: {e.filename + ': ' if e.filename else ''}{_line(e.strerror or e)}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("pyguard: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"pyguard: {'terminated' if isinstance(e, Terminated) else 'interrupted'}", file=sys.stderr)
     except Exception as e:  # a bug: still one line, and still exit 2, never a verdict's status
         print(f"pyguard: internal error: {type(e).__name__}: {_line(e)}", file=sys.stderr)
+    finally:
+        if handle and before is not None:  # None: a handler set outside Python, which stays
+            signal.signal(signal.SIGTERM, before)
     return EXIT_ERROR
 
 

@@ -473,6 +473,23 @@ def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, m
     assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
 
 
+def test_sigterm_during_a_conversion_leaves_nothing(model, tmp_path):
+    """SIGTERM (a service manager, a timeout) stops a conversion as Ctrl-C does: no output, no
+    .part file, no calibration store left in the temporary directory."""
+    hf, out, tmp = os.path.join(os.path.dirname(model), "decisive-g32-s0"), tmp_path / "x.pgw", tmp_path / "tmp"
+    tmp.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "convert", hf, str(out)], cwd=ROOT, stderr=subprocess.PIPE,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    try:
+        while p.poll() is None and not os.listdir(tmp):  # the calibration's store exists
+            select.select([], [], [], 0.02)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and err.decode().endswith("pyguard: terminated\n"), err
+    assert os.listdir(tmp) == [] and sorted(os.listdir(tmp_path)) == ["tmp"]
+
+
 def test_convert_names_the_path_typed_on_a_full_disk(model, tmp_path):
     import resource
 
