@@ -53,10 +53,12 @@ def export_key(group: int) -> str:
     gives another key, so a cached export is never a stale one."""
     from importlib.metadata import version
 
+    from pyguard.convert import checkpoint
     from pyguard.convert.checkpoint import reference_tokenizer_model
+    from pyguard.formats import config
 
-    parts = [_sha256(os.path.join(ROOT, f)) for f in ("tools/export_pte.py", "pyguard/convert/checkpoint.py",
-                                                       "pyguard/formats/config.py")]
+    # the modules imported (the installed ones when the suite runs against a wheel)
+    parts = [_sha256(p) for p in (os.path.join(ROOT, "tools/export_pte.py"), checkpoint.__file__, config.__file__)]
     parts += [_sha256(reference_tokenizer_model()), sys.version]
     parts += [f"{p} {version(p)}" for p in ("executorch", "torch", "numpy")]
     parts += [f"tiny group={group} max_seq={MAX_SEQ}"]
