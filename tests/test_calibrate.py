@@ -247,6 +247,48 @@ def test_gptq_lowers_the_output_error(group, monkeypatch):
     assert err(q, scales) < 0.95 * err(quant.quantize_with_scales(w, rtn), rtn)
 
 
+def test_hessian_that_overflows_is_an_error():
+    """Finite inputs whose products overflow float32 (|x| ~ 1e20) give an infinite Hessian:
+    an error, never factors (and int4 values) rounded from NaN."""
+    x = correlated_inputs(64, 32, 0)
+    x[5, 3] = 1e20
+    with pytest.raises(PyguardError, match=r"a Hessian is not finite \(inputs up to 1e\+20\)"):
+        calibrate.inverse_factors(x, None)
+
+
+def test_non_finite_error_feedback_is_an_error(monkeypatch):
+    """A factor holding NaN (what a misbehaving LAPACK or BLAS would give) never reaches the
+    int8 cast (where NaN becomes any value): the factors are checked, and so is every
+    sub-block of weights before it is rounded."""
+    x = correlated_inputs(256, 64, 1)
+    w = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    order, factors = calibrate.inverse_factors(x, None)
+    bad = factors[0].copy()
+    bad[0, 40] = np.nan  # column 0's error reaches column 40 of the span (another sub-block)
+    with pytest.raises(PyguardError, match="the error feedback left non-finite weights"):
+        calibrate.gptq(w, order, [bad], 32)
+    monkeypatch.setattr(np.linalg, "inv", lambda a: np.full_like(a, np.nan))
+    with pytest.raises(PyguardError, match="an inverse Hessian factor is not finite"):
+        calibrate.inverse_factors(x, None)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_calibration_fault_fails_the_conversion(hf, tmp_path, monkeypatch, threads):
+    """A fault in the error feedback's linear algebra (here LAPACK's Cholesky refusing a span)
+    fails the conversion with the matrix named, on the pass's thread or the quantizing one,
+    and leaves no file."""
+    monkeypatch.setattr(calibrate, "GPTQ", True)
+
+    def refuse(a):
+        raise np.linalg.LinAlgError("Matrix is not positive definite")
+
+    monkeypatch.setattr(np.linalg, "cholesky", refuse)
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match=r"calibration of layers\.0\.wqkv: a Hessian is not "
+                                                                          r"positive definite \(convert with --no-calibration\)"):
+        convert(hf, str(tmp_path / "m.pgw"), calibration=PROMPTS, threads=threads)
+    assert not list(tmp_path.glob("m.pgw*"))
+
+
 def test_store_is_removed(hf, tmp_path, monkeypatch):
     """The matrices quantized during the pass are kept on disk until written, then removed:
     after a conversion and after a failed one."""
@@ -367,14 +409,14 @@ def test_cli_calibration_options(tmp_path, capsys):
 
 
 def test_float_overflow_is_an_error(tmp_path):
-    """A checkpoint whose float forward overflows (a norm weight of 1e30: attention scores
-    beyond float32) cannot be calibrated: an error saying where, not statistics of NaN that
-    would silently fall back to absmax scales for every later layer."""
+    """A checkpoint whose float forward overflows (a norm weight of 1e30: products beyond
+    float32) cannot be calibrated: an error saying where (the first matrix whose output error
+    is not finite), not statistics of NaN that would silently fall back to absmax scales."""
     w = outliers(TINY)
     w["model.layers.1.input_layernorm.weight"][:] = 1e30
     d = str(tmp_path / "hf")
     checkpoint.write_checkpoint(d, TINY, w, dtype="F32")
-    with pytest.warns(UserWarning), pytest.raises(PyguardError, match="calibration: the float model overflows at layer 1"):
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match=r"calibration: the float model overflows at layers\.1\.wqkv \(its output error is not finite"):
         convert(d, str(tmp_path / "m.pgw"), calibration=PROMPTS)
     assert not list(tmp_path.glob("m.pgw*"))
 

@@ -194,7 +194,10 @@ class Calibration:
             self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
 
     def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
-        q, scales = gptq(w, *inverse_factors(x, s), group, self.importance[name])
+        try:
+            q, scales = gptq(w, *inverse_factors(x, s), group, self.importance[name])
+        except PyguardError as e:
+            raise PyguardError(f"calibration of {name}: {e} (convert with --no-calibration)") from None
         # packed in blocks of rows (row by row arithmetic: the same bytes), bounding the temporaries
         parts = [quant.pack_weights(q[r : r + ROWS], scales[r : r + ROWS]) for r in range(0, len(q), ROWS)]
         for n in ("qs", "scales", "rowsum"):
@@ -391,8 +394,17 @@ def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, li
         xb = xs[:, order[b0 : b0 + SPAN]]
         h = (xb.T @ xb) / np.float32(len(xs))
         h[np.arange(len(h)), np.arange(len(h))] += damp
-        low = np.linalg.cholesky(h[::-1, ::-1])
-        factors.append(np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1]))
+        # never rounded from NaN: a product that overflowed, or a BLAS library that misbehaves
+        if not np.isfinite(h).all():
+            raise PyguardError(f"a Hessian is not finite (inputs up to {float(np.abs(xb).max()):.3g})")
+        try:
+            low = np.linalg.cholesky(h[::-1, ::-1])
+        except np.linalg.LinAlgError:
+            raise PyguardError("a Hessian is not positive definite") from None
+        u = np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
+        if not np.isfinite(u).all():
+            raise PyguardError("an inverse Hessian factor is not finite")
+        factors.append(u)
     return order, factors
 
 
@@ -425,6 +437,8 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
         b1 = b0 + len(u)
         for s0 in range(b0, b1, SUB):
             s1 = min(s0 + SUB, b1)
+            if not np.isfinite(wt[s0:s1]).all():  # the cast below would turn NaN into any int8
+                raise PyguardError("the error feedback left non-finite weights")
             for c in range(s0, s1):
                 j, e, g = c - b0, err[c - s0], gi[c]
                 qt[c] = np.clip(np.rint(wt[c] * inv[g]), -8, 7)
@@ -461,6 +475,8 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
         qa = quant.quantize_acts(xs / s)
         xq = qa.scale[:, None] * (qa.q.astype(np.float32) - qa.zp[:, None])
         e = float(np.sum((xq @ quant.dequantize(qt).T - ref) ** 2, dtype=np.float64))
+        if not np.isfinite(e):  # a NaN error would never be chosen, silently
+            raise PyguardError(f"calibration: the float model overflows at {name} (its output error is not finite; convert with --no-calibration)")
         if e < best[1]:
             best = (s, e, alpha)
     s, _, alpha = best
