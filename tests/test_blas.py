@@ -1,9 +1,13 @@
-"""numpy's BLAS runs single-threaded once pyguard's kernels are loaded (the pool owns the cores)."""
+"""numpy's BLAS runs single-threaded once pyguard's kernels are loaded (the pool owns the cores),
+and gives the converter right products on this CPU (the wheels' tests run this file on aarch64
+under qemu's -cpu max too, where OpenBLAS picks its SME kernels)."""
 
 import ctypes
 
+import numpy as np
 import pytest
 
+from pyguard.convert import calibrate
 from pyguard.engine import blas, kernels  # noqa: F401 (importing the kernels applies the limit)
 
 GETTERS = ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
@@ -25,3 +29,18 @@ def test_numpy_blas_threads_limited():
                 found += 1
     if not found:
         pytest.skip("numpy here is not linked to an OpenBLAS whose thread count can be read")
+
+
+def test_calibration_products_are_right():
+    """The calibration's Hessians X^T X (calibrate.gram) and its layer products X W^T, against
+    float64, on inputs shaped like a span's (2048 rows, 256 to 512 columns), 8 times: OpenBLAS
+    0.3.31's SME SYRK, which `x.T @ x` would reach, gives NaN in about one call of three under
+    qemu -cpu max (and wrong values on Armv9 CPUs with SME: OpenBLAS#5873)."""
+    rng = np.random.default_rng(0)
+    for k in (256, 512) * 4:
+        x = rng.standard_normal((2048, k)).astype(np.float32)
+        w = rng.standard_normal((384, k)).astype(np.float32)
+        x64 = x.astype(np.float64)
+        for got, want in ((calibrate.gram(x), x64.T @ x64), (x @ w.T, x64 @ w.T.astype(np.float64))):
+            assert np.isfinite(got).all()
+            assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

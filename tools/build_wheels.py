@@ -59,7 +59,7 @@ ARM_PATH_TESTS = ["tests/test_kernels.py", "tests/test_any_cpu.py", "tests/test_
 ARM_CPUS = {"max": "neon-i8mm", "cortex-a76": "neon-dotprod", "cortex-a53": "neon"}
 # --quick (what .ci/run runs, ~25 min with a new arm64 root): the wheels installed with the demo
 # extra only, `pyguard demo`, the fingerprints, and these tests, on both machines and every ARM CPU
-QUICK_TESTS = ["tests/test_kernels.py", "tests/test_wheel.py"]
+QUICK_TESTS = ["tests/test_kernels.py", "tests/test_wheel.py", "tests/test_blas.py"]
 QUICK_DEPS = ["pytest", "hypothesis"]
 DEBIAN_PACKAGES = "python3,python3-venv,python3-dev,gcc,libc6-dev,ca-certificates"
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -377,6 +377,13 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
 
 
+def gram(x: np.ndarray) -> np.ndarray:
+    """X^T X of float32 x [n, k], as a GEMM of two buffers: numpy hands an array times its own
+    transpose to BLAS's SYRK, and OpenBLAS 0.3.31's SME SYRK kernel (numpy 2.4's wheels on Armv9
+    CPUs with SME, and under qemu's -cpu max) returns garbage and NaN (OpenBLAS#5873, numpy#31776)."""
+    return np.ascontiguousarray(x.T) @ x
+
+
 def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
     """What GPTQ needs of a matrix's inputs x (as the folded matrix sees them: x / s): the
     columns by decreasing mean square (activation order: the inputs that matter most are
@@ -392,7 +399,7 @@ def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, li
     factors = []
     for b0 in range(0, len(order), SPAN):
         xb = xs[:, order[b0 : b0 + SPAN]]
-        h = (xb.T @ xb) / np.float32(len(xs))
+        h = gram(xb) / np.float32(len(xs))
         h[np.arange(len(h)), np.arange(len(h))] += damp
         # never rounded from NaN: a product that overflowed, or a BLAS library that misbehaves
         if not np.isfinite(h).all():
