@@ -289,6 +289,19 @@ def test_calibration_fault_fails_the_conversion(hf, tmp_path, monkeypatch, threa
     assert not list(tmp_path.glob("m.pgw*"))
 
 
+def test_openblas_sme_kernels_are_refused(hf, tmp_path, monkeypatch):
+    """Where numpy's OpenBLAS runs its SME kernels (wrong float32 products), calibration is
+    refused before any work, with the way out; --no-calibration needs no BLAS and still converts."""
+    from pyguard.engine import blas
+
+    monkeypatch.setattr(blas, "openblas_cores", lambda: ["armv9sme"])
+    with pytest.warns(UserWarning), pytest.raises(PyguardError, match=r"numpy's OpenBLAS runs its armv9sme kernels, whose "
+                                                                       r"float32 products are wrong .* OPENBLAS_CORETYPE=NEOVERSEN1"):
+        convert(hf, str(tmp_path / "m.pgw"), calibration=PROMPTS)
+    assert not list(tmp_path.glob("m.pgw*"))
+    assert convert_quiet(hf, str(tmp_path / "p.pgw"), calibration=False).meta["quant"]["calibration"] is None
+
+
 def test_store_is_removed(hf, tmp_path, monkeypatch):
     """The matrices quantized during the pass are kept on disk until written, then removed:
     after a conversion and after a failed one."""

@@ -45,6 +45,7 @@ import numpy as np
 from ..formats import quant
 from ..formats.config import ModelConfig
 from ..errors import PyguardError
+from ..engine import blas
 from ..engine.model import apply_rope, rms_norm, rope_frequencies, rope_tables
 from ..formats.safetensors import Checkpoint
 
@@ -241,6 +242,11 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
     a pruned head's rows are then exactly the full head's). threads: the conversion's threads
     (None: all cores); error feedback runs on up to two of them beside the pass, or, with one,
     on the pass's own thread."""
+    core = blas.broken_core()
+    if core:  # checked before the work: its products would be NaN (an error, later) or garbage
+        raise PyguardError(f"calibration: numpy's OpenBLAS runs its {core} kernels, whose float32 products are wrong "
+                           "(OpenBLAS issue 5873); convert with OPENBLAS_CORETYPE=NEOVERSEN1 in the environment (its NEON "
+                           "kernels), or with --no-calibration")
     kept, seqs, new, total = [], [], [], 0
     for p in prompts:
         p = np.asarray(p, dtype=np.int64)
@@ -379,8 +385,8 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
 
 def gram(x: np.ndarray) -> np.ndarray:
     """X^T X of float32 x [n, k], as a GEMM of two buffers: numpy hands an array times its own
-    transpose to BLAS's SYRK, and OpenBLAS 0.3.31's SME SYRK kernel (numpy 2.4's wheels on Armv9
-    CPUs with SME, and under qemu's -cpu max) returns garbage and NaN (OpenBLAS#5873, numpy#31776)."""
+    transpose to BLAS's SYRK, a kernel less used (so less proven) than GEMM: OpenBLAS 0.3.31's
+    SME SYRK returns garbage (OpenBLAS#5873, numpy#31776; calibrate refuses those kernels)."""
     return np.ascontiguousarray(x.T) @ x
 
 

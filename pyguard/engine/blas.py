@@ -1,9 +1,15 @@
-"""Keep numpy's BLAS single-threaded: the kernel thread pool owns the cores.
+"""numpy's BLAS: kept single-threaded, and its kernel set checked.
 
-The engine calls BLAS only for small attention products. A multi-threaded OpenBLAS leaves
-its threads spinning after each call, and they then compete with the kernel pool for the
-same cores: on 2 cores that cost a third of the prefill speed. The library's own setter is
-used (environment variables only work before numpy is first imported).
+The engine calls BLAS only for the int8 tables' products (integers in float64, exact in any
+order). A multi-threaded OpenBLAS leaves its threads spinning after each call, and they then
+compete with the kernel pool for the same cores: on 2 cores that cost a third of the prefill
+speed. The library's own setter is used (environment variables only work before numpy is
+first imported).
+
+The converter's calibration multiplies float32 matrices with it, so it must not run on a
+kernel set known to get them wrong: OpenBLAS 0.3.31's SME kernels (numpy 2.4's wheels choose
+them on Armv9 CPUs with SME, and under qemu's -cpu max) return garbage from SYRK (OpenBLAS
+issue 5873, on Apple M4) and, under qemu, NaN from SYRK and GEMM called from several threads.
 """
 
 from __future__ import annotations
@@ -12,6 +18,11 @@ import ctypes
 
 SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
            "scipy_openblas_set_num_threads64_", "MKL_Set_Num_Threads")
+
+
+CORE_NAMES = ("openblas_get_corename", "openblas_get_corename64_", "scipy_openblas_get_corename",
+              "scipy_openblas_get_corename64_")
+BROKEN_CORES = ("armv9sme", "vortexm4")  # OpenBLAS kernel sets with wrong float32 products (above)
 
 
 def loaded_blas_libraries() -> list[str]:
@@ -42,3 +53,28 @@ def limit_to_one_thread() -> int:
                 done += 1
                 break
     return done
+
+
+def openblas_cores() -> list[str]:
+    """The kernel set (core name, lower case) each loaded OpenBLAS chose for this CPU."""
+    import numpy as np
+
+    np.dot(np.ones((2, 2)), np.ones((2, 2)))  # make sure numpy has loaded its BLAS
+    cores = []
+    for path in loaded_blas_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in CORE_NAMES:
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                cores.append((fn() or b"").decode("ascii", "replace").strip().lower())
+                break
+    return cores
+
+
+def broken_core() -> str | None:
+    """The kernel set of a loaded OpenBLAS known to get float32 products wrong, if any."""
+    return next((c for c in openblas_cores() if c in BROKEN_CORES), None)
