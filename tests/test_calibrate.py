@@ -252,7 +252,7 @@ def test_hessian_that_overflows_is_an_error():
     an error, never factors (and int4 values) rounded from NaN."""
     x = correlated_inputs(64, 32, 0)
     x[5, 3] = 1e20
-    with pytest.raises(PyguardError, match=r"a Hessian is not finite \(inputs up to 1e\+20\)"):
+    with pytest.raises(PyguardError, match=r"a Hessian is not finite \(inputs up to 1e\+20: products that overflow\)"):
         calibrate.inverse_factors(x, None)
 
 
@@ -267,6 +267,10 @@ def test_non_finite_error_feedback_is_an_error(monkeypatch):
     bad[0, 40] = np.nan  # column 0's error reaches column 40 of the span (another sub-block)
     with pytest.raises(PyguardError, match="the error feedback left non-finite weights"):
         calibrate.gptq(w, order, [bad], 32)
+    monkeypatch.setattr(calibrate, "gram", lambda x: np.full((x.shape[1],) * 2, np.nan, np.float32))
+    with pytest.raises(PyguardError, match=r"a Hessian is not finite \(inputs up to [0-9.]+: a BLAS that misbehaves"):
+        calibrate.inverse_factors(x, None)
+    monkeypatch.undo()
     monkeypatch.setattr(np.linalg, "inv", lambda a: np.full_like(a, np.nan))
     with pytest.raises(PyguardError, match="an inverse Hessian factor is not finite"):
         calibrate.inverse_factors(x, None)

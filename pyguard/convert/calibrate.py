@@ -409,7 +409,9 @@ def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, li
         h[np.arange(len(h)), np.arange(len(h))] += damp
         # never rounded from NaN: a product that overflowed, or a BLAS library that misbehaves
         if not np.isfinite(h).all():
-            raise PyguardError(f"a Hessian is not finite (inputs up to {float(np.abs(xb).max()):.3g})")
+            top = float(np.abs(xb).max())
+            cause = "products that overflow" if len(xb) * top * top >= 3e38 else "a BLAS that misbehaves: docs/INSTALL.md"
+            raise PyguardError(f"a Hessian is not finite (inputs up to {top:.3g}: {cause})")
         try:
             low = np.linalg.cholesky(h[::-1, ::-1])
         except np.linalg.LinAlgError:
