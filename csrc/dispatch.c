@@ -373,3 +373,76 @@ uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n) {
     for (int32_t t = 0; t < tasks; t++) s += j.sums[t];
     return s;
 }
+
+/* The converter's float32 products: tasks are blocks of SGEMM_MC rows by SGEMM_NC / nr panels
+ * of nr columns; a task packs its panels of B (SGEMM_KC of k at a time) and runs the path's
+ * tile over them. Ragged edges go through zero-padded copies of A's rows and C's tile, so the
+ * tile always sees whole tiles; no element's chain depends on the tiling. */
+#define SGEMM_MC 256
+#define SGEMM_KC 256
+#define SGEMM_PANELS 4
+
+typedef struct {
+    const pg_sgemm_tile *t;
+    const float *a, *b;
+    float *c;
+    int64_t lda, ldb, ldc;
+    int32_t m, n, k, mblocks;
+    atomic_int failed;
+} sgemm_job;
+
+static void sgemm_task(void *ctx, int32_t task) {
+    sgemm_job *j = ctx;
+    const int32_t mr = j->t->mr, nr = j->t->nr, nc = SGEMM_PANELS * nr;
+    const int32_t i0 = task % j->mblocks * SGEMM_MC, i1 = i0 + SGEMM_MC < j->m ? i0 + SGEMM_MC : j->m;
+    const int32_t j0 = task / j->mblocks * nc, j1 = j0 + nc < j->n ? j0 + nc : j->n, panels = (j1 - j0 + nr - 1) / nr;
+    float *bp = malloc(sizeof(float) * ((size_t)SGEMM_PANELS * SGEMM_KC * nr + (size_t)mr * SGEMM_KC + (size_t)mr * nr));
+    if (!bp) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    float *apad = bp + (size_t)SGEMM_PANELS * SGEMM_KC * nr, *cpad = apad + (size_t)mr * SGEMM_KC;
+    for (int32_t i = i0; i < i1; i++) memset(j->c + i * j->ldc + j0, 0, sizeof(float) * (size_t)(j1 - j0));
+    for (int32_t k0 = 0; k0 < j->k; k0 += SGEMM_KC) {
+        const int32_t kc = j->k - k0 < SGEMM_KC ? j->k - k0 : SGEMM_KC;
+        for (int32_t col = 0; col < panels * nr; col++) { /* panel p holds bp[p][kk][col % nr] */
+            float *dst = bp + (size_t)(col / nr) * kc * nr + col % nr;
+            const float *src = j->b + (int64_t)(j0 + col) * j->ldb + k0;
+            for (int32_t kk = 0; kk < kc; kk++) dst[(int64_t)kk * nr] = j0 + col < j1 ? src[kk] : 0.0f;
+        }
+        for (int32_t r0 = i0; r0 < i1; r0 += mr) {
+            const int32_t rows = i1 - r0 < mr ? i1 - r0 : mr;
+            const float *ap = j->a + r0 * j->lda + k0;
+            int64_t la = j->lda;
+            if (rows < mr) {
+                memset(apad, 0, sizeof(float) * (size_t)mr * kc);
+                for (int32_t r = 0; r < rows; r++) memcpy(apad + r * kc, ap + r * j->lda, sizeof(float) * (size_t)kc);
+                ap = apad, la = kc;
+            }
+            for (int32_t p = 0; p < panels; p++) {
+                const int32_t cols = j1 - j0 - p * nr < nr ? j1 - j0 - p * nr : nr;
+                float *cp = j->c + r0 * j->ldc + j0 + p * nr;
+                if (rows == mr && cols == nr) {
+                    j->t->tile(ap, la, bp + (size_t)p * kc * nr, kc, cp, j->ldc);
+                    continue;
+                }
+                memset(cpad, 0, sizeof(float) * (size_t)mr * nr);
+                for (int32_t r = 0; r < rows; r++) memcpy(cpad + r * nr, cp + r * j->ldc, sizeof(float) * (size_t)cols);
+                j->t->tile(ap, la, bp + (size_t)p * kc * nr, kc, cpad, nr);
+                for (int32_t r = 0; r < rows; r++) memcpy(cp + r * j->ldc, cpad + r * nr, sizeof(float) * (size_t)cols);
+            }
+        }
+    }
+    free(bp);
+}
+
+int pg_sgemm(pg_pool *pool, const float *a, int64_t lda, const float *b, int64_t ldb, int32_t m, int32_t n, int32_t k,
+             float *c, int64_t ldc) {
+    if (m <= 0 || n <= 0) return 0;
+    sgemm_job j = {.t = atomic_load(&active)->sgemm, .a = a, .b = b, .c = c, .lda = lda, .ldb = ldb, .ldc = ldc,
+                   .m = m, .n = n, .k = k, .mblocks = (m + SGEMM_MC - 1) / SGEMM_MC};
+    atomic_init(&j.failed, 0);
+    const int32_t nc = SGEMM_PANELS * j.t->nr;
+    pg_pool_run(pool, sgemm_task, &j, j.mblocks * ((n + nc - 1) / nc));
+    return atomic_load(&j.failed) ? -1 : 0;
+}

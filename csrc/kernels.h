@@ -6,6 +6,24 @@
 #include <string.h>
 #include "pyguard.h"
 
+/* The converter's float32 products (pg_sgemm, dispatch.c), one register tile per ISA: the
+ * tile c[mr][nr] (rows ldc floats apart) is continued by a[mr][kc] (rows lda floats apart) times
+ * bp[kc][nr] (packed: nr floats a k), every element in order of k as c = fma(a[r][k], bp[k][j], c),
+ * one rounding per step. Each element's chain is the same whatever the ISA, tile shape or
+ * threads, so all paths give the same bits (detmath.matmul_reference states it in numpy). */
+typedef struct {
+    void (*tile)(const float *a, int64_t lda, const float *bp, int32_t kc, float *c, int64_t ldc);
+    int32_t mr, nr; /* nr % 4 == 0, nr <= 32, mr <= 8 */
+} pg_sgemm_tile;
+
+extern const pg_sgemm_tile pg_sgemm_scalar;
+#if defined(__x86_64__)
+extern const pg_sgemm_tile pg_sgemm_avx2, pg_sgemm_avx512;
+#endif
+#if defined(__aarch64__)
+extern const pg_sgemm_tile pg_sgemm_neon;
+#endif
+
 /* One ISA's kernels. Each works on a slice so that the pool can split work by output rows;
  * a row's result must not depend on the slice it falls in (bit-identical for any threads). */
 typedef struct {
@@ -45,6 +63,7 @@ typedef struct {
     /* benchmarks: iters rounds of the integer core's peak loop, returns the multiply-adds done
      * (NULL: no such figure for this path) */
     int64_t (*peak)(int64_t iters);
+    const pg_sgemm_tile *sgemm;
 } pg_kernels;
 
 void pg_scores_scalar(const float *q, const float *k, int32_t count, int32_t hd, float *out);

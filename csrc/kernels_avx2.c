@@ -547,13 +547,36 @@ __attribute__((target("amx-tile,amx-int8"))) static int64_t peak_amx(int64_t ite
     return iters * 4 * 16384;
 }
 
-const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx2, peak_avx2};
-const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avxvnni, peak_avxvnni};
-const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni, peak_avx512vnni};
-const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, peak_amx};
+__attribute__((target("avx512f"), always_inline)) static inline __m512 _mm512_set1_ps_ptr(const float *p) { return _mm512_set1_ps(*p); }
+/* The converter's float tile (pg_sgemm_tile): broadcast a, fused multiply-add with a row of bp.
+ * AVX2: 6 x 16 (12 accumulators); AVX-512: 8 x 32 (16 of its 32 registers). */
+#define SGEMM_TILE(NAME, ATTR, VEC, LOAD, STORE, BCAST, FMA, MR, NV, W)                              \
+    ATTR static void NAME(const float *a, int64_t lda, const float *bp, int32_t kc, float *c, int64_t ldc) { \
+        VEC acc[MR][NV];                                                                          \
+        UNROLL for (int r = 0; r < MR; r++) UNROLL for (int v = 0; v < NV; v++) acc[r][v] = LOAD(c + r * ldc + v * W); \
+        for (int32_t k = 0; k < kc; k++) {                                                        \
+            VEC b[NV];                                                                            \
+            UNROLL for (int v = 0; v < NV; v++) b[v] = LOAD(bp + (int64_t)k * NV * W + v * W);     \
+            UNROLL for (int r = 0; r < MR; r++) {                                                 \
+                const VEC x = BCAST(a + r * lda + k);                                              \
+                UNROLL for (int v = 0; v < NV; v++) acc[r][v] = FMA(x, b[v], acc[r][v]);           \
+            }                                                                                     \
+        }                                                                                         \
+        UNROLL for (int r = 0; r < MR; r++) UNROLL for (int v = 0; v < NV; v++) STORE(c + r * ldc + v * W, acc[r][v]); \
+    }
+SGEMM_TILE(sgemm_tile_avx2, TARGET, __m256, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_broadcast_ss, _mm256_fmadd_ps, 6, 2, 8)
+SGEMM_TILE(sgemm_tile_avx512, __attribute__((target("avx2,fma,avx512f"))), __m512, _mm512_loadu_ps, _mm512_storeu_ps,
+           _mm512_set1_ps_ptr, _mm512_fmadd_ps, 8, 2, 16)
+const pg_sgemm_tile pg_sgemm_avx2 = {sgemm_tile_avx2, 6, 16};
+const pg_sgemm_tile pg_sgemm_avx512 = {sgemm_tile_avx512, 8, 32};
+
+const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx2, peak_avx2, &pg_sgemm_avx2};
+const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avxvnni, peak_avxvnni, &pg_sgemm_avx2};
+const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni, peak_avx512vnni, &pg_sgemm_avx512};
+const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, peak_amx, &pg_sgemm_avx512};
 #ifdef PG_VNNI_EMULATION
-const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated, NULL};
-const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated, NULL};
-const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL};
+const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated, NULL, &pg_sgemm_avx2};
+const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated, NULL, &pg_sgemm_avx2};
+const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL, &pg_sgemm_avx2};
 #endif
 #endif

@@ -374,9 +374,26 @@ static void swiglu_row(const float *g, const float *up, int32_t len, float *out)
     for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
 }
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+/* The converter's float tile (pg_sgemm_tile): 8 x 8, FMLA by a broadcast element (fused). */
+static void sgemm_tile_neon(const float *a, int64_t lda, const float *bp, int32_t kc, float *c, int64_t ldc) {
+    float32x4_t acc[8][2];
+    UNROLL for (int r = 0; r < 8; r++) UNROLL for (int v = 0; v < 2; v++) acc[r][v] = vld1q_f32(c + r * ldc + 4 * v);
+    for (int32_t k = 0; k < kc; k++) {
+        const float32x4_t b0 = vld1q_f32(bp + 8 * (int64_t)k), b1 = vld1q_f32(bp + 8 * (int64_t)k + 4);
+        UNROLL for (int r = 0; r < 8; r++) {
+            const float x = a[r * lda + k];
+            acc[r][0] = vfmaq_n_f32(acc[r][0], b0, x);
+            acc[r][1] = vfmaq_n_f32(acc[r][1], b1, x);
+        }
+    }
+    UNROLL for (int r = 0; r < 8; r++) UNROLL for (int v = 0; v < 2; v++) vst1q_f32(c + r * ldc + 4 * v, acc[r][v]);
+}
+
+const pg_sgemm_tile pg_sgemm_neon = {sgemm_tile_neon, 8, 8};
+
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
 /* i8mm: the prefill GEMM on USMMLA; the GEMV (one token would fill half of each 2x2 block) is
  * neon-dotprod's. */
-const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
 #endif

@@ -119,5 +119,17 @@ void pg_rms_row_scalar(const float *x, const float *w, int32_t K, float eps, flo
     for (int32_t k = 0; k < K; k++) y[k] = (x[k] * r) * w[k];
 }
 
+/* The float tile's statement (pg_sgemm_tile): fmaf rounds once, like the SIMD FMAs. 4 x 4. */
+static void sgemm_tile(const float *a, int64_t lda, const float *bp, int32_t kc, float *c, int64_t ldc) {
+    for (int r = 0; r < 4; r++)
+        for (int j = 0; j < 4; j++) {
+            float acc = c[r * ldc + j];
+            for (int32_t k = 0; k < kc; k++) acc = fmaf(a[r * lda + k], bp[4 * k + j], acc);
+            c[r * ldc + j] = acc;
+        }
+}
+
+const pg_sgemm_tile pg_sgemm_scalar = {sgemm_tile, 4, 4};
+
 const pg_kernels pg_kernels_scalar = {"scalar", quantize_row, gemm_rows, gemv_rows, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar,
-                                      rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL};
+                                      rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_scalar};

@@ -67,6 +67,14 @@ void pg_swiglu(pg_pool *pool, const float *gate_up, int32_t n, int32_t hidden, f
  * rows are never written out. Returns 0, or -1 if out of memory. */
 int pg_norm_quantize(pg_pool *pool, const float *x, int32_t N, int32_t K, const float *w, float eps, uint8_t *q, float *scale, int32_t *zp);
 
+/* C[m][n] = A[m][k] . B[n][k]^T in float32 (the converter's products, pyguard/convert): rows
+ * lda, ldb, ldc floats apart (lda, ldb >= k, ldc >= n). Every element is the chain
+ * c = fma(a[i][p], b[j][p], c) from c = 0 in order of p, one rounding a step
+ * (detmath.matmul_reference): the same bits on every CPU, path and thread count. k == 0 gives
+ * zeros. Returns 0, or -1 if out of memory. */
+int pg_sgemm(pg_pool *pool, const float *a, int64_t lda, const float *b, int64_t ldb, int32_t m, int32_t n, int32_t k,
+             float *c, int64_t ldc);
+
 /* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
 uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);

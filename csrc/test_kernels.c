@@ -1,5 +1,6 @@
 /* Standalone test of every kernel path this CPU runs against the scalar path, without Python
- * (products, quantization, attention, rotary embeddings, SwiGLU, RMSNorm + quantization):
+ * (products, quantization, attention, rotary embeddings, SwiGLU, RMSNorm + quantization, the
+ * converter's float products):
  * cross-compiled for aarch64 and run under qemu by tests/test_neon.py, built with
  * -fsanitize=address,undefined and -fsanitize=thread by tests/test_sanitize.py.
  * Usage: test_kernels [seed [cases [stress_rounds]]]. Prints the path chosen at load, one line
@@ -190,6 +191,30 @@ static int norm_case(const char *path, int case_no, int32_t n, int32_t K) {
     return bad;
 }
 
+/* The converter's float products: m, n ragged against every tile (sometimes past a 256-row
+ * block), k past a 256 block or 0, rows padded (lda, ldb, ldc beyond k, k, n). */
+static int sgemm_case(const char *path, int case_no) {
+    const int32_t m = rnd() % 8 ? rnd_int(1, 40) : rnd_int(200, 300), n = rnd_int(1, 70), k = rnd() % 10 ? rnd_int(1, 300) : rnd_int(0, 600);
+    const int64_t lda = k + rnd_int(0, 3), ldb = k + rnd_int(0, 3), ldc = n + rnd_int(0, 3);
+    float *a = xmalloc(sizeof(float) * m * lda), *b = xmalloc(sizeof(float) * n * ldb), *c[2];
+    fill(a, m * lda);
+    fill(b, n * ldb);
+    int bad = 0;
+    for (int r = 0; r < 2; r++) {
+        c[r] = xmalloc(sizeof(float) * m * ldc);
+        for (int64_t i = 0; i < m * ldc; i++) c[r][i] = -1.0f; /* the padding must stay */
+        pg_set_isa(r ? path : "scalar");
+        bad |= pg_sgemm(r ? pool : NULL, a, lda, b, ldb, m, n, k, c[r], ldc);
+    }
+    bad = bad ? fail(path, case_no, "sgemm out of memory")
+        : !same_floats(c[0], c[1], m * ldc) ? fail(path, case_no, "sgemm not bit-identical to scalar") : 0;
+    for (int32_t i = 0; i < m && !bad; i++)
+        for (int64_t j = n; j < ldc; j++)
+            if (c[1][i * ldc + j] != -1.0f) bad = fail(path, case_no, "sgemm wrote past its columns");
+    free(a), free(b), free(c[0]), free(c[1]);
+    return bad;
+}
+
 /* Rotary embeddings (any even head size: SIMD tails; heads past `heads` untouched), SwiGLU
  * (lengths with tails) and RMSNorm + quantization (K % 8 == 0) of random rows, every path
  * against scalar. */
@@ -211,7 +236,7 @@ static int fused_case(const char *path, int case_no) {
     int bad = !same_floats(x, xr, (int64_t)n * width) ? fail(path, case_no, "rope not bit-identical to scalar")
             : !same_floats(got, ref, (int64_t)n * hidden) ? fail(path, case_no, "swiglu not bit-identical to scalar") : 0;
     free(x), free(xr), free(cs), free(gu), free(ref), free(got);
-    return bad || norm_case(path, case_no, n, K);
+    return bad || norm_case(path, case_no, n, K) || sgemm_case(path, case_no);
 }
 
 

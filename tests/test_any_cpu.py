@@ -8,7 +8,9 @@ here on every path this CPU runs and with numpy's SIMD code switched off
 kernel by kernel against the scalar path under qemu (tests/test_neon.py), which these
 whole-model results are equal to. The decisive test model is built from numpy linear algebra:
 its file must be the same bytes under all of these too (else a suite tuned on one CPU fails on
-another)."""
+another). So must a conversion with calibration (its float products are kernels.sgemm, not
+BLAS: also checked with OpenBLAS forced to other kernel sets), and the wheels' tests compare
+x86-64's and aarch64's conversions of the demo (tools/build_wheels.py)."""
 
 from __future__ import annotations
 
@@ -97,6 +99,83 @@ def test_decisive_model_and_its_scores_are_the_same_everywhere(tmp_path):
     with ThreadPoolExecutor(2) as pool:
         results = dict(zip(map(str, variants), pool.map(build, variants)))
     assert len(results) >= 3 and len(set(results.values())) == 1, results
+
+
+CONVERT = """
+import hashlib, sys
+from pyguard.convert.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
+from pyguard.convert.hf import convert
+d = sys.argv[1]
+convert(d + "/hf", d + "/out.pgw", threads=int(sys.argv[2]))
+print(hashlib.sha256(open(d + "/out.pgw", "rb").read()).hexdigest())
+"""
+
+
+def blas_variants() -> list[dict]:
+    """OpenBLAS kernel sets any CPU of this architecture runs, forced (their float32 sums differ)."""
+    import platform
+
+    return [{"OPENBLAS_CORETYPE": c} for c in {"x86_64": ["Prescott", "Haswell"] if "avx2" in ISAS else ["Prescott"],
+                                               "aarch64": ["ARMV8"]}.get(platform.machine(), [])]
+
+
+def test_calibrated_conversion_is_the_same_bytes_everywhere(tmp_path):
+    """`pyguard demo`'s conversion (calibration, folding, error feedback) under every kernel
+    path, 1 and 2 threads, numpy's SIMD code off and OpenBLAS's kernel sets forced: the same
+    file bytes each time."""
+    from pyguard.convert.checkpoint import DEMO, reference_tokenizer_model, write_checkpoint
+
+    write_checkpoint(str(tmp_path / "hf"), DEMO, seed=0, tokenizer_model=reference_tokenizer_model())
+    variants = [{"PYGUARD_ISA": isa} for isa in ISAS] + [{"threads": "1"}] + blas_variants()
+    simd = numpy_simd_off()
+    if simd:
+        variants.append({"NPY_DISABLE_CPU_FEATURES": simd})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+
+    def convert(k: int) -> str:
+        extra, d = dict(variants[k]), tmp_path / str(k)
+        d.mkdir()
+        (d / "hf").symlink_to(tmp_path / "hf")
+        r = subprocess.run([sys.executable, "-c", CONVERT, str(d), extra.pop("threads", "2")], capture_output=True,
+                           text=True, env={**env, **extra}, timeout=600)
+        assert r.returncode == 0, f"{variants[k]}: {r.stderr}"
+        return r.stdout.strip().splitlines()[-1]
+
+    with ThreadPoolExecutor(2) as pool:
+        results = dict(zip(map(str, variants), pool.map(convert, range(len(variants)))))
+    assert len(results) >= 4 and len(set(results.values())) == 1, results
+
+
+def test_exact_fma_and_log():
+    """detmath.fma32 is C's fmaf (one rounding) on random and on double-rounding cases, checked
+    against exact rational arithmetic; detmath.log is within 2 float64 ulps of libm's."""
+    import math
+    from fractions import Fraction
+
+    from pyguard.engine import detmath
+
+    def fmaf(a: float, b: float, c: float) -> np.float32:  # exact, then the nearest float32, ties to even
+        x = Fraction(a) * Fraction(b) + Fraction(c)
+        near = np.float32(float(x))
+        best = min((near, np.nextafter(near, np.float32(np.inf)), np.nextafter(near, np.float32(-np.inf))),
+                   key=lambda f: (abs(Fraction(float(f)) - x), int(np.float32(f).view(np.int32)) & 1))
+        return np.float32(best)
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.standard_normal(3000) * 10.0 ** rng.integers(-6, 6, 3000)).astype(np.float32).reshape(3, 1000)
+    c[:300] = -(a[:300] * b[:300])  # cancellation
+    t = np.float32(1 + 2**-12)  # t * t = 1 + 2^-11 + 2^-24: a float32 tie; +-2^-60 decides it, which float64 loses
+    a, b = np.append(a, [t, t, t]), np.append(b, [t, t, t])
+    c = np.append(c, [np.float32(2**-60), np.float32(-(2**-60)), np.float32(0)])
+    got = detmath.fma32(a, b, c)
+    want = np.array([fmaf(float(x), float(y), float(z)) for x, y, z in zip(a, b, c)], np.float32)
+    assert np.array_equal(got, want)
+    assert got[-3] != got[-2] and got[-1] == got[-2]  # ties to even below, the nudge up above
+    x = np.concatenate([np.geomspace(1e-300, 1e300, 20001), [0.5, 1.0, 2.0, math.e, 1 - 2**-52]])
+    want = np.array([math.log(v) for v in x])
+    assert (np.abs(detmath.log(x) - want) <= 2 * np.spacing(np.abs(want)) + 1e-300).all()
+    assert detmath.log(np.array([1.0]))[0] == 0.0 and np.isnan(detmath.log(np.array([0.0, -1.0, np.nan]))).all()
+    assert detmath.log(np.array([np.inf]))[0] == np.inf
 
 
 def test_detmath_matches_the_exact_functions():

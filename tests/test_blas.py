@@ -1,5 +1,5 @@
 """numpy's BLAS runs single-threaded once pyguard's kernels are loaded (the pool owns the cores),
-and gives the converter right products on this CPU (the wheels' tests run this file on aarch64
+and gives the engine's int8 table products exactly (the wheels' tests run this file on aarch64
 under qemu's -cpu max too, where OpenBLAS picks its SME kernels)."""
 
 import ctypes
@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pyguard.convert import calibrate
 from pyguard.engine import blas, kernels  # noqa: F401 (importing the kernels applies the limit)
 
 GETTERS = ("openblas_get_num_threads", "openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
@@ -32,25 +31,22 @@ def test_numpy_blas_threads_limited():
         pytest.skip("numpy here is not linked to an OpenBLAS whose thread count can be read")
 
 
-def test_calibration_products_are_right():
-    """The calibration's Hessians X^T X (calibrate.gram) and its layer products X W^T, against
-    float64, on inputs shaped like a span's (2048 rows, 256 to 512 columns), from three threads
-    at once as in a conversion (the pass and two error-feedback threads). Where numpy's OpenBLAS
-    runs a kernel set known to get them wrong, calibration refuses it (test_calibrate), and so
-    this test: under qemu -cpu max, OpenBLAS 0.3.31's SME kernels return NaN here (the wheels'
-    aarch64 tests run with OPENBLAS_CORETYPE=NEOVERSEN1, as docs/INSTALL.md tells users)."""
-    if blas.broken_core():
-        pytest.skip(f"numpy's OpenBLAS runs its {blas.broken_core()} kernels, which calibration refuses")
+def test_int8_table_products_are_exact():
+    """What pyguard still asks of numpy's BLAS: the int8 tables' products (model.linear8,
+    integers summed in float64) equal the exact integer sums, from three threads at once (the
+    wheels' tests run this file on aarch64 under qemu's -cpu max too)."""
+    from pyguard.engine.model import linear8
+    from pyguard.formats import quant
 
     def check(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        for k in (256, 512, 256):
-            x = rng.standard_normal((2048, k)).astype(np.float32)
-            w = rng.standard_normal((384, k)).astype(np.float32)
-            x64 = x.astype(np.float64)
-            for got, want in ((calibrate.gram(x), x64.T @ x64), (x @ w.T, x64 @ w.T.astype(np.float64))):
-                assert np.isfinite(got).all()
-                assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        t = quant.quantize8(rng.standard_normal((512, 256)).astype(np.float32))
+        x = rng.standard_normal((16, 256)).astype(np.float32)
+        qx = kernels.quantize_acts(x)
+        exact = (qx.q.astype(np.int64) - qx.zp[:, None]) @ t.q.astype(np.int64).T  # integers: no rounding
+        got = linear8(t, x, kernels.Pool(1))
+        want = (exact.astype(np.float32) * t.scales[None, :]) * qx.scale[:, None]
+        assert np.array_equal(got, want)
 
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(check, range(3)))

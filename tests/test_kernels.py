@@ -292,6 +292,44 @@ def test_bad_environment_fails_at_first_use_not_at_import(env, message):
     assert r.stdout.startswith("error:") and message in r.stdout, r.stdout
 
 
+@each_isa
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 80), st.integers(0, 600), st.sampled_from([1, 2, 3]),
+       st.sampled_from([1e-3, 1.0, 1e3]), st.integers(0, 2**32 - 1))
+def test_sgemm_is_its_reference_bit_for_bit(isa, m, n, k, threads, mag, seed):
+    """The converter's float products (kernels.sgemm): every element the chain of fused
+    multiply-adds detmath.matmul_reference states, on every path and thread count; m, n ragged
+    against every tile, k past the 256 of a packed block."""
+    from pyguard.engine import detmath
+
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((m, k)) * mag).astype(np.float32)
+    b = rng.standard_normal((n, k)).astype(np.float32)
+    got = kernels.sgemm(a, b, kernels.Pool(threads))
+    assert np.array_equal(got.view(np.int32), detmath.matmul_reference(a, b).view(np.int32))
+
+
+@each_isa
+def test_sgemm_blocks_and_non_finite(isa):
+    """Rows beyond one 256-row block, and NaN or inf inputs giving NaN or inf where the
+    reference does, never a number."""
+    from pyguard.engine import detmath
+
+    kernels.set_isa(isa)
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((300, 70)).astype(np.float32), rng.standard_normal((45, 70)).astype(np.float32)
+    a[3, 5], a[7, 1], b[2, 9] = np.nan, np.inf, np.inf
+    got, want = kernels.sgemm(a, b, kernels.Pool(2)), detmath.matmul_reference(a, b)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(got[3]).all() and np.isnan(got[7]).any()
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok], want[ok])
+    with pytest.raises(PyguardError, match="sgemm shapes"):
+        kernels.sgemm(a, b[:, :69])
+    with pytest.raises(PyguardError, match="float32"):
+        kernels.sgemm(a.astype(np.float64), b)
+
+
 def test_isa_and_threads_from_the_environment():
     r = _run({"PYGUARD_ISA": "scalar", "PYGUARD_THREADS": "1"}, "from pyguard.engine import kernels; print(kernels.isa(), kernels.threads())")
     assert r.returncode == 0 and r.stdout.split() == ["scalar", "1"], r.stderr

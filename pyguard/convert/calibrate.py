@@ -26,13 +26,18 @@ Then:
   holds one layer at a time. In column order it was no better on SmolLM2; in activation order
   it is, and spans bound its memory and time on the 1B model (docs/CONVERT.md).
 
-Everything is deterministic (no random sampling, fixed summation order in numpy for a given
-input), so the same checkpoint and calibration set give the same file bytes.
+Everything is deterministic, on any CPU: no random sampling; the float products are
+pyguard's own (kernels.sgemm: one chain of fused multiply-adds per element, in order, on every
+path), not BLAS's, whose summation order depends on the CPU and its kernel set; the Cholesky
+factors are computed in elementwise numpy operations, and the folding's logarithms by
+detmath. So the same checkpoint and calibration set give the same file bytes on every machine
+(tools/build_wheels.py compares x86-64's and aarch64's).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,8 +50,8 @@ import numpy as np
 from ..formats import quant
 from ..formats.config import ModelConfig
 from ..errors import PyguardError
-from ..engine import blas
-from ..engine.model import apply_rope, rms_norm, rope_frequencies, rope_tables
+from ..engine import detmath, kernels
+from ..engine.model import apply_rope, exp_neg, rms_norm, rope_frequencies, rope_tables
 from ..formats.safetensors import Checkpoint
 
 ALPHAS = (0.0, 0.25, 0.5)  # migration strengths tried for each folded input
@@ -156,6 +161,7 @@ class Calibration:
     threads: int = 2  # threads quantizing them beside the pass (1: on the pass's own thread)
     worker: ThreadPoolExecutor | None = None  # those threads
     pending: list = field(default_factory=list)  # its futures
+    pool: kernels.Pool | None = None  # the float products' threads (None: the default pool)
 
     def fold(self, src: str, rows, w: np.ndarray, inplace: bool = False) -> np.ndarray:
         """Checkpoint tensor `src` (rows `rows`: a slice or ids) with the folding applied: a new
@@ -196,7 +202,7 @@ class Calibration:
 
     def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
         try:
-            q, scales = gptq(w, *inverse_factors(x, s), group, self.importance[name])
+            q, scales = gptq(w, *inverse_factors(x, s, self.pool), group, self.importance[name], self.pool)
         except PyguardError as e:
             raise PyguardError(f"calibration of {name}: {e} (convert with --no-calibration)") from None
         # packed in blocks of rows (row by row arithmetic: the same bytes), bounding the temporaries
@@ -242,11 +248,6 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
     a pruned head's rows are then exactly the full head's). threads: the conversion's threads
     (None: all cores); error feedback runs on up to two of them beside the pass, or, with one,
     on the pass's own thread."""
-    core = blas.broken_core()
-    if core:  # checked before the work: its products would be NaN (an error, later) or garbage
-        raise PyguardError(f"calibration: numpy's OpenBLAS runs its {core} kernels, whose float32 products are wrong "
-                           "(OpenBLAS issue 5873); convert with OPENBLAS_CORETYPE=NEOVERSEN1 in the environment (its NEON "
-                           "kernels), or with --no-calibration")
     kept, seqs, new, total = [], [], [], 0
     for p in prompts:
         p = np.asarray(p, dtype=np.int64)
@@ -265,7 +266,7 @@ def calibrate(ckpt: Checkpoint, cfg: ModelConfig, prompts: Sequence[Sequence[int
         raise PyguardError("calibration needs at least one token")
     ids = np.concatenate(new)
     pick = np.linspace(0, total - 1, min(SEARCH_TOKENS, total)).astype(np.int64)
-    cal = Calibration(int(total), len(seqs), threads=min(2, threads or os.cpu_count() or 1))
+    cal = Calibration(int(total), len(seqs), threads=min(2, threads or os.cpu_count() or 1), pool=kernels.Pool(threads))
     try:
         _pass(cal, ckpt, cfg, ids, seqs, pick, group, progress)
     except BaseException:
@@ -293,6 +294,7 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
     x = np.concatenate([ckpt.read("model.embed_tokens.weight", slice(int(t), int(t) + 1)) for t in ids])
     hd, q_rows, kv_rows = cfg.head_dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     rep = cfg.n_heads // cfg.n_kv_heads
+    pool = cal.pool
     def read(name: str) -> np.ndarray:  # a damaged tensor is named, not blamed on what follows it
         w = ckpt.read(name)
         if not np.isfinite(w).all():
@@ -329,18 +331,18 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
             cal.row[p + "input_layernorm.weight"] = s_qkv
             for n in qkv_names:
                 cal.col[n] = s_qkv
-        qkv = h @ wqkv.T
+        qkv = kernels.sgemm(h, wqkv, pool)
         apply_rope(qkv[:, : q_rows + kv_rows].reshape(len(x), -1, 2, hd // 2), cos, sin)
         att = np.empty((len(x), q_rows), np.float32)
         for own, rows in seqs:
-            att[own] = _attention(qkv[own, :q_rows], qkv[rows, q_rows:], cfg)
+            att[own] = _attention(qkv[own, :q_rows], qkv[rows, q_rows:], cfg, pool)
         del qkv
         # wo's input channel (head h, j) is value channel (h // rep, j): one s per value channel
         s = _choose(cal, f"layers.{i}.wo", wo, att, group, pick, tie=rep, hd=hd)
         if s is not None:
             cal.row[p + "self_attn.v_proj.weight"] = s.reshape(cfg.n_kv_heads, rep, hd)[:, 0].reshape(-1)
             cal.col[p + "self_attn.o_proj.weight"] = s
-        x = x + att @ wo.T
+        x = x + kernels.sgemm(att, wo, pool)
         if GPTQ:  # wqkv is quantized once wo's folding has set the v rows
             cal.keep(f"layers.{i}.wqkv", fold(qkv_names, wqkv), h, s_qkv, group)
             cal.keep(f"layers.{i}.wo", fold([p + "self_attn.o_proj.weight"], wo), att, s, group)
@@ -353,14 +355,12 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
             cal.row[p + "post_attention_layernorm.weight"] = s_13
             for n in w13_names:
                 cal.col[n] = s_13
-        g, u = h @ w13[: cfg.hidden_dim].T, h @ w13[cfg.hidden_dim :].T
-        act = g / (1 + np.exp(-np.maximum(g, -80))) * u
-        del g, u
+        act = kernels.swiglu(kernels.sgemm(h, w13, pool), pool)  # w13: gate rows, then up rows
         s = _choose(cal, f"layers.{i}.w2", wd, act, group, pick)
         if s is not None:
             cal.row[p + "mlp.up_proj.weight"] = s
             cal.col[p + "mlp.down_proj.weight"] = s
-        x = x + act @ wd.T
+        x = x + kernels.sgemm(act, wd, pool)
         if GPTQ:  # w13 is quantized once w2's folding has set the up rows
             cal.keep(f"layers.{i}.w13", fold(w13_names, w13), h, s_13, group)
             cal.keep(f"layers.{i}.w2", fold([p + "mlp.down_proj.weight"], wd), act, s, group)
@@ -383,21 +383,41 @@ def _mean_square(x: np.ndarray) -> np.ndarray:
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
 
 
-def gram(x: np.ndarray) -> np.ndarray:
-    """X^T X of float32 x [n, k], as a GEMM of two buffers: numpy hands an array times its own
-    transpose to BLAS's SYRK, a kernel less used (so less proven) than GEMM: OpenBLAS 0.3.31's
-    SME SYRK returns garbage (OpenBLAS#5873, numpy#31776; calibrate refuses those kernels)."""
-    return np.ascontiguousarray(x.T) @ x
+def gram(x: np.ndarray, pool: kernels.Pool | None = None) -> np.ndarray:
+    """X^T X of float32 x [n, k] (kernels.sgemm: the same bits on every CPU)."""
+    xt = np.ascontiguousarray(x.T)
+    return kernels.sgemm(xt, xt, pool)
 
 
-def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, list[np.ndarray]]:
+def upper_inverse_factor(h: np.ndarray) -> np.ndarray:
+    """float32 U, upper triangular, with U^T U = h^-1, for symmetric positive definite float32 h:
+    with J the reversal, chol(J h J) = L and U = J L^-1 J. In float64 and elementwise numpy
+    operations only (outer products applied in order, right-looking), so that every element
+    has one fixed order of operations: LAPACK's blocked sums differ between CPUs."""
+    a = h[::-1, ::-1].astype(np.float64)
+    n = len(a)
+    low = np.zeros_like(a)
+    for j in range(n):
+        if not a[j, j] > 0:  # also NaN
+            raise PyguardError("a Hessian is not positive definite")
+        col = low[j:, j] = a[j:, j] / np.sqrt(a[j, j])
+        a[j + 1 :, j + 1 :] -= np.outer(col[1:], col[1:])
+    inv = np.eye(n)  # L^-1 by forward substitution, row j final once divided
+    for j in range(n):
+        inv[j, : j + 1] /= low[j, j]
+        inv[j + 1 :, : j + 1] -= np.outer(low[j + 1 :, j], inv[j, : j + 1])
+    return np.ascontiguousarray(inv[::-1, ::-1], dtype=np.float32)
+
+
+def inverse_factors(x: np.ndarray, s: np.ndarray | None, pool: kernels.Pool | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """What GPTQ needs of a matrix's inputs x (as the folded matrix sees them: x / s): the
     columns by decreasing mean square (activation order: the inputs that matter most are
     rounded first, while the most columns are left to absorb their error) and, for each span of
     SPAN columns in that order, the upper triangular U with U^T U = (H_b + damp I)^-1, H_b =
     X_b^T X_b / n the span's Hessian, float32. Damping by DAMP of the mean diagonal keeps H_b
     invertible (inputs silent or collinear on the calibration text). With J the reversal,
-    chol(J H J) = L gives U = J L^-1 J: one Cholesky and one small inverse per span."""
+    chol(J H J) = L gives U = J L^-1 J: one Cholesky and one small inverse per span
+    (`upper_inverse_factor`)."""
     xs = x if s is None else x / s
     diag = np.einsum("ij,ij->j", xs, xs, dtype=np.float64) / len(xs)
     order = np.argsort(-diag, kind="stable")
@@ -405,18 +425,13 @@ def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, li
     factors = []
     for b0 in range(0, len(order), SPAN):
         xb = xs[:, order[b0 : b0 + SPAN]]
-        h = gram(xb) / np.float32(len(xs))
+        h = gram(xb, pool) / np.float32(len(xs))
         h[np.arange(len(h)), np.arange(len(h))] += damp
-        # never rounded from NaN: a product that overflowed, or a BLAS library that misbehaves
-        if not np.isfinite(h).all():
+        if not np.isfinite(h).all():  # never rounded from NaN
             top = float(np.abs(xb).max())
-            cause = "products that overflow" if len(xb) * top * top >= 3e38 else "a BLAS that misbehaves: docs/INSTALL.md"
-            raise PyguardError(f"a Hessian is not finite (inputs up to {top:.3g}: {cause})")
-        try:
-            low = np.linalg.cholesky(h[::-1, ::-1])
-        except np.linalg.LinAlgError:
-            raise PyguardError("a Hessian is not positive definite") from None
-        u = np.ascontiguousarray(np.linalg.inv(low)[::-1, ::-1])
+            cause = ": products that overflow" if len(xb) * top * top >= 3e38 else ""
+            raise PyguardError(f"a Hessian is not finite (inputs up to {top:.3g}{cause})")
+        u = upper_inverse_factor(h)
         if not np.isfinite(u).all():
             raise PyguardError("an inverse Hessian factor is not finite")
         factors.append(u)
@@ -424,7 +439,7 @@ def inverse_factors(x: np.ndarray, s: np.ndarray | None) -> tuple[np.ndarray, li
 
 
 def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group: int,
-         a: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+         a: np.ndarray | None = None, pool: kernels.Pool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """int4 values int8 [M, K] and fp16 scales [M, K/G] of W by GPTQ's error feedback: the
     columns are rounded in `order`, and each one's rounding error (scaled by U's diagonal) is
     spread over the columns of its span not yet rounded as the span's inverse Hessian factor U
@@ -460,7 +475,9 @@ def gptq(w: np.ndarray, order: np.ndarray, factors: Sequence[np.ndarray], group:
                 np.subtract(wt[c], qt[c] * d[g], out=e)
                 e /= u[j, j]
                 wt[c + 1 : s1] -= np.outer(u[j, j + 1 : s1 - b0], e)
-            wt[s1:b1] -= u[s0 - b0 : s1 - b0, s1 - b0 :].T @ err[: s1 - s0]
+            if s1 < b1:
+                wt[s1:b1] -= kernels.sgemm(np.ascontiguousarray(u[s0 - b0 : s1 - b0, s1 - b0 :].T),
+                                           np.ascontiguousarray(err[: s1 - s0].T), pool)
         b0 = b1
     q = np.empty((m, k), np.int8)
     for r in range(0, m, BLOCK):
@@ -479,7 +496,7 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
     best = (None, np.inf, 0.0)
     rows = np.linspace(0, len(w) - 1, min(SEARCH_ROWS, len(w))).astype(np.int64)
     ws, xs = w[rows], x[pick]
-    ref = xs @ ws.T
+    ref = kernels.sgemm(xs, ws, cal.pool)
     peak = np.maximum(w.max(axis=0), -w.min(axis=0))  # max |w| per column, without an |w| copy of w
     for alpha in ALPHAS:
         s = _scales(mag, alpha, tie, hd)
@@ -488,8 +505,8 @@ def _choose(cal: Calibration, name: str, w: np.ndarray, x: np.ndarray, group: in
         wf = ws * s
         qt = quant.pack_weights(quant.quantize_with_scales(wf, sc := quant.mse_scales(wf, group, a / (s * s))), sc)
         qa = quant.quantize_acts(xs / s)
-        xq = qa.scale[:, None] * (qa.q.astype(np.float32) - qa.zp[:, None])
-        e = float(np.sum((xq @ quant.dequantize(qt).T - ref) ** 2, dtype=np.float64))
+        xq = qa.scale[:, None] * (qa.q.astype(np.float32) - qa.zp[:, None].astype(np.float32))  # float32, as sgemm takes
+        e = float(np.sum((kernels.sgemm(xq, quant.dequantize(qt), cal.pool) - ref) ** 2, dtype=np.float64))
         if not np.isfinite(e):  # a NaN error would never be chosen, silently
             raise PyguardError(f"calibration: the float model overflows at {name} (its output error is not finite; convert with --no-calibration)")
         if e < best[1]:
@@ -509,26 +526,31 @@ def _scales(mag: np.ndarray, alpha: float, tie: int, hd: int) -> np.ndarray:
     if tie > 1:
         m = mag.reshape(-1, tie, hd).mean(axis=1, keepdims=True)
         mag = np.broadcast_to(m, (m.shape[0], tie, hd)).reshape(-1)
-    s = np.power(np.maximum(mag, 1e-6 * mag.max() + 1e-30), alpha, dtype=np.float64)
-    s /= np.exp(np.mean(np.log(s)))
+    # log2 of mag^alpha over its geometric mean, by detmath.log (numpy's log differs between CPUs)
+    log_mag = detmath.log(np.maximum(mag, 1e-6 * mag.max() + 1e-30))
+    t = alpha * (log_mag - np.mean(log_mag)) / math.log(2)
     # powers of two: multiplying and dividing by them is exact, so folding changes no float
-    return np.exp2(np.clip(np.rint(np.log2(s)), -7, 7)).astype(np.float32)
+    return np.ldexp(np.float32(1), np.clip(np.rint(t), -7, 7).astype(np.int32)).astype(np.float32)
 
 
-def _attention(q: np.ndarray, kv: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+def _attention(q: np.ndarray, kv: np.ndarray, cfg: ModelConfig, pool: kernels.Pool | None = None) -> np.ndarray:
     """Causal grouped-query attention in float32 of the last n positions of a sequence of T:
     q [n, n_heads * head_dim], kv [T, 2 n_kv_heads head_dim] (keys, then values, of all T);
-    returns [n, n_heads * head_dim]."""
+    returns [n, n_heads * head_dim]. Products by kernels.sgemm and exp by model.exp_neg: the
+    same bits on every CPU."""
     n, t, hd, kvh = len(q), len(kv), cfg.head_dim, cfg.n_kv_heads
     rep = cfg.n_heads // kvh
-    q = q.reshape(n, kvh, rep, hd).transpose(1, 2, 0, 3)  # [kv, rep, n, hd]
-    k = kv[:, : kvh * hd].reshape(t, kvh, 1, hd).transpose(1, 2, 3, 0)  # [kv, 1, hd, T]
-    v = kv[:, kvh * hd :].reshape(t, kvh, 1, hd).transpose(1, 2, 0, 3)  # [kv, 1, T, hd]
-    s = (q @ k) * np.float32(hd**-0.5)
-    s[..., np.arange(t)[None, :] > np.arange(t - n, t)[:, None]] = -np.inf  # query i sits at position t - n + i
-    s = np.exp(s - s.max(axis=-1, keepdims=True))
-    s /= s.sum(axis=-1, keepdims=True)
-    return (s @ v).transpose(2, 0, 1, 3).reshape(n, cfg.n_heads * hd)
+    q = q.reshape(n, kvh, rep, hd)
+    out = np.empty((n, kvh, rep, hd), np.float32)
+    later = np.repeat(np.arange(t)[None, :] > np.arange(t - n, t)[:, None], rep, axis=0)  # query i sits at position t - n + i
+    for g in range(kvh):  # the rep query heads reading key/value head g: rows token-major
+        s = kernels.sgemm(q[:, g].reshape(n * rep, hd), kv[:, g * hd : (g + 1) * hd], pool) * np.float32(1 / math.sqrt(hd))
+        s[later] = -np.inf
+        e = exp_neg(s - s.max(axis=-1, keepdims=True))
+        e[later] = 0
+        e /= e.sum(axis=-1, keepdims=True)
+        out[:, g] = kernels.sgemm(e, np.ascontiguousarray(kv[:, (kvh + g) * hd : (kvh + g + 1) * hd].T), pool).reshape(n, rep, hd)
+    return out.reshape(n, cfg.n_heads * hd)
 
 
 def float_checkpoint(cfg: ModelConfig, tensors: dict, head_ids=None) -> dict[str, np.ndarray]:

@@ -1,15 +1,15 @@
 """numpy's BLAS: kept single-threaded, and its kernel set checked.
 
-The engine calls BLAS only for the int8 tables' products (integers in float64, exact in any
-order). A multi-threaded OpenBLAS leaves its threads spinning after each call, and they then
+pyguard calls BLAS only for the engine's int8 tables' products (integers in float64, exact in
+any order; the converter's float products are pyguard's own, kernels.sgemm). A multi-threaded OpenBLAS leaves its threads spinning after each call, and they then
 compete with the kernel pool for the same cores: on 2 cores that cost a third of the prefill
 speed. The library's own setter is used (environment variables only work before numpy is
 first imported).
 
-The converter's calibration multiplies float32 matrices with it, so it must not run on a
-kernel set known to get them wrong: OpenBLAS 0.3.31's SME kernels (numpy 2.4's wheels choose
-them on Armv9 CPUs with SME, and under qemu's -cpu max) return garbage from SYRK (OpenBLAS
-issue 5873, on Apple M4) and, under qemu, NaN from SYRK and GEMM called from several threads.
+`openblas_cores` tells which kernel set OpenBLAS chose (the wheels' tests print it): OpenBLAS
+0.3.31's SME kernels, which numpy 2.4's wheels choose on Armv9 CPUs with SME and under qemu's
+-cpu max, get float32 products wrong (OpenBLAS issue 5873), which is one reason the converter
+no longer uses BLAS.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ SETTERS = ("openblas_set_num_threads", "openblas_set_num_threads64_", "scipy_ope
 
 CORE_NAMES = ("openblas_get_corename", "openblas_get_corename64_", "scipy_openblas_get_corename",
               "scipy_openblas_get_corename64_")
-BROKEN_CORES = ("armv9sme", "vortexm4")  # OpenBLAS kernel sets with wrong float32 products (above)
 
 
 def loaded_blas_libraries() -> list[str]:
@@ -73,8 +72,3 @@ def openblas_cores() -> list[str]:
                 cores.append((fn() or b"").decode("ascii", "replace").strip().lower())
                 break
     return cores
-
-
-def broken_core() -> str | None:
-    """The kernel set of a loaded OpenBLAS known to get float32 products wrong, if any."""
-    return next((c for c in openblas_cores() if c in BROKEN_CORES), None)

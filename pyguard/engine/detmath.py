@@ -1,4 +1,4 @@
-"""exp, sin, cos and pow whose results are the same bits on every CPU.
+"""exp, log, sin, cos, pow and float32 matrix products whose results are the same bits on every CPU.
 
 numpy's own exp, sin, cos and power are vectorized per instruction set and chosen at run time:
 on this project's machines np.cos of float32 angles, np.exp of float64 and np.float32 power
@@ -7,6 +7,10 @@ rotary tables and the verdict's probabilities go through them, so a verdict woul
 CPU. These use only +, -, *, /, rint and ldexp, which IEEE 754 rounds the same everywhere (numpy
 never fuses them), and stay within about an ulp of float64 (far below the float32 the rotary
 tables are kept in).
+
+Matrix products through BLAS sum in an order that depends on the CPU (and on its kernel
+set), so the converter's products go through pyguard's own kernel (kernels.sgemm), whose
+order `matmul_reference` states: every element is one chain of fused multiply-adds in order.
 """
 
 from __future__ import annotations
@@ -65,3 +69,43 @@ def pow32(base: float, exponents: np.ndarray) -> np.ndarray:
     ctx = Context(prec=40)
     b = Decimal(float(np.float32(base)))
     return np.array([float(ctx.power(b, Decimal(float(e)))) for e in np.asarray(exponents, np.float32)], np.float64).astype(np.float32)
+
+
+def log(x: np.ndarray) -> np.ndarray:
+    """Natural log, float64, elementwise, for x > 0 (NaN for x <= 0 or NaN, inf for inf):
+    x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(f), f = (m - 1) / (m + 1), by
+    its series (|f| < 0.172: 12 terms reach 2^-60)."""
+    x = np.asarray(x, np.float64)
+    ok = np.isfinite(x) & (x > 0)
+    m, e = np.frexp(np.where(ok, x, 1.0))
+    low = m < math.sqrt(0.5)
+    m, e = np.where(low, 2 * m, m), np.where(low, e - 1, e)
+    f = (m - 1) / (m + 1)
+    f2 = f * f
+    out = 2 * f * _horner(f2, [1 / (2 * i + 1) for i in range(11, -1, -1)]) + e * LN2_HI + e * LN2_LO
+    return np.where(ok, out, np.where(x == np.inf, np.inf, np.nan))
+
+
+def fma32(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """float32 a * b + c rounded once (C's fmaf), elementwise (broadcasting): the product of two
+    float32 is exact in float64, the sum is rounded to odd in float64 (53 >= 24 + 2 bits: one
+    rounding to float32 then equals the correctly rounded result, Boldo and Melquiond 2008)."""
+    p = np.asarray(a, np.float32).astype(np.float64) * np.asarray(b, np.float32).astype(np.float64)
+    c = np.asarray(c, np.float32).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = p + c
+        t = s - p
+        err = (p - (s - t)) + (c - t)  # TwoSum: s + err == p + c exactly (finite s)
+        odd = np.isfinite(s) & (err != 0) & (s.view(np.int64) & 1 == 0)
+        s = np.where(odd, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+
+
+def matmul_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The specification of kernels.sgemm: float32 a [m, k] times b [n, k]^T, element (i, j)
+    the chain c = fma(a[i, p], b[j, p], c) from c = 0 for p = 0, 1, ..., k - 1."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    c = np.zeros((a.shape[0], b.shape[0]), np.float32)
+    for p in range(a.shape[1]):
+        c = fma32(a[:, p, None], b[None, :, p], c)
+    return c

@@ -296,6 +296,20 @@ def swiglu(gate_up: np.ndarray, pool: Pool | None = None) -> np.ndarray:
     return out
 
 
+def sgemm(a: np.ndarray, b: np.ndarray, pool: Pool | None = None) -> np.ndarray:
+    """a [m, k] times b [n, k]^T, float32 [m, n], every element one chain of fused
+    multiply-adds in order of k (detmath.matmul_reference): the converter's products, the same
+    bits on every CPU, path and thread count (BLAS's are not)."""
+    a, b = _float32(a, "sgemm input"), _float32(b, "sgemm input")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or max(a.shape + b.shape) >= 1 << 31:
+        raise PyguardError(f"sgemm shapes do not fit: {a.shape} and {b.shape} (a [m, k], b [n, k])")
+    (m, k), n = a.shape, b.shape[0]
+    c = np.empty((m, n), np.float32)
+    if m and n and lib.pg_sgemm(_pool(pool), _ptr("float *", a), k, _ptr("float *", b), k, m, n, k, _ptr("float *", c), n) != 0:
+        raise MemoryError("sgemm")
+    return c
+
+
 def norm_quantize(x: np.ndarray, w: np.ndarray, eps: float, pool: Pool | None = None) -> QActs:
     """RMSNorm then per-row quantization, fused: bit for bit quant.quantize_acts(model.rms_norm(
     x, w, eps)) for float32 x [N, K] (K a multiple of 8) and w [K]."""
