@@ -379,7 +379,7 @@ def _pass(cal: Calibration, ckpt: Checkpoint, cfg: ModelConfig, ids: np.ndarray,
 def _mean_square(x: np.ndarray) -> np.ndarray:
     """Per-channel mean of x^2 (float64 sums), floored at a small share of the mean so that no
     channel is ignored entirely (a silent channel on this text may speak on another)."""
-    a = np.einsum("ij,ij->j", x, x, dtype=np.float64) / len(x)
+    a = np.einsum("ij,ij->j", x, x, dtype=np.float64) / len(x)  # float32 squares are exact in float64: fused or not, alike
     return np.maximum(a, 1e-3 * a.mean() + 1e-30).astype(np.float32)
 
 

@@ -148,7 +148,8 @@ def mse_scales(w: np.ndarray, group: int, a: np.ndarray | None = None) -> np.nda
         r *= d[:, :, None]
         r -= wg
         r *= r
-        return np.einsum("mgi,gi->mg", r, ag)
+        r *= ag
+        return r.sum(axis=2)  # not einsum: it fuses multiply-adds on some CPUs (aarch64), not on others
 
     base = absmax_scales(w, group).astype(np.float32)
     best, best_err = base, err(base)
@@ -160,8 +161,8 @@ def mse_scales(w: np.ndarray, group: int, a: np.ndarray | None = None) -> np.nda
     inv = np.divide(np.float32(1), best, out=np.zeros_like(best), where=best != 0)
     q = np.clip(np.rint(wg * inv[:, :, None]), -8, 7)
     aq = q * ag
-    qq = np.einsum("mgi,mgi->mg", aq, q)
-    ls = np.divide(np.einsum("mgi,mgi->mg", aq, wg), qq, out=best.copy(), where=qq > 0)
+    qq = (aq * q).sum(axis=2)
+    ls = np.divide((aq * wg).sum(axis=2), qq, out=best.copy(), where=qq > 0)
     ls = np.clip(ls, -65504, 65504).astype(np.float16).astype(np.float32)
     return np.where(err(ls) < best_err, ls, best).astype(np.float16)
 
