@@ -75,6 +75,12 @@ int pg_norm_quantize(pg_pool *pool, const float *x, int32_t N, int32_t K, const 
 int pg_sgemm(pg_pool *pool, const float *a, int64_t lda, const float *b, int64_t ldb, int32_t m, int32_t n, int32_t k,
              float *c, int64_t ldc);
 
+/* u[n][n] = U, upper triangular with U^T U = h^-1, for symmetric positive definite float32
+ * h[n][n] (its upper triangle is read), in the float64 operations of
+ * calibrate.upper_inverse_factor, in its order: the same bits. Returns 0, 1 if h is not
+ * positive definite (or holds NaN), -1 if out of memory. */
+int pg_upper_inverse(const float *h, int32_t n, float *u);
+
 /* Benchmark baseline: read n bytes (8-byte aligned, n % 8 == 0) on the pool's threads and
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
 uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);

@@ -215,6 +215,35 @@ static int sgemm_case(const char *path, int case_no) {
     return bad;
 }
 
+/* The converter's inverse Hessian factor (no per-path code): U^T U h = I to float32 accuracy
+ * on h = B B^T / n + I, and a matrix that is not positive definite refused. */
+static int factor_case(int case_no) {
+    const int32_t n = rnd_int(1, 60);
+    float *b = xmalloc(sizeof(float) * n * n), *h = xmalloc(sizeof(float) * n * n), *u = xmalloc(sizeof(float) * n * n);
+    for (int32_t i = 0; i < n * n; i++) b[i] = rnd_unit();
+    for (int32_t i = 0; i < n; i++)
+        for (int32_t j = 0; j < n; j++) {
+            double acc = i == j;
+            for (int32_t k = 0; k < n; k++) acc += (double)b[i * n + k] * b[j * n + k] / n;
+            h[i * n + j] = (float)acc;
+        }
+    int bad = pg_upper_inverse(h, n, u) ? fail("factor", case_no, "a positive definite matrix refused") : 0;
+    for (int32_t i = 0; i < n && !bad; i++) /* (U^T U h)[i][j] */
+        for (int32_t j = 0; j < n && !bad; j++) {
+            double e = 0;
+            for (int32_t k = 0; k < n; k++) {
+                double utu = 0;
+                for (int32_t r = 0; r < n; r++) utu += (double)u[r * n + i] * u[r * n + k];
+                e += utu * h[k * n + j];
+            }
+            if (fabs(e - (i == j)) > 1e-4) bad = fail("factor", case_no, "U^T U h is not the identity");
+        }
+    h[0] = -1.0f;
+    if (!bad && pg_upper_inverse(h, n, u) != 1) bad = fail("factor", case_no, "a matrix that is not positive definite accepted");
+    free(b), free(h), free(u);
+    return bad;
+}
+
 /* Rotary embeddings (any even head size: SIMD tails; heads past `heads` untouched), SwiGLU
  * (lengths with tails) and RMSNorm + quantization (K % 8 == 0) of random rows, every path
  * against scalar. */
@@ -330,6 +359,8 @@ int main(int argc, char **argv) {
         tested++;
     }
     pg_pool_free(pool3);
-    printf("%d SIMD paths tested\n", tested);
+    for (int i = 0; i < 20; i++)
+        if (factor_case(i)) return 1;
+    printf("%d SIMD paths tested; ok factor: 20 cases\n", tested);
     return stress(rounds);
 }

@@ -20,6 +20,7 @@ from pyguard.formats import file, quant
 from pyguard.formats.config import ModelConfig, expected_shapes
 from pyguard.convert.hf import convert
 from pyguard.errors import PyguardError
+from pyguard.engine import kernels
 from pyguard.engine.model import Model
 from pyguard.formats.safetensors import Checkpoint
 
@@ -270,7 +271,7 @@ def test_non_finite_error_feedback_is_an_error(monkeypatch):
     with pytest.raises(PyguardError, match=r"a Hessian is not finite \(inputs up to [0-9.]+\)"):
         calibrate.inverse_factors(x, None)
     monkeypatch.undo()
-    monkeypatch.setattr(calibrate, "upper_inverse_factor", lambda h: np.full_like(h, np.nan))
+    monkeypatch.setattr(kernels, "upper_inverse", lambda h: np.full_like(h, np.nan))
     with pytest.raises(PyguardError, match="an inverse Hessian factor is not finite"):
         calibrate.inverse_factors(x, None)
 
@@ -278,8 +279,9 @@ def test_non_finite_error_feedback_is_an_error(monkeypatch):
 @pytest.mark.parametrize("k", [1, 5, 64, 200])
 def test_upper_inverse_factor(k):
     """U^T U = H^-1 with U upper triangular, as LAPACK's Cholesky and inverse give it (to
-    float32 rounding), for well and badly conditioned H; a matrix that is not positive definite
-    (or holds NaN) is an error."""
+    float32 rounding), for well and badly conditioned H, and the C kernel the converter runs
+    gives the reference's bits; a matrix that is not positive definite (or holds NaN) is an
+    error in both."""
     rng = np.random.default_rng(k)
     for cond in (1.0, 1e4):
         x = rng.standard_normal((k + 8, k)) * np.geomspace(1, cond**0.5, k)
@@ -288,9 +290,11 @@ def test_upper_inverse_factor(k):
         assert u.dtype == np.float32 and np.array_equal(u, np.triu(u))
         want = np.linalg.inv(np.linalg.cholesky(h.astype(np.float64)[::-1, ::-1]))[::-1, ::-1]
         assert np.abs(u - want).max() <= 1e-5 * np.abs(want).max()
+        assert np.array_equal(kernels.upper_inverse(h).view(np.int32), u.view(np.int32))
     for bad in (-np.eye(k, dtype=np.float32), np.full((k, k), np.nan, np.float32)):
-        with pytest.raises(PyguardError, match="a Hessian is not positive definite"):
-            calibrate.upper_inverse_factor(bad)
+        for fn in (calibrate.upper_inverse_factor, kernels.upper_inverse):
+            with pytest.raises(PyguardError, match="a Hessian is not positive definite"):
+                fn(bad)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -299,8 +303,8 @@ def test_calibration_fault_fails_the_conversion(hf, tmp_path, monkeypatch, threa
     Cholesky factorisation) fails the conversion with the matrix named, on the pass's thread or
     the quantizing one, and leaves no file."""
     monkeypatch.setattr(calibrate, "GPTQ", True)
-    real = calibrate.upper_inverse_factor
-    monkeypatch.setattr(calibrate, "upper_inverse_factor", lambda h: real(-h))
+    real = kernels.upper_inverse
+    monkeypatch.setattr(kernels, "upper_inverse", lambda h: real(-h))
     with pytest.warns(UserWarning), pytest.raises(PyguardError, match=r"calibration of layers\.0\.wqkv: a Hessian is not "
                                                                           r"positive definite \(convert with --no-calibration\)"):
         convert(hf, str(tmp_path / "m.pgw"), calibration=PROMPTS, threads=threads)

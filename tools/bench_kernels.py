@@ -7,6 +7,8 @@ gemm: G multiply-adds/s (N*M*K / time) and the fraction of the path's ceiling, m
 machine in the same run (pg_peak_macs: 8 independent instructions of the path's integer core a
 round, vpmaddubsw, vpdpbusd ymm or zmm, 4 tdpbusd for amx, times the threads), so a run on any
 CPU says how close each path comes to what its instructions allow there.
+sgemm: the converter's float32 products (kernels.sgemm, a calibration layer's shape: 2048 tokens,
+2048 inputs, 8192 outputs), G multiply-adds/s beside numpy's BLAS on the same product, 2 threads.
 
     python tools/bench_kernels.py [--group 256 32] [--reps 20] [--isa avx2 amx]   (default: every path)
 """
@@ -22,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyguard.engine import kernels  # noqa: E402
+from pyguard.engine import blas, kernels  # noqa: E402
 from pyguard.formats import quant  # noqa: E402
 from pyguard._kernels import ffi, lib  # noqa: E402
 
@@ -83,6 +85,14 @@ def bench_gemm(rng, m, k, n, group, reps):
     return n * m * k / t / 1e9
 
 
+def bench_sgemm(rng, reps):
+    """(kernels.sgemm, numpy's BLAS) G multiply-adds/s on a calibration layer's product."""
+    a, b = rng.standard_normal((2048, 2048)).astype(np.float32), rng.standard_normal((8192, 2048)).astype(np.float32)
+    pool = kernels.Pool(2)
+    macs = 2048 * 2048 * 8192 / 1e9
+    return macs / best_time(lambda: kernels.sgemm(a, b, pool), reps), macs / best_time(lambda: a @ b.T, reps)
+
+
 def peak_gmacs(threads: int) -> float:
     """The active path's integer-core ceiling on this machine, G multiply-adds/s, on `threads`
     threads at once (0 if the path has none)."""
@@ -112,6 +122,9 @@ def main() -> None:
         kernels.set_isa(isa)
         ceilings = {t: peak_gmacs(t) for t in (1, 2)}
         print(f"\n=== path {isa}: integer-core ceiling {ceilings[1]:.0f} G multiply-adds/s on 1 thread, {ceilings[2]:.0f} on 2")
+        own, ref = bench_sgemm(rng, 3)
+        print(f"converter sgemm 2048x2048 . 8192x2048^T, 2 threads: {own:.1f} G multiply-adds/s; numpy's BLAS "
+              f"({' '.join(blas.openblas_cores()) or 'not OpenBLAS'}) {ref:.1f}: {own / ref:.2f}x")
         for group in args.group:
             print(f"\n== {isa}, group size {group}")
             print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "

@@ -310,6 +310,21 @@ def sgemm(a: np.ndarray, b: np.ndarray, pool: Pool | None = None) -> np.ndarray:
     return c
 
 
+def upper_inverse(h: np.ndarray) -> np.ndarray:
+    """float32 U, upper triangular, with U^T U = h^-1 for symmetric positive definite float32
+    h [n, n] (its upper triangle read), bit for bit calibrate.upper_inverse_factor."""
+    h = _float32(h, "upper_inverse input")
+    if h.ndim != 2 or h.shape[0] != h.shape[1] or not 1 <= h.shape[0] < 1 << 15:
+        raise PyguardError(f"upper_inverse needs a square matrix, not shape {h.shape}")
+    u = np.empty_like(h)
+    r = lib.pg_upper_inverse(_ptr("float *", h), h.shape[0], _ptr("float *", u))
+    if r < 0:
+        raise MemoryError("upper_inverse")
+    if r:
+        raise PyguardError("a Hessian is not positive definite")
+    return u
+
+
 def norm_quantize(x: np.ndarray, w: np.ndarray, eps: float, pool: Pool | None = None) -> QActs:
     """RMSNorm then per-row quantization, fused: bit for bit quant.quantize_acts(model.rms_norm(
     x, w, eps)) for float32 x [N, K] (K a multiple of 8) and w [K]."""
