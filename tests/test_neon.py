@@ -44,4 +44,4 @@ def test_neon_paths_match_scalar(arm_binary, cpu, best, paths, seed):
     tested = [ln for ln in lines if ln.startswith("ok ") and not ln.startswith("ok pool")]
     assert [ln.split()[1].rstrip(":") for ln in tested] == paths
     assert all("bit-identical" in ln for ln in tested)
-    assert "ok pool: 200 rounds of back-to-back jobs" in lines
+    assert "factor: 20 cases ok" in lines and "ok pool: 200 rounds of back-to-back jobs" in lines
