@@ -8,7 +8,8 @@ machine in the same run (pg_peak_macs: 8 independent instructions of the path's 
 round, vpmaddubsw, vpdpbusd ymm or zmm, 4 tdpbusd for amx, times the threads), so a run on any
 CPU says how close each path comes to what its instructions allow there.
 sgemm: the converter's float32 products (kernels.sgemm, a calibration layer's shape: 2048 tokens,
-2048 inputs, 8192 outputs), G multiply-adds/s beside numpy's BLAS on the same product, 2 threads.
+2048 inputs, 8192 outputs), G multiply-adds/s on 1 and 2 threads, beside numpy's BLAS on the same
+product (one thread: pyguard keeps it so, pyguard/engine/blas.py).
 
     python tools/bench_kernels.py [--group 256 32] [--reps 20] [--isa avx2 amx]   (default: every path)
 """
@@ -86,11 +87,11 @@ def bench_gemm(rng, m, k, n, group, reps):
 
 
 def bench_sgemm(rng, reps):
-    """(kernels.sgemm, numpy's BLAS) G multiply-adds/s on a calibration layer's product."""
+    """(kernels.sgemm on 1 thread, on 2, numpy's BLAS) G multiply-adds/s on a calibration layer's product."""
     a, b = rng.standard_normal((2048, 2048)).astype(np.float32), rng.standard_normal((8192, 2048)).astype(np.float32)
-    pool = kernels.Pool(2)
     macs = 2048 * 2048 * 8192 / 1e9
-    return macs / best_time(lambda: kernels.sgemm(a, b, pool), reps), macs / best_time(lambda: a @ b.T, reps)
+    own = [macs / best_time(lambda: kernels.sgemm(a, b, pool), reps) for pool in (kernels.Pool(1), kernels.Pool(2))]
+    return *own, macs / best_time(lambda: a @ b.T, reps)
 
 
 def peak_gmacs(threads: int) -> float:
@@ -122,9 +123,9 @@ def main() -> None:
         kernels.set_isa(isa)
         ceilings = {t: peak_gmacs(t) for t in (1, 2)}
         print(f"\n=== path {isa}: integer-core ceiling {ceilings[1]:.0f} G multiply-adds/s on 1 thread, {ceilings[2]:.0f} on 2")
-        own, ref = bench_sgemm(rng, 3)
-        print(f"converter sgemm 2048x2048 . 8192x2048^T, 2 threads: {own:.1f} G multiply-adds/s; numpy's BLAS "
-              f"({' '.join(blas.openblas_cores()) or 'not OpenBLAS'}) {ref:.1f}: {own / ref:.2f}x")
+        one, two, ref = bench_sgemm(rng, 3)
+        print(f"converter sgemm 2048x2048 . 8192x2048^T: {one:.1f} G multiply-adds/s on 1 thread ({one / ref:.2f}x numpy's "
+              f"BLAS, {' '.join(blas.openblas_cores()) or 'not OpenBLAS'}, on its 1: {ref:.1f}), {two:.1f} on 2")
         for group in args.group:
             print(f"\n== {isa}, group size {group}")
             print(f"{'shape':>11} {'thr':>3} | {'gemv GB/s':>9} {'read GB/s':>9} {'ratio':>5} | "
