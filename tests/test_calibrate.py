@@ -65,6 +65,7 @@ def test_same_bytes_twice(hf, tmp_path, monkeypatch, gptq):
     with open(a, "rb") as x, open(b, "rb") as y:
         assert x.read() == y.read()
     assert fa.meta["quant"]["calibration"]["tokens"] == sum(map(len, PROMPTS))
+    assert "the same bytes on every CPU" in fa.meta["quant"]["calibration"]["arithmetic"]  # what made the file, recorded
 
 
 def test_no_calibration_is_the_plain_searched_quantization(hf, tmp_path):

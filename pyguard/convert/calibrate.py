@@ -233,6 +233,7 @@ class Calibration:
         folded = {k: v for k, v in self.alphas.items() if v}
         return {"tokens": self.tokens, "prompts": self.prompts, "folded": f"{len(folded)} of {len(self.alphas)} inputs (AWQ-style, exact)",
                 "error_feedback": f"GPTQ in activation order, spans of {SPAN}" if self.store else None,
+                "arithmetic": "pyguard's fixed-order float kernels (kernels.sgemm, upper_inverse): the same bytes on every CPU",
                 "alpha_mean": round(float(np.mean(list(self.alphas.values()))) if self.alphas else 0.0, 4)}
 
 
