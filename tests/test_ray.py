@@ -172,9 +172,10 @@ def test_thresholds_give_the_api_results(data, local):
     guard = Guard.load(data["model"], threads=2)
     limits = {"S1": 0.04, "S10": 0.05, "S12": 0.05}
     want = guard.classify_many(convs, thresholds=limits, threshold=0.9)
-    out = pgray.classify(ray.data.from_items([{"messages": c} for c in convs]), data["model"], concurrency=2,
-                         batch_size=8, thresholds=limits, threshold=0.9).take_all()
-    got = [r | {"category_scores": dict(r["category_scores"])} for r in out]
+    out = pgray.classify(ray.data.from_items([{"i": i, "messages": c} for i, c in enumerate(convs)]), data["model"],
+                         concurrency=2, batch_size=8, thresholds=limits, threshold=0.9).take_all()
+    # a Dataset's rows come in the order blocks finish (Ray's default; the CLI asks for input order)
+    got = [r | {"category_scores": dict(r["category_scores"])} for r in sorted(out, key=lambda r: r["i"])]
     assert [{f: r[f] for f in FIELDS} for r in got] == [{f: getattr(w, f) for f in FIELDS} for w in want]
     plain = guard.classify_many(convs, threshold=0.9)
     assert sum(w.unsafe for w in want) > sum(p.unsafe for p in plain)  # the category thresholds made a difference
