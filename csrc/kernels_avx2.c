@@ -150,23 +150,21 @@ TARGET static void quantize_row(const float *x, int32_t K, uint8_t *q, float *sc
 #define ZNAME(x) x##_avx512vnni
 #define NAME(x) x##_amx
 #define XTARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
-#define T_STATE
 #define T_CONFIG(cfg) _tile_loadconfig(cfg)
 #define T_ZERO(t) _tile_zero(t)
 #define T_LOAD(t, p, s) _tile_loadd(t, p, s)
 #define T_STORE(t, p, s) _tile_stored(t, p, s)
-#define T_DPBUSD(c, a, b) _tile_dpbusd(c, a, b)
+#define T_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
 #define T_RELEASE() _tile_release()
 #include "gemm_amx.h"
 #undef ZNAME
 #undef NAME
 #undef XTARGET
-#undef T_STATE
 #undef T_CONFIG
 #undef T_ZERO
 #undef T_LOAD
 #undef T_STORE
-#undef T_DPBUSD
+#undef T_DPBSUD
 #undef T_RELEASE
 #undef W512
 #undef W_ZERO
@@ -262,6 +260,8 @@ typedef struct {
     uint8_t t[8][16][64];
     int rows[8], colsb[8];
 } amx_emulated;
+/* Tiles are per-thread registers; so is their emulation (test builds only) */
+static _Thread_local amx_emulated amx_tiles;
 static void amx_config_emulated(amx_emulated *s, const void *cfg) {
     const uint8_t *c = cfg; /* palette, start row, 14 reserved, colsb[16] (16-bit), rows[16] */
     memset(s, 0, sizeof *s);
@@ -272,34 +272,33 @@ static void amx_config_emulated(amx_emulated *s, const void *cfg) {
     }
 }
 static void amx_zero_emulated(amx_emulated *s, int t) { memset(s->t[t], 0, sizeof s->t[t]); }
-static void amx_load_emulated(amx_emulated *s, int t, const uint8_t *p, int64_t stride) {
+static void amx_load_emulated(amx_emulated *s, int t, const void *p, int64_t stride) {
     memset(s->t[t], 0, sizeof s->t[t]);
-    for (int r = 0; r < s->rows[t]; r++) memcpy(s->t[t][r], p + r * stride, (size_t)s->colsb[t]);
+    for (int r = 0; r < s->rows[t]; r++) memcpy(s->t[t][r], (const uint8_t *)p + r * stride, (size_t)s->colsb[t]);
 }
 static void amx_store_emulated(amx_emulated *s, int t, void *p, int64_t stride) {
     for (int r = 0; r < s->rows[t]; r++) memcpy((uint8_t *)p + r * stride, s->t[t][r], (size_t)s->colsb[t]);
 }
-/* C[m][n] += sum over k < colsb(A) of A[m][k] (uint8) * B[k / 4][4 n + k % 4] (int8), int32;
+/* C[m][n] += sum over k < colsb(A) of A[m][k] (int8) * B[k / 4][4 n + k % 4] (uint8), int32;
  * shapes the hardware refuses (#UD) abort */
-static void amx_dpbusd_emulated(amx_emulated *s, int c, int a, int b) {
+static void amx_dpbsud_emulated(amx_emulated *s, int c, int a, int b) {
     if (s->rows[a] != s->rows[c] || s->colsb[a] != 4 * s->rows[b] || s->colsb[b] != s->colsb[c] || s->colsb[a] % 4) abort();
     for (int m = 0; m < s->rows[c]; m++)
         for (int n = 0; n < s->colsb[c] / 4; n++) {
             int32_t sum;
             memcpy(&sum, s->t[c][m] + 4 * n, 4);
-            for (int k = 0; k < s->colsb[a]; k++) sum += (int32_t)s->t[a][m][k] * (int8_t)s->t[b][k / 4][4 * n + k % 4];
+            for (int k = 0; k < s->colsb[a]; k++) sum += (int8_t)s->t[a][m][k] * (int32_t)s->t[b][k / 4][4 * n + k % 4];
             memcpy(s->t[c][m] + 4 * n, &sum, 4);
         }
 }
 #define ZNAME(x) x##_avx512vnni_emulated
 #define NAME(x) x##_amx_emulated
 #define XTARGET TARGET
-#define T_STATE amx_emulated amx_tiles
 #define T_CONFIG(cfg) amx_config_emulated(&amx_tiles, cfg)
 #define T_ZERO(t) amx_zero_emulated(&amx_tiles, t)
 #define T_LOAD(t, p, s) amx_load_emulated(&amx_tiles, t, p, s)
 #define T_STORE(t, p, s) amx_store_emulated(&amx_tiles, t, p, s)
-#define T_DPBUSD(c, a, b) amx_dpbusd_emulated(&amx_tiles, c, a, b)
+#define T_DPBSUD(c, a, b) amx_dpbsud_emulated(&amx_tiles, c, a, b)
 #define T_RELEASE() ((void)0)
 #include "gemm_amx.h"
 #undef ZNAME
@@ -526,7 +525,7 @@ TARGET static int64_t peak_avx2(int64_t iters) PEAK_LOOP(__m256i, _mm256_set1_ep
 __attribute__((target("avx2,avxvnni"))) static int64_t peak_avxvnni(int64_t iters) PEAK_LOOP(__m256i, _mm256_set1_epi32, _mm256_dpbusd_avx_epi32(acc[i], x, x), 32)
 __attribute__((target("avx2,avx512f,avx512vnni"))) static int64_t peak_avx512vnni(int64_t iters) PEAK_LOOP(__m512i, _mm512_set1_epi32, _mm512_dpbusd_epi32(acc[i], x, x), 64)
 #undef PEAK_LOOP
-/* AMX: 4 independent 16x16x64 tdpbusd a round (tiles 0-3 += 4 x 5), 16384 multiply-adds each */
+/* AMX: 4 independent 16x16x64 tdpbsud (the GEMM's instruction) a round (tiles 0-3 += 4 x 5), 16384 multiply-adds each */
 __attribute__((target("amx-tile,amx-int8"))) static int64_t peak_amx(int64_t iters) {
     _Alignas(64) uint8_t cfg[64] = {1}, zeros[1024] = {0};
     for (int t = 0; t < 6; t++) cfg[16 + 2 * t] = 64, cfg[48 + t] = 16;
@@ -538,10 +537,10 @@ __attribute__((target("amx-tile,amx-int8"))) static int64_t peak_amx(int64_t ite
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t it = 0; it < iters; it++) {
-        _tile_dpbusd(0, 4, 5);
-        _tile_dpbusd(1, 4, 5);
-        _tile_dpbusd(2, 4, 5);
-        _tile_dpbusd(3, 4, 5);
+        _tile_dpbsud(0, 4, 5);
+        _tile_dpbsud(1, 4, 5);
+        _tile_dpbsud(2, 4, 5);
+        _tile_dpbsud(3, 4, 5);
     }
     _tile_release();
     return iters * 4 * 16384;
@@ -573,10 +572,10 @@ const pg_sgemm_tile pg_sgemm_avx512 = {sgemm_tile_avx512, 8, 32};
 const pg_kernels pg_kernels_avx2 = {"avx2", quantize_row, gemm_rows_avx2, gemv_rows_avx2, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx2, peak_avx2, &pg_sgemm_avx2};
 const pg_kernels pg_kernels_avxvnni = {"avxvnni", quantize_row, gemm_rows_avxvnni, gemv_rows_avxvnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avxvnni, peak_avxvnni, &pg_sgemm_avx2};
 const pg_kernels pg_kernels_avx512vnni = {"avx512vnni", quantize_row, gemm_rows_avx512vnni, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni, peak_avx512vnni, &pg_sgemm_avx512};
-const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, peak_amx, &pg_sgemm_avx512};
+const pg_kernels pg_kernels_amx = {"amx", quantize_row, gemm_rows_amx, gemv_rows_avx512vnni, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_amx, peak_amx, &pg_sgemm_avx512};
 #ifdef PG_VNNI_EMULATION
 const pg_kernels pg_kernels_vnni_emulated = {"vnni-emulated", quantize_row, gemm_rows_emulated, gemv_rows_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_emulated, NULL, &pg_sgemm_avx2};
 const pg_kernels pg_kernels_avx512vnni_emulated = {"avx512vnni-emulated", quantize_row, gemm_rows_avx512vnni_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_avx512vnni_emulated, NULL, &pg_sgemm_avx2};
-const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL, &pg_sgemm_avx2};
+const pg_kernels pg_kernels_amx_emulated = {"amx-emulated", quantize_row, gemm_rows_amx_emulated, gemv_rows_avx512vnni_emulated, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, gemm_lanes_amx_emulated, NULL, &pg_sgemm_avx2};
 #endif
 #endif

@@ -85,7 +85,7 @@ int pg_upper_inverse(const float *h, int32_t n, float *u);
  * return their 64-bit sum, the plain streaming read the gemv bandwidth is compared with. */
 uint64_t pg_stream_read(pg_pool *pool, const uint8_t *buf, int64_t n);
 /* Benchmark ceiling: iters rounds of the active path's integer core at its peak rate (8
- * independent instructions a round; AMX: 4 tdpbusd) on the calling thread; returns the
+ * independent instructions a round; AMX: 4 tdpbsud) on the calling thread; returns the
  * multiply-adds done (0: no such loop for this path, e.g. scalar). */
 int64_t pg_peak_macs(int64_t iters);
 

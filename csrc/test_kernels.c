@@ -46,7 +46,8 @@ static test_case make_case(int exact) {
     c.G = groups[rnd_int(0, 3)];
     const int32_t unit = c.G < 64 ? 64 : c.G, large = rnd() % 8 == 0; /* spans of columns, blocks of tokens */
     c.K = unit * (large ? rnd_int(1, 3000 / unit) : rnd_int(1, 4));
-    c.M = rnd_int(1, 40);
+    /* tasks are 16 rows unless a thread has 8 tiles or more: then rows go 32 at a time (AMX) */
+    c.M = rnd() % 4 == 0 ? rnd_int(113, 160) : rnd_int(1, 40);
     c.N = large ? rnd_int(10, 300) : rnd_int(1, 9);
     int32_t ng = c.K / c.G;
     uint8_t *qs = xmalloc((size_t)c.M * c.K / 2);

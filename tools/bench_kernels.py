@@ -5,7 +5,7 @@ read (pg_stream_read) of buffers of the same size, measured in the same run with
 rotation over copies, so that neither is served from a cache the other does not get.
 gemm: G multiply-adds/s (N*M*K / time) and the fraction of the path's ceiling, measured on this
 machine in the same run (pg_peak_macs: 8 independent instructions of the path's integer core a
-round, vpmaddubsw, vpdpbusd ymm or zmm, 4 tdpbusd for amx, times the threads), so a run on any
+round, vpmaddubsw, vpdpbusd ymm or zmm, 4 tdpbsud for amx, times the threads), so a run on any
 CPU says how close each path comes to what its instructions allow there.
 sgemm: the converter's float32 products (kernels.sgemm, a calibration layer's shape: 2048 tokens,
 2048 inputs, 8192 outputs), G multiply-adds/s on 1 and 2 threads, beside numpy's BLAS on the same
