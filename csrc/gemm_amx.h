@@ -11,8 +11,8 @@
  * TDPBSUD multiplies A (16 rows of signed bytes) by B (K/4 rows of 16 x 4 unsigned bytes) into
  * C[16][16] int32. A is 16 weight rows as they are unpacked (64 columns in order: the zmm code's
  * wblock, no transpose); B is 16 tokens' activations in the packing the zmm GEMM already reads
- * (dispatch.c pack_tokens, [K/4][NP][4]: B row j holds columns 4j..4j+3 of the 16 tokens, 64
- * contiguous bytes, rows NP * 4 bytes apart). C[row][token] is the exact sum per (row, token) and
+ * (dispatch.c pack_tokens, [NP / 16][K/4][16][4]: B row j, columns 4j..4j+3 of 16 tokens, is 64
+ * bytes, and a B tile 1 KB in one piece). C[row][token] is the exact sum per (row, token) and
  * group that every path has (gemm_x86.h states the order); its float work is then the zmm GEMM's,
  * one weight row's d times 16 tokens a vector.
  *
@@ -70,9 +70,9 @@ XINLINE void NAME(fold)(const int32_t (*c)[16], const float (*d)[AMX_SPAN / 32],
 }
 
 /* The span's groups for R row tiles (of the 32 rows in a) x T token tiles from token n0 of the
- * packed activations qt (NP tokens a 4-column chunk), into fsum. R, T constant at every call. */
-XINLINE void NAME(block)(const int8_t (*a)[AMX_SPAN], const float (*d)[AMX_SPAN / 32], int32_t k0, int32_t k1, int32_t G,
-                         const uint8_t *qt, int64_t NP, int32_t n0, float (*fsum)[AMX_TOKENS], int32_t t0,
+ * packed activations qt (K 16 bytes a vector of 16 tokens), into fsum. R, T constant at every call. */
+XINLINE void NAME(block)(const int8_t (*a)[AMX_SPAN], const float (*d)[AMX_SPAN / 32], int32_t K, int32_t k0, int32_t k1, int32_t G,
+                         const uint8_t *qt, int32_t n0, float (*fsum)[AMX_TOKENS], int32_t t0,
                          const int R, const int T) {
     const int cols = G == 32 ? 32 : 64;
     _Alignas(64) int32_t cbuf[4][16][16];
@@ -82,12 +82,12 @@ XINLINE void NAME(block)(const int8_t (*a)[AMX_SPAN], const float (*d)[AMX_SPAN 
         if (R == 2) T_ZERO(2);
         if (R == 2 && T == 2) T_ZERO(3);
         for (int32_t c = g0; c < g0 + G; c += cols) {
-            const uint8_t *b = qt + ((int64_t)(c / 4) * NP + n0) * 4;
+            const uint8_t *b = qt + (int64_t)n0 * K + (int64_t)c * 16; /* vector n0 / 16, chunk c / 4 */
             T_LOAD(4, a[0] + (c - k0), AMX_SPAN);
-            T_LOAD(6, b, NP * 4);
+            T_LOAD(6, b, 64);
             T_DPBSUD(0, 4, 6);
             if (T == 2) {
-                T_LOAD(7, b + 64, NP * 4);
+                T_LOAD(7, b + (int64_t)K * 16, 64);
                 T_DPBSUD(1, 4, 7);
             }
             if (R == 2) {
@@ -131,10 +131,10 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
                 const int8_t (*a)[AMX_SPAN] = (const int8_t (*)[AMX_SPAN])abuf;
                 const float (*d)[AMX_SPAN / 32] = (const float (*)[AMX_SPAN / 32])dbuf;
                 for (int32_t n0 = t0; n0 < t1; n0 += 32) {
-                    if (rows > 16 && t1 - n0 > 16) NAME(block)(a, d, k0, k1, G, qt, NP, n0, fsum, t0, 2, 2);
-                    else if (rows > 16) NAME(block)(a, d, k0, k1, G, qt, NP, n0, fsum, t0, 2, 1);
-                    else if (t1 - n0 > 16) NAME(block)(a, d, k0, k1, G, qt, NP, n0, fsum, t0, 1, 2);
-                    else NAME(block)(a, d, k0, k1, G, qt, NP, n0, fsum, t0, 1, 1);
+                    if (rows > 16 && t1 - n0 > 16) NAME(block)(a, d, K, k0, k1, G, qt, n0, fsum, t0, 2, 2);
+                    else if (rows > 16) NAME(block)(a, d, K, k0, k1, G, qt, n0, fsum, t0, 2, 1);
+                    else if (t1 - n0 > 16) NAME(block)(a, d, K, k0, k1, G, qt, n0, fsum, t0, 1, 2);
+                    else NAME(block)(a, d, K, k0, k1, G, qt, n0, fsum, t0, 1, 1);
                 }
             }
             for (int32_t n = t0; n < t1 && n < N; n++)

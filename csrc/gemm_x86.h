@@ -20,8 +20,9 @@
  * y = s * (acc - zp * rowsum). Integer sums do not depend on how they are split, so kernels
  * are free to order the integer work; the float work is done one output per lane.
  * - GEMM of N >= LANES tokens (8 on ymm, 16 on zmm): lanes are tokens. The activations come
- *   packed by dispatch.c (pg_gemm) as [K/4][NP][4]: the 4 bytes of columns 4c..4c+3 of token n
- *   at (c NP + n) 4, NP = N rounded up to LANES. A row's 4 weights, broadcast, multiply LANES
+ *   packed by dispatch.c (pg_gemm) as [NP / LANES][K/4][LANES][4], NP = N rounded up to LANES:
+ *   a vector of tokens holds, for each 4 columns in order, its LANES tokens' 4 bytes side by
+ *   side (VS = K LANES bytes a vector). A row's 4 weights, broadcast, multiply LANES
  *   tokens' 4 bytes at once and accumulate per token: each lane ends a group holding that
  *   token's exact sum, with no horizontal reduction (as an AMX or i8mm tile gives per row and
  *   token).
@@ -222,18 +223,18 @@ XINLINE NAME(tvf) NAME(tv_fma)(NAME(tvf) facc, NAME(tvi) sums, float d) { return
 #define BLOCK_LANES 512  /* at most this many tokens per block: TILE_R x 2 KB of float sums */
 
 /* acc[r][t] (first: =, else +=) the products of the 32 columns from c of the span's rows r < R
- * (w: SPAN bytes a row) with token vector v + t of qt (from column c: NP tokens a column chunk),
- * per token: 8 chunks of 4 columns, unrolled. On AVX2 (PARTIAL16) the products gather in int16
- * partial sums (8 chunks at most, then widened), else straight into the int32 sums. */
-XINLINE void NAME(gemm_part)(const int8_t *w, int32_t c, const uint8_t *qt, int64_t NP, int32_t v,
+ * (w: SPAN bytes a row) with token vector t of qv (qv: the first vector's chunk of column c; the
+ * next vector VS bytes on), per token: 8 chunks of 4 columns, unrolled. On AVX2 (PARTIAL16) the
+ * products gather in int16 partial sums (8 chunks at most, then widened), else straight into the
+ * int32 sums. */
+XINLINE void NAME(gemm_part)(const int8_t *w, int32_t c, const uint8_t *qv, int64_t VS,
                              NAME(tvi) acc[TILE_R][TILE_T], int first, const int R, const int T) {
     NAME(tvi) part[TILE_R][TILE_T];
     UNROLL for (int r = 0; r < R; r++)
         UNROLL for (int t = 0; t < T; t++) part[r][t] = PARTIAL16 || first ? NAME(tv_zero)() : acc[r][t];
-    qt += (int64_t)v * LANES * 4;
-    for (int j = 0; j < 8; j++, qt += NP * 4) { /* not unrolled: unrolled, the compiler regroups the int16 sums and spills */
+    for (int j = 0; j < 8; j++, qv += LANES * 4) { /* not unrolled: unrolled, the compiler regroups the int16 sums and spills */
         NAME(tvi) x[TILE_T];
-        UNROLL for (int t = 0; t < T; t++) x[t] = NAME(tv_load)(qt + t * LANES * 4);
+        UNROLL for (int t = 0; t < T; t++) x[t] = NAME(tv_load)(qv + t * VS);
         UNROLL for (int r = 0; r < R; r++) {
             const NAME(tvi) wv = NAME(tv_bcast)(w + r * SPAN + c + 4 * j);
             UNROLL for (int t = 0; t < T; t++) part[r][t] = TV_DOT(part[r][t], x[t], wv);
@@ -245,10 +246,10 @@ XINLINE void NAME(gemm_part)(const int8_t *w, int32_t c, const uint8_t *qt, int6
 }
 
 /* The float sums fsum[r][t LANES ..] (+)= rows r < R of the span's groups, for token vectors
- * [v, v + T) of qt (NP tokens a column chunk). w: the span's unpacked weights, SPAN bytes a
+ * [v, v + T) of qt (VS bytes a vector). w: the span's unpacked weights, SPAN bytes a
  * row, from column k0; d: their float scales, SPAN / 32 a row. T, R constant at every call. */
 XINLINE void NAME(gemm_tile)(const int8_t *w, const float *d, int32_t k0, int32_t k1, int32_t G, const uint8_t *qt,
-                             int64_t NP, int32_t v, int first, float (*fsum)[BLOCK_LANES], int32_t v0, const int R, const int T) {
+                             int64_t VS, int32_t v, int first, float (*fsum)[BLOCK_LANES], int32_t v0, const int R, const int T) {
 #if WIDE /* the float sums in registers too */
     NAME(tvf) facc[TILE_R][TILE_T];
     UNROLL for (int r = 0; r < R; r++)
@@ -256,8 +257,9 @@ XINLINE void NAME(gemm_tile)(const int8_t *w, const float *d, int32_t k0, int32_
 #endif
     for (int32_t g0 = k0; g0 < k1; g0 += G) {
         NAME(tvi) acc[TILE_R][TILE_T];
-        NAME(gemm_part)(w, g0 - k0, qt + (int64_t)(g0 / 4) * NP * 4, NP, v, acc, 1, R, T);
-        for (int32_t c = g0 + 32; c < g0 + G; c += 32) NAME(gemm_part)(w, c - k0, qt + (int64_t)(c / 4) * NP * 4, NP, v, acc, 0, R, T);
+        const uint8_t *qv = qt + v * VS + (int64_t)g0 * LANES; /* column g0's chunk: g0 / 4 chunks of LANES 4 bytes */
+        NAME(gemm_part)(w, g0 - k0, qv, VS, acc, 1, R, T);
+        for (int32_t c = g0 + 32; c < g0 + G; c += 32) NAME(gemm_part)(w, c - k0, qv + (int64_t)(c - g0) * LANES, VS, acc, 0, R, T);
         const float *dg = d + (g0 - k0) / G;
         UNROLL for (int r = 0; r < R; r++)
             UNROLL for (int t = 0; t < T; t++) {
@@ -278,7 +280,7 @@ XINLINE void NAME(gemm_tile)(const int8_t *w, const float *d, int32_t k0, int32_
 /* Rows [m, m + R) of Y for token vectors [v0, v1): the weights unpacked a SPAN of columns at a
  * time (W is read from memory once per block of tokens), then every token vector of the block
  * passes over them; the float sums wait in fsum between spans. */
-XINLINE void NAME(gemm_rows_tv)(const pg_qtensor *w, int32_t m, const uint8_t *qt, int64_t NP, int32_t v0, int32_t v1,
+XINLINE void NAME(gemm_rows_tv)(const pg_qtensor *w, int32_t m, const uint8_t *qt, int64_t VS, int32_t v0, int32_t v1,
                                 const float *scale, const int32_t *zp, int32_t N, float *y, const int R) {
     const int32_t K = w->K, G = w->G, ngroups = K / G;
     int8_t wbuf[TILE_R * SPAN];
@@ -296,8 +298,8 @@ XINLINE void NAME(gemm_rows_tv)(const pg_qtensor *w, int32_t m, const uint8_t *q
             for (int32_t g = k0 / G; g < k1 / G; g++) dbuf[r * (SPAN / 32) + g - k0 / G] = _cvtsh_ss(w->scales[(int64_t)(m + r) * ngroups + g]);
         }
         int32_t v = v0;
-        for (; v + TILE_T <= v1; v += TILE_T) NAME(gemm_tile)(wbuf, dbuf, k0, k1, G, qt, NP, v, k0 == 0, fsum, v0, R, TILE_T);
-        for (; v < v1; v++) NAME(gemm_tile)(wbuf, dbuf, k0, k1, G, qt, NP, v, k0 == 0, fsum, v0, R, 1);
+        for (; v + TILE_T <= v1; v += TILE_T) NAME(gemm_tile)(wbuf, dbuf, k0, k1, G, qt, VS, v, k0 == 0, fsum, v0, R, TILE_T);
+        for (; v < v1; v++) NAME(gemm_tile)(wbuf, dbuf, k0, k1, G, qt, VS, v, k0 == 0, fsum, v0, R, 1);
     }
     const int32_t n1 = v1 * LANES < N ? v1 * LANES : N;
     UNROLL for (int r = 0; r < R; r++)
@@ -354,8 +356,8 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
     for (int32_t v0 = 0; v0 < vectors; v0 += per) {
         const int32_t v1 = vectors - v0 < per ? vectors : v0 + per;
         int32_t m = m0;
-        for (; m + TILE_R <= m1; m += TILE_R) NAME(gemm_rows_tv)(w, m, qt, NP, v0, v1, scale, zp, N, y, TILE_R);
-        for (; m < m1; m++) NAME(gemm_rows_tv)(w, m, qt, NP, v0, v1, scale, zp, N, y, 1);
+        for (; m + TILE_R <= m1; m += TILE_R) NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, TILE_R);
+        for (; m < m1; m++) NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, 1);
     }
 }
 #undef TV_DOT
