@@ -126,7 +126,7 @@ typedef struct {
     const uint8_t *q;
     const float *scale;
     const int32_t *zp;
-    int32_t N, K, rows_per_task;
+    int32_t N, K, rows_per_task, lanes;
     float *y;
     uint8_t *qout;
     float *sout;
@@ -165,21 +165,19 @@ static void run_rows(pg_pool *pool, job *j) {
     pg_pool_run(pool, gemm_task, j, (j->w->M + j->rows_per_task - 1) / j->rows_per_task);
 }
 
-/* q[N][K] (K % 4 == 0) -> [NP / lanes][K/4][lanes][4]: the 4 bytes of columns 4c..4c+3 of token
- * n at ((n / lanes) K/4 + c) lanes 4 + (n % lanes) 4, NP = N rounded up to a multiple of lanes,
- * the padding tokens 0. A vector of tokens is one sequential stream over K (a layout by column
- * chunk, [K/4][NP][4], put chunks NP 4 bytes apart: at N = 256, 1 KB strides that alias in the
- * caches and cost a third of the GEMM at K = 8192). NULL if out of memory. Once per product:
- * N K bytes, against the product's M N K multiply-adds. */
-static uint8_t *pack_tokens(const uint8_t *q, int32_t N, int32_t K, int32_t lanes) {
-    const int64_t NP = ((int64_t)N + lanes - 1) / lanes * lanes;
-    uint8_t *qt = calloc((size_t)(NP * K), 1);
-    if (!qt) return NULL;
-    for (int64_t n = 0; n < N; n++) {
-        uint8_t *out = qt + n / lanes * K * lanes + n % lanes * 4;
-        for (int64_t c = 0; c < K / 4; c++) memcpy(out + c * lanes * 4, q + n * K + c * 4, 4);
+/* q[N][K] (K % 4 == 0) -> qout [NP / lanes][K/4][lanes][4]: the 4 bytes of columns 4c..4c+3 of
+ * token n at ((n / lanes) K/4 + c) lanes 4 + (n % lanes) 4, NP = N rounded up to a multiple of
+ * lanes, the padding tokens 0 (qout comes zeroed). A vector of tokens is one
+ * sequential stream over K (a layout by column chunk, [K/4][NP][4], put chunks NP 4 bytes apart:
+ * at N = 256, 1 KB strides that alias in the caches and cost a third of the GEMM at K = 8192).
+ * One task per vector: N K bytes, against the product's M N K multiply-adds. */
+static void pack_task(void *ctx, int32_t v) {
+    job *j = ctx;
+    const int64_t K = j->K, lanes = j->lanes;
+    for (int64_t n = v * lanes; n < (v + 1) * lanes && n < j->N; n++) {
+        uint8_t *out = j->qout + v * K * lanes + n % lanes * 4;
+        for (int64_t c = 0; c < K / 4; c++) memcpy(out + c * lanes * 4, j->q + n * K + c * 4, 4);
     }
-    return qt;
 }
 
 int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *scale, const int32_t *zp,
@@ -188,7 +186,10 @@ int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *s
     uint8_t *packed = NULL;
     const int32_t lanes = N > 1 && j.k->gemm_lanes ? j.k->gemm_lanes(w, N) : 0; /* N = 1: the GEMV reads q */
     if (lanes) {
-        if (!(packed = pack_tokens(q, N, w->K, lanes))) return -1;
+        const int32_t vectors = (int32_t)(((int64_t)N + lanes - 1) / lanes);
+        if (!(packed = calloc((size_t)vectors * lanes, (size_t)w->K))) return -1;
+        job p = {.q = q, .N = N, .K = w->K, .lanes = lanes, .qout = packed};
+        pg_pool_run(pool, pack_task, &p, vectors);
         j.q = packed;
     }
     run_rows(pool, &j);
