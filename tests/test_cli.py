@@ -453,12 +453,18 @@ def test_output_paths_are_checked_before_any_work(model, tmp_path):
 
 
 def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, monkeypatch, capsys):
+    import tempfile
+
     import pyguard.formats.file
 
     hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
-    os.mkdir(out + ".part")  # a stale directory where the temporary file goes
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where a calibration store would be left
+    os.mkdir(tmp_path / "tmp")
+    fds = len(os.listdir("/proc/self/fd"))  # the calibration's store and the .part file get closed too
+    os.mkdir(out + ".part")  # a stale directory where the temporary file goes (found after the calibration)
     assert cli.main(["convert", hf, out]) == 2
     assert capsys.readouterr().err.endswith(f"\npyguard: error: {out}: cannot write (Is a directory)\n")
+    assert os.listdir(tmp_path / "tmp") == [] and len(os.listdir("/proc/self/fd")) == fds
     os.rmdir(out + ".part")
     real, calls = pyguard.formats.file.Writer.append, []
 
@@ -470,24 +476,44 @@ def test_convert_names_the_path_typed_and_leaves_no_part_file(model, tmp_path, m
 
     monkeypatch.setattr(pyguard.formats.file.Writer, "append", interrupted)
     assert cli.main(["convert", hf, out]) == 2
-    assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == []
+    assert capsys.readouterr().err.endswith("pyguard: interrupted\n") and os.listdir(tmp_path) == ["tmp"]
+    assert os.listdir(tmp_path / "tmp") == [] and len(os.listdir("/proc/self/fd")) == fds
+
+
+def _stopped_in_calibration(hf: str, out, tmp, sig: int) -> tuple[int, str]:
+    """Start `pyguard convert` (TMPDIR tmp), send `sig` once it reports its calibration's first
+    layer done (its matrices are in the store; the second and last layer is running), return
+    (exit status, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "convert", hf, str(out)], cwd=ROOT, stderr=subprocess.PIPE,
+                         env={**os.environ, "TMPDIR": str(tmp)})
+    err = b""
+    try:
+        while b"calibration layer 0" not in err and p.poll() is None:
+            err += os.read(p.stderr.fileno(), 4096)
+    finally:
+        p.send_signal(sig)
+        _, rest = p.communicate(timeout=120)
+    return p.returncode, (err + rest).decode()
 
 
 def test_sigterm_during_a_conversion_leaves_nothing(model, tmp_path):
     """SIGTERM (a service manager, a timeout) stops a conversion as Ctrl-C does: no output, no
-    .part file, no calibration store left in the temporary directory."""
+    .part file, nothing left in the temporary directory."""
     hf, out, tmp = os.path.join(os.path.dirname(model), "decisive-g32-s0"), tmp_path / "x.pgw", tmp_path / "tmp"
     tmp.mkdir()
-    p = subprocess.Popen([sys.executable, "-m", "pyguard.cli", "convert", hf, str(out)], cwd=ROOT, stderr=subprocess.PIPE,
-                         env={**os.environ, "TMPDIR": str(tmp)})
-    try:
-        while p.poll() is None and not os.listdir(tmp):  # the calibration's store exists
-            select.select([], [], [], 0.02)
-    finally:
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=120)
-    assert p.returncode == 2 and err.decode().endswith("pyguard: terminated\n"), err
+    code, err = _stopped_in_calibration(hf, out, tmp, signal.SIGTERM)
+    assert code == 2 and err.endswith("pyguard: terminated\n"), err
     assert os.listdir(tmp) == [] and sorted(os.listdir(tmp_path)) == ["tmp"]
+
+
+def test_sigkill_during_calibration_leaves_nothing(model, tmp_path):
+    """Even a kill no handler sees (the OOM killer's) leaves no calibration store: it is an
+    unlinked temporary file, which the system frees with the process."""
+    hf, out, tmp = os.path.join(os.path.dirname(model), "decisive-g32-s0"), tmp_path / "x.pgw", tmp_path / "tmp"
+    tmp.mkdir()
+    code, err = _stopped_in_calibration(hf, out, tmp, signal.SIGKILL)
+    assert code == -signal.SIGKILL and "calibration layer 0" in err, err
+    assert os.listdir(tmp) == []  # (a kill once the file is being written leaves its .part: the next run replaces it)
 
 
 def test_convert_names_the_path_typed_on_a_full_disk(model, tmp_path):
@@ -495,9 +521,13 @@ def test_convert_names_the_path_typed_on_a_full_disk(model, tmp_path):
 
     hf, out = os.path.join(os.path.dirname(model), "decisive-g32-s0"), str(tmp_path / "x.pgw")
     # a file size limit stands in for a full disk: writes fail with EFBIG, an error without a file name
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     r = subprocess.run([sys.executable, "-m", "pyguard.cli", "convert", hf, out], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "TMPDIR": str(tmp)},
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)))
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == f"pyguard: error: {out}: cannot write (File too large)", r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["tmp"] and os.listdir(tmp) == []  # no empty x.pgw.part, no store
 
 
 def test_verify_progress_is_a_percentage(model):

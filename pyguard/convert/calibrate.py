@@ -39,11 +39,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -157,7 +157,11 @@ class Calibration:
     col: dict[str, np.ndarray] = field(default_factory=dict)
     row: dict[str, np.ndarray] = field(default_factory=dict)
     alphas: dict[str, float] = field(default_factory=dict)
-    store: str | None = None  # directory of the matrices quantized during the pass
+    # the matrices quantized during the pass, in an unlinked temporary file: the system frees it
+    # however the process ends (an OOM kill of an 8B conversion would otherwise leave GBs behind)
+    store: BinaryIO | None = None
+    index: dict[str, list[tuple[int, str, tuple[int, ...]]]] = field(default_factory=dict)  # name: (offset, dtype, shape) x 3
+    lock: threading.Lock = field(default_factory=threading.Lock)  # writers of the store
     threads: int = 2  # threads quantizing them beside the pass (1: on the pass's own thread)
     worker: ThreadPoolExecutor | None = None  # those threads
     pending: list = field(default_factory=list)  # its futures
@@ -181,9 +185,11 @@ class Calibration:
 
     def stored(self, name: str) -> quant.QTensor | None:
         """Matrix `name` as quantized during the pass (error feedback), mapped from the store."""
-        if self.store is None or not os.path.exists(os.path.join(self.store, name + ".qs.npy")):
+        with self.lock:
+            entries = self.index.get(name)
+        if entries is None:
             return None
-        qs, scales, rowsum = (np.load(os.path.join(self.store, f"{name}.{n}.npy"), mmap_mode="r") for n in ("qs", "scales", "rowsum"))
+        qs, scales, rowsum = (np.memmap(self.store, dtype=d, mode="r", offset=o, shape=sh) for o, d, sh in entries)
         return quant.QTensor(qs, scales, rowsum, qs.shape[1] * 2 // scales.shape[1])
 
     def keep(self, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
@@ -193,22 +199,30 @@ class Calibration:
         With one thread in all, the matrix is quantized here, before the pass goes on."""
         quant.check_weights(w, name, quantized=True)
         if self.store is None:
-            self.store = tempfile.mkdtemp(prefix="pyguard-calibration-")
+            self.store = tempfile.TemporaryFile(prefix="pyguard-calibration-")
             self.worker = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         if self.worker is None:
-            self._keep(self.store, name, w, x, s, group)
+            self._keep(name, w, x, s, group)
         else:
-            self.pending.append(self.worker.submit(self._keep, self.store, name, w, x, s, group))
+            self.pending.append(self.worker.submit(self._keep, name, w, x, s, group))
 
-    def _keep(self, store: str, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
+    def _keep(self, name: str, w: np.ndarray, x: np.ndarray, s: np.ndarray | None, group: int) -> None:
         try:
             q, scales = gptq(w, *inverse_factors(x, s, self.pool), group, self.importance[name], self.pool)
         except PyguardError as e:
             raise PyguardError(f"calibration of {name}: {e} (convert with --no-calibration)") from None
         # packed in blocks of rows (row by row arithmetic: the same bytes), bounding the temporaries
         parts = [quant.pack_weights(q[r : r + ROWS], scales[r : r + ROWS]) for r in range(0, len(q), ROWS)]
-        for n in ("qs", "scales", "rowsum"):
-            np.save(os.path.join(store, f"{name}.{n}.npy"), np.concatenate([getattr(t, n) for t in parts]))
+        arrays = [np.concatenate([getattr(t, n) for t in parts]) for n in ("qs", "scales", "rowsum")]
+        with self.lock:  # appended whole, then indexed: a reader never maps a part being written
+            entries = []
+            for a in arrays:
+                end = self.store.seek(0, os.SEEK_END)
+                self.store.write(bytes(-end % 64))  # each array aligned, as np.save's would be
+                entries.append((end + -end % 64, a.dtype.str, a.shape))
+                a.tofile(self.store)
+            self.store.flush()
+            self.index[name] = entries
 
     def wait(self) -> None:
         """Wait for the matrices being quantized (their errors are raised here)."""
@@ -225,8 +239,9 @@ class Calibration:
             self.worker.shutdown(wait=True)
             self.worker = None
         if self.store is not None:
-            shutil.rmtree(self.store, ignore_errors=True)
+            self.store.close()
             self.store = None
+            self.index.clear()
 
     def describe(self) -> dict:
         """What the file's metadata records."""

@@ -157,86 +157,87 @@ def convert(hf_dir: str, out_path: str, group: int = 32, head: str = "full", fam
             raise PyguardError(f"--head guard needs the tokenizer, which could not be read: {tok_note}")
         head_ids = answer_token_ids(tok, list(CATEGORIES[family]), family)
 
-    cal = None
-    if calibration is not False:
-        if isinstance(calibration, list):
-            prompts = calibration
-        elif tok is None:  # no guard prompts to run: the file serves token ids only anyway
-            if calibration is not True:
-                raise PyguardError(f"calibration needs the tokenizer, which could not be read ({tok_note})")
-            warnings.warn("no calibration without a tokenizer: plain searched scales", stacklevel=2)
-            prompts = None
-        else:
-            prompts = calibrate.guard_prompts(tok, family, None if calibration is True else calibrate.read_conversations(calibration))
-        if prompts is not None:
-            cal = calibrate.calibrate(ckpt, cfg, prompts, group, progress=progress, threads=threads)
-
-    plan = tensor_plan(cfg)
-    if cfg.tie_embeddings and head_ids is None:
-        plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
-    # int8 where it costs nothing at run time: a lookup of n rows, a pruned head's 21 rows (a
-    # full untied head stays int4: its product is the kernels'); a tied full head is the table
-    int8 = [] if table == "int4" else ["tok_embeddings"] + (["output"] if head_ids is not None else [])
-    tok_arrays = tokenizer_arrays(tok) if tok is not None else []
-    stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids), None, int8)
-    layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + stored
-    params = sum(math.prod(s) * (2 if n.endswith(".qs") else 1) for n, _, s in stored if not n.endswith((".scales", ".rowsum")))
-    scales = "f16, searched (min activation-weighted squared error)" if cal else "f16, searched (min squared error)"
-    extra = {"quant": {"group": group, "scales": scales, "activations": "uint8 asymmetric per token",
-                       "calibration": cal.describe() if cal else None},
-             "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
-    writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra, None, int8), layout)
-    done = 0
-    pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
-    try:
-        for _, a in tok_arrays:
-            writer.append(a)
-        for name, sources, quantized in plan:
-            if not quantized:
-                w = ckpt.read(sources[0])
-                w = cal.fold(sources[0], slice(None), w) if cal else w
-                quant.check_weights(w, sources[0], quantized=False)
-                writer.append(w)
-                done += w.size
-                if progress:
-                    progress(done / params, name)
-                continue
-            kept = cal.stored(name) if cal else None
-            if kept is not None:  # quantized during the calibration pass (error feedback)
-                for part in (kept.qs, kept.scales, kept.rowsum):
-                    for r in range(0, len(part), CHUNK_ROWS):
-                        writer.append(np.array(part[r : r + CHUNK_ROWS]))
-                done += kept.shape[0] * kept.shape[1]
-                if progress:
-                    progress(done / params, name)
-                continue
-            scales, rowsums, q8 = [], [], name in int8
-            for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
-                w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
-                w = cal.fold(src, rows, w) if cal else w
-                quant.check_weights(w, src, quantized=not q8)  # int8's float32 scales take any finite row
-                if q8:  # plain per-row absmax: no search to spread over threads
-                    parts = [quant.quantize8(w)]
-                else:
-                    rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
-                        lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
-                    parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
-                for p in parts:
-                    writer.append(p.q if q8 else p.qs)
-                scales += [p.scales for p in parts]
-                rowsums += [] if q8 else [p.rowsum for p in parts]
-                done += w.size
-                if progress:
-                    progress(done / params, name)
-            writer.append(np.concatenate(scales))
-            if not q8:
-                writer.append(np.concatenate(rowsums))
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    cal, pool = None, None
+    try:  # the calibration's store goes whatever stops the conversion, from its first matrix on
+        if calibration is not False:
+            if isinstance(calibration, list):
+                prompts = calibration
+            elif tok is None:  # no guard prompts to run: the file serves token ids only anyway
+                if calibration is not True:
+                    raise PyguardError(f"calibration needs the tokenizer, which could not be read ({tok_note})")
+                warnings.warn("no calibration without a tokenizer: plain searched scales", stacklevel=2)
+                prompts = None
+            else:
+                prompts = calibrate.guard_prompts(tok, family, None if calibration is True else calibrate.read_conversations(calibration))
+            if prompts is not None:
+                cal = calibrate.calibrate(ckpt, cfg, prompts, group, progress=progress, threads=threads)
+        plan = tensor_plan(cfg)
+        if cfg.tie_embeddings and head_ids is None:
+            plan = [p for p in plan if p[0] != "output"]  # the embedding table serves as the head
+        # int8 where it costs nothing at run time: a lookup of n rows, a pruned head's 21 rows (a
+        # full untied head stays int4: its product is the kernels'); a tied full head is the table
+        int8 = [] if table == "int4" else ["tok_embeddings"] + (["output"] if head_ids is not None else [])
+        tok_arrays = tokenizer_arrays(tok) if tok is not None else []
+        stored = tensor_layout(cfg, group, None if head_ids is None else len(head_ids), None, int8)
+        layout = [(n, "u8" if a.dtype == np.uint8 else "u32", a.shape) for n, a in tok_arrays] + stored
+        params = sum(math.prod(s) * (2 if n.endswith(".qs") else 1) for n, _, s in stored if not n.endswith((".scales", ".rowsum")))
+        scales = "f16, searched (min activation-weighted squared error)" if cal else "f16, searched (min squared error)"
+        extra = {"quant": {"group": group, "scales": scales, "activations": "uint8 asymmetric per token",
+                           "calibration": cal.describe() if cal else None},
+                 "head": head, "source": os.path.basename(os.path.abspath(hf_dir)), "tokenizer_note": tok_note}
+        writer = Writer(out_path, header_meta(cfg, group, head_ids, family, tok, extra, None, int8), layout)
+        done = 0
+        pool = ThreadPoolExecutor(max(1, threads or os.cpu_count() or 1))
+        try:
+            for _, a in tok_arrays:
+                writer.append(a)
+            for name, sources, quantized in plan:
+                if not quantized:
+                    w = ckpt.read(sources[0])
+                    w = cal.fold(sources[0], slice(None), w) if cal else w
+                    quant.check_weights(w, sources[0], quantized=False)
+                    writer.append(w)
+                    done += w.size
+                    if progress:
+                        progress(done / params, name)
+                    continue
+                kept = cal.stored(name) if cal else None
+                if kept is not None:  # quantized during the calibration pass (error feedback)
+                    for part in (kept.qs, kept.scales, kept.rowsum):
+                        for r in range(0, len(part), CHUNK_ROWS):
+                            writer.append(np.array(part[r : r + CHUNK_ROWS]))
+                    done += kept.shape[0] * kept.shape[1]
+                    if progress:
+                        progress(done / params, name)
+                    continue
+                scales, rowsums, q8 = [], [], name in int8
+                for src, rows in _row_chunks(ckpt, sources, head_ids if name == "output" else None):
+                    w = ckpt.read(src, rows) if isinstance(rows, slice) else np.concatenate([ckpt.read(src, slice(r, r + 1)) for r in rows])
+                    w = cal.fold(src, rows, w) if cal else w
+                    quant.check_weights(w, src, quantized=not q8)  # int8's float32 scales take any finite row
+                    if q8:  # plain per-row absmax: no search to spread over threads
+                        parts = [quant.quantize8(w)]
+                    else:
+                        rows_of = (lambda i: cal.quantize(name, w[i : i + SUB_ROWS], group)) if cal else (
+                            lambda i: quant.quantize_weights(w[i : i + SUB_ROWS], group, search=True))
+                        parts = list(pool.map(rows_of, range(0, len(w), SUB_ROWS)))
+                    for p in parts:
+                        writer.append(p.q if q8 else p.qs)
+                    scales += [p.scales for p in parts]
+                    rowsums += [] if q8 else [p.rowsum for p in parts]
+                    done += w.size
+                    if progress:
+                        progress(done / params, name)
+                writer.append(np.concatenate(scales))
+                if not q8:
+                    writer.append(np.concatenate(rowsums))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
     finally:
-        pool.shutdown()
+        if pool:
+            pool.shutdown()
         if cal:
             cal.close()
     words = {"tok_embeddings": "embedding table" + (" (also the head)" if cfg.tie_embeddings and head_ids is None else ""),

@@ -103,8 +103,12 @@ class Writer:
         self.total = self.data_offset + offset
         self.index, self.written, self.crc = 0, 0, 0
         self.f = open(self.tmp, "wb")
-        self.f.truncate(self.total)
-        self.f.seek(self.data_offset)
+        try:  # a file size limit or quota can refuse the size: then no empty .part is left
+            self.f.truncate(self.total)
+            self.f.seek(self.data_offset)
+        except BaseException:
+            self.abort()
+            raise
 
     def _meta_bytes(self) -> bytes:
         return json.dumps(self.meta, separators=(",", ":")).encode("utf-8")
