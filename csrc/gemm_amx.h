@@ -17,8 +17,8 @@
  * one weight row's d times 16 tokens a vector.
  *
  * Tiles: C 0..3 = (row tile a, token tile b) at 2a + b, A 4..5, B 6..7: a 32 x 32 block, each
- * tile load serving two products and four independent accumulations in flight (one C, as
- * before, chained every product on the last). G = 32 takes 32-column A tiles and 8-row B tiles
+ * tile load serving two products and four independent accumulations in flight (one C tile
+ * would chain every product on the previous one). G = 32 takes 32-column A tiles and 8-row B tiles
  * (one product per group); other groups sum their 64-column products in C. */
 
 #define AMX_SPAN 512    /* columns of weights unpacked at a time: 32 rows, 16 KB on the stack */
@@ -41,7 +41,7 @@ XINLINE void NAME(config)(NAME(tilecfg) *cfg, int cols) {
 }
 
 /* The A tiles' source for columns [k0, k1) of rows p0 .. p0 + rows - 1 (rows <= 32): out[r][c - k0]
- * the signed weight (AMX_SPAN bytes a row), rows past `rows` 0; d[r][g - k0 / 32]: the rows'
+ * the signed weight (AMX_SPAN bytes a row), rows past `rows` 0; d[r][g - k0 / G]: the rows'
  * scales as floats for each group g of the span (0 past `rows`). */
 XINLINE void NAME(make_a)(const pg_qtensor *w, int32_t p0, int rows, int32_t k0, int32_t k1,
                           int8_t (*out)[AMX_SPAN], float (*d)[AMX_SPAN / 32]) {
