@@ -24,6 +24,7 @@ static _Atomic(const pg_kernels *) active = &pg_kernels_scalar;
 
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <errno.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define ARCH_REQ_XCOMP_PERM 0x1023 /* Linux: ask for an extended state component */
@@ -46,8 +47,11 @@ static const char *amx_missing(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & 1u << 24) || !(d & 1u << 25)) return "the CPU lacks AMX-TILE or AMX-INT8";
     if ((xcr0() & 0x60000) != 0x60000) return "the OS does not enable tile state (XCR0)";
-    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0) return "Linux refused the tile data permission";
-    return NULL;
+    if (syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0) return NULL;
+    if (errno == ENOSPC) /* Linux checks every thread's sigaltstack against the larger signal frame */
+        return "Linux refused the tile data permission (ENOSPC: a thread's alternate signal stack is too small for tile state)";
+    if (errno == EPERM) return "Linux refused the tile data permission (EPERM: a seccomp filter or sandbox blocks arch_prctl)";
+    return "Linux refused the tile data permission";
 }
 #endif
 
