@@ -189,6 +189,9 @@ XINLINE void NAME(cols_tile)(const pg_qtensor *w, int32_t m, int32_t step, const
 #if !WIDE
 #define LANES 8
 #define TILE_R 3 /* 3 rows x 2 token vectors: 6 partial and 6 group accumulators */
+/* A token block's activations, kept in L2 while the rows pass: 128 KB, an eighth to a half of
+ * an AVX2 CPU's L2 (256 KB on Haswell, 512 KB on Zen 2 and 3, 1 MB on Zen 4) */
+#define BLOCK_BYTES (128 << 10)
 typedef __m256i NAME(tvi);
 typedef __m256 NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return _mm256_setzero_si256(); }
@@ -206,6 +209,9 @@ XINLINE NAME(tvf) NAME(tv_fma)(NAME(tvf) facc, NAME(tvi) sums, float d) {
 #else
 #define LANES 16
 #define TILE_R 4 /* 4 rows x 2 token vectors: 8 group accumulators */
+/* a quarter of the L2 of every CPU with AVX-512 VNNI (1 MB on Zen 4 and Skylake-SP, 2 MB on
+ * Sapphire Rapids); against 128 KB, 5-17% faster on Zen 4 (docs/KERNELS.md) */
+#define BLOCK_BYTES (256 << 10)
 typedef W512 NAME(tvi);
 typedef W512F NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return W_ZERO(); }
@@ -340,7 +346,7 @@ XTARGET static int32_t NAME(gemm_lanes)(const pg_qtensor *w, int32_t N) {
 }
 
 /* Rows [m0, m1) of Y[N][M]. Packed activations (gemm_lanes): by equal blocks of token vectors
- * whose activations (up to 128 KB) stay in L2; within a block, TILE_R rows at a time. Else
+ * whose activations (up to BLOCK_BYTES) stay in L2; within a block, TILE_R rows at a time. Else
  * from q[N][K], gemm_rows_cols_g. */
 XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *qt,
                              const float *scale, const int32_t *zp, int32_t N, float *y) {
@@ -353,7 +359,7 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
     }
     const int64_t K = w->K, NP = (N + LANES - 1) / LANES * LANES;
     const int32_t vectors = (int32_t)(NP / LANES);
-    int32_t most = (int32_t)((128 << 10) / (K * LANES));
+    int32_t most = (int32_t)(BLOCK_BYTES / (K * LANES));
     most = most < 1 ? 1 : most > BLOCK_LANES / LANES ? BLOCK_LANES / LANES : most;
     const int32_t blocks = (vectors + most - 1) / most, per = (vectors + blocks - 1) / blocks;
     for (int32_t v0 = 0; v0 < vectors; v0 += per) {
@@ -370,6 +376,7 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
 #undef TILE_T
 #undef SPAN
 #undef BLOCK_LANES
+#undef BLOCK_BYTES
 
 /* y[m0, m1) for one activation row: GEMV_R rows h apart together (h = the slice / GEMV_R): one
  * reduction serves their group sums, and the weights are read as GEMV_R sequential streams,
