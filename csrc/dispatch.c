@@ -188,12 +188,14 @@ int pg_gemm(pg_pool *pool, const pg_qtensor *w, const uint8_t *q, const float *s
             int32_t N, float *y) {
     job j = {.k = atomic_load(&active), .w = w, .q = q, .scale = scale, .zp = zp, .N = N, .y = y};
     uint8_t *packed = NULL;
-    const int32_t lanes = N > 1 && j.k->gemm_lanes ? j.k->gemm_lanes(w, N) : 0; /* N = 1: the GEMV reads q */
+    int32_t tail = 0;
+    const int32_t lanes = N > 1 && j.k->gemm_lanes ? j.k->gemm_lanes(w, N, &tail) : 0; /* N = 1: the GEMV reads q */
     if (lanes) {
-        const int32_t vectors = (int32_t)(((int64_t)N + lanes - 1) / lanes);
-        if (!(packed = calloc((size_t)vectors * lanes, (size_t)w->K))) return -1;
-        job p = {.q = q, .N = N, .K = w->K, .lanes = lanes, .qout = packed};
+        const int32_t vectors = (int32_t)(((int64_t)N - tail + lanes - 1) / lanes);
+        if (!(packed = calloc((size_t)vectors * lanes + (size_t)tail, (size_t)w->K))) return -1;
+        job p = {.q = q, .N = N - tail, .K = w->K, .lanes = lanes, .qout = packed};
         pg_pool_run(pool, pack_task, &p, vectors);
+        memcpy(packed + (size_t)vectors * lanes * w->K, q + (size_t)(N - tail) * w->K, (size_t)tail * w->K);
         j.q = packed;
     }
     run_rows(pool, &j);

@@ -192,6 +192,8 @@ XINLINE void NAME(cols_tile)(const pg_qtensor *w, int32_t m, int32_t step, const
 /* A token block's activations, kept in L2 while the rows pass: 128 KB, an eighth to a half of
  * an AVX2 CPU's L2 (256 KB on Haswell, 512 KB on Zen 2 and 3, 1 MB on Zen 4) */
 #define BLOCK_BYTES (128 << 10)
+#define TAIL_T 2 /* tail tokens a tile: 3 rows x 2 tokens, within a reduction's 8 outputs */
+#define TAIL_MAX(G) 2 /* measured on Zen 4: 5-12% faster at 1 or 2, even or slower at 3 */
 typedef __m256i NAME(tvi);
 typedef __m256 NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return _mm256_setzero_si256(); }
@@ -212,6 +214,10 @@ XINLINE NAME(tvf) NAME(tv_fma)(NAME(tvf) facc, NAME(tvi) sums, float d) {
 /* a quarter of the L2 of every CPU with AVX-512 VNNI (1 MB on Zen 4 and Skylake-SP, 2 MB on
  * Sapphire Rapids); against 128 KB, 5-17% faster on Zen 4 (docs/KERNELS.md) */
 #define BLOCK_BYTES (256 << 10)
+#define TAIL_T 4 /* 4 rows x 4 tokens: a reduction's 16 outputs */
+/* measured on Zen 4: up to 6 tokens faster than a padded vector (by 3-12% at 6), up to 2 at G
+ * = 32, where every 32 columns end a group and need a reduction */
+#define TAIL_MAX(G) ((G) == 32 ? 2 : 6)
 typedef W512 NAME(tvi);
 typedef W512F NAME(tvf);
 XINLINE NAME(tvi) NAME(tv_zero)(void) { return W_ZERO(); }
@@ -316,6 +322,24 @@ XINLINE void NAME(gemm_rows_tv)(const pg_qtensor *w, int32_t m, const uint8_t *q
             y[(int64_t)n * w->M + m + r] = scale[n] * (fsum[r][n - v0 * LANES] - (float)zp[n] * w->rowsum[m + r]);
 }
 
+/* The tail tokens n in [n0, N) (rows q[n - n0][K]) for rows [m, m + R), columns in the lanes
+ * while the R rows' weights are in cache: TAIL_T tokens a tile (R TAIL_T outputs, one
+ * reduction). */
+XINLINE void NAME(tail_rows)(const pg_qtensor *w, int32_t m, const uint8_t *q, int32_t n0, int32_t N,
+                             const float *scale, const int32_t *zp, float *y, const int R, const int G32) {
+    const int64_t K = w->K;
+    for (int32_t n = n0; n < N; n += TAIL_T) {
+        const uint8_t *qn = q + (n - n0) * K;
+        float *yn = y + (int64_t)n * w->M;
+        if (N - n >= TAIL_T) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, TAIL_T, G32);
+        else if (N - n == 1) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 1, G32);
+#if TAIL_T > 2
+        else if (N - n == 2) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 2, G32);
+        else if (N - n == 3) NAME(cols_tile)(w, m, 1, qn, scale + n, zp + n, yn, R, 3, G32);
+#endif
+    }
+}
+
 /* Columns in the lanes for a product of N > 1 tokens (q[N][K] as it is): tiles of COLS_R rows x
  * 4 tokens (the tails: 1 to 3 tokens, 1 row), the work following N. */
 #define COLS_R (LANES / 4) /* rows of a tile: 8 outputs a reduction on ymm, 16 on zmm */
@@ -339,9 +363,11 @@ XINLINE void NAME(gemm_rows_cols_g)(const pg_qtensor *w, int32_t m0, int32_t m1,
 }
 
 /* The activations gemm_rows reads for N tokens: packed for LANES tokens a vector (returns
- * LANES: dispatch.c packs them), or, with fewer tokens than lanes, q[N][K] as it is (0). */
-XTARGET static int32_t NAME(gemm_lanes)(const pg_qtensor *w, int32_t N) {
-    (void)w;
+ * LANES: dispatch.c packs them), the last N % LANES tokens left as rows when they are at most
+ * TAIL_MAX (columns in the lanes for them cost less than a vector of mostly padding); or,
+ * with fewer tokens than lanes, q[N][K] as it is (0). */
+XTARGET static int32_t NAME(gemm_lanes)(const pg_qtensor *w, int32_t N, int32_t *tail) {
+    *tail = N >= LANES && N % LANES <= TAIL_MAX(w->G) ? N % LANES : 0;
     return N >= LANES ? LANES : 0;
 }
 
@@ -350,23 +376,34 @@ XTARGET static int32_t NAME(gemm_lanes)(const pg_qtensor *w, int32_t N) {
  * from q[N][K], gemm_rows_cols_g. */
 XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1, const uint8_t *qt,
                              const float *scale, const int32_t *zp, int32_t N, float *y) {
-    if (!NAME(gemm_lanes)(w, N)) {
+    int32_t tail;
+    if (!NAME(gemm_lanes)(w, N, &tail)) {
         if (w->G == 32)
             NAME(gemm_rows_cols_g)(w, m0, m1, qt, scale, zp, N, y, 1);
         else
             NAME(gemm_rows_cols_g)(w, m0, m1, qt, scale, zp, N, y, 0);
         return;
     }
-    const int64_t K = w->K, NP = (N + LANES - 1) / LANES * LANES;
+    const int64_t K = w->K, NP = (N - tail + LANES - 1) / LANES * LANES;
     const int32_t vectors = (int32_t)(NP / LANES);
+    const uint8_t *rest = qt + NP * K; /* the tail's rows */
     int32_t most = (int32_t)(BLOCK_BYTES / (K * LANES));
     most = most < 1 ? 1 : most > BLOCK_LANES / LANES ? BLOCK_LANES / LANES : most;
     const int32_t blocks = (vectors + most - 1) / most, per = (vectors + blocks - 1) / blocks;
     for (int32_t v0 = 0; v0 < vectors; v0 += per) {
         const int32_t v1 = vectors - v0 < per ? vectors : v0 + per;
+        const int32_t t0 = v1 == vectors ? N - tail : N; /* the last block takes the tail too */
         int32_t m = m0;
-        for (; m + TILE_R <= m1; m += TILE_R) NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, TILE_R);
-        for (; m < m1; m++) NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, 1);
+        for (; m + TILE_R <= m1; m += TILE_R) {
+            NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, TILE_R);
+            if (w->G == 32) NAME(tail_rows)(w, m, rest, t0, N, scale, zp, y, TILE_R, 1);
+            else NAME(tail_rows)(w, m, rest, t0, N, scale, zp, y, TILE_R, 0);
+        }
+        for (; m < m1; m++) {
+            NAME(gemm_rows_tv)(w, m, qt, K * LANES, v0, v1, scale, zp, N, y, 1);
+            if (w->G == 32) NAME(tail_rows)(w, m, rest, t0, N, scale, zp, y, 1, 1);
+            else NAME(tail_rows)(w, m, rest, t0, N, scale, zp, y, 1, 0);
+        }
     }
 }
 #undef TV_DOT
@@ -377,6 +414,8 @@ XTARGET static void NAME(gemm_rows)(const pg_qtensor *w, int32_t m0, int32_t m1,
 #undef SPAN
 #undef BLOCK_LANES
 #undef BLOCK_BYTES
+#undef TAIL_T
+#undef TAIL_MAX
 
 /* y[m0, m1) for one activation row: GEMV_R rows h apart together (h = the slice / GEMV_R): one
  * reduction serves their group sums, and the weights are read as GEMV_R sequential streams,

@@ -57,9 +57,11 @@ typedef struct {
     /* y[K] = (x r) w, r = pg_rms_scale of x's sum of squares: lane l sums x[8i + l]^2 in order
      * of i, then tree8 (model.rms_norm). K % 8 == 0. */
     void (*rms_row)(const float *x, const float *w, int32_t K, float eps, float *y);
-    /* The activations gemm_rows reads for N > 1 tokens: L > 0, packed by dispatch.c's
-     * pack_tokens for L tokens a vector (csrc/gemm_x86.h), or 0, q[N][K]. NULL: always q. */
-    int32_t (*gemm_lanes)(const pg_qtensor *w, int32_t N);
+    /* The activations gemm_rows reads for N > 1 tokens: L > 0, the first N - *tail tokens
+     * packed by dispatch.c's pack_task for L tokens a vector (csrc/gemm_x86.h; N - *tail
+     * rounded up to L, the padding zeros), followed by the last *tail tokens' rows as they are
+     * [*tail][K]; or 0, q[N][K]. NULL: always q. */
+    int32_t (*gemm_lanes)(const pg_qtensor *w, int32_t N, int32_t *tail);
     /* benchmarks: iters rounds of the integer core's peak loop, returns the multiply-adds done
      * (NULL: no such figure for this path) */
     int64_t (*peak)(int64_t iters);
