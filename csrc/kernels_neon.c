@@ -374,6 +374,108 @@ static void swiglu_row(const float *g, const float *up, int32_t len, float *out)
     for (; j < len; j++) out[j] = pg_silu_mul(g[j], up[j]);
 }
 
+/* model.tree8 of the 8 lanes lo (0..3) and hi (4..7): (0+4, 1+5, 2+6, 3+7), (0+2, 1+3), 0+1. */
+static inline float tree8(float32x4_t lo, float32x4_t hi) {
+    const float32x4_t b = vaddq_f32(lo, hi);
+    const float32x2_t c = vadd_f32(vget_low_f32(b), vget_high_f32(b));
+    return vget_lane_f32(c, 0) + vget_lane_f32(c, 1);
+}
+
+/* q . k[t] for KEYS keys: each key's lanes l (lo) and l + 4 (hi) sum columns 8i + l in order
+ * of i, then tree8 (pg_scores_scalar); the keys' sums side by side share each load of q. */
+static inline __attribute__((always_inline)) void dots(const float *q, const float *k, int32_t hd, float *out, const int KEYS) {
+    float32x4_t lo[4], hi[4];
+    UNROLL for (int t = 0; t < KEYS; t++) {
+        lo[t] = vmulq_f32(vld1q_f32(q), vld1q_f32(k + (int64_t)t * hd));
+        hi[t] = vmulq_f32(vld1q_f32(q + 4), vld1q_f32(k + (int64_t)t * hd + 4));
+    }
+    for (int32_t i = 8; i < hd; i += 8) {
+        const float32x4_t qlo = vld1q_f32(q + i), qhi = vld1q_f32(q + i + 4);
+        UNROLL for (int t = 0; t < KEYS; t++) {
+            lo[t] = vaddq_f32(lo[t], vmulq_f32(qlo, vld1q_f32(k + (int64_t)t * hd + i)));
+            hi[t] = vaddq_f32(hi[t], vmulq_f32(qhi, vld1q_f32(k + (int64_t)t * hd + i + 4)));
+        }
+    }
+    UNROLL for (int t = 0; t < KEYS; t++) out[t] = tree8(lo[t], hi[t]);
+}
+
+static void scores(const float *q, const float *k, int32_t count, int32_t hd, float *out) {
+    int32_t t = 0;
+    for (; t + 4 <= count; t += 4) dots(q, k + (int64_t)t * hd, hd, out + t, 4);
+    for (; t < count; t++) dots(q, k + (int64_t)t * hd, hd, out + t, 1);
+}
+
+/* pg_softmax_scalar's result, 8 positions at a time: the sum's lanes l (lo) and l + 4 (hi)
+ * take positions 8i + l, zeros past the end. */
+static float softmax(float *s, int32_t len) {
+    float32x4_t m4 = vdupq_n_f32(s[0]);
+    uint32x4_t ok4 = vdupq_n_u32(~0u);
+    int32_t j = 0;
+    for (; j + 4 <= len; j += 4) { /* the max is exact in any order; x - x != 0 for inf and NaN */
+        const float32x4_t v = vld1q_f32(s + j);
+        m4 = vmaxq_f32(m4, v);
+        ok4 = vandq_u32(ok4, vceqq_f32(vsubq_f32(v, v), vdupq_n_f32(0.0f)));
+    }
+    float m = vmaxvq_f32(m4);
+    int bad = vminvq_u32(ok4) == 0;
+    for (; j < len; j++) {
+        bad |= !isfinite(s[j]);
+        m = s[j] > m ? s[j] : m;
+    }
+    if (bad) return NAN;
+    const float32x4_t mv = vdupq_n_f32(m);
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    for (j = 0; j + 8 <= len; j += 8) {
+        const float32x4_t e0 = exp_neg4(vsubq_f32(vld1q_f32(s + j), mv)), e1 = exp_neg4(vsubq_f32(vld1q_f32(s + j + 4), mv));
+        vst1q_f32(s + j, e0);
+        vst1q_f32(s + j + 4, e1);
+        lo = vaddq_f32(lo, e0);
+        hi = vaddq_f32(hi, e1);
+    }
+    if (j < len) {
+        float tail[8] = {0};
+        for (int32_t t = j; t < len; t++) s[t] = tail[t - j] = pg_exp_neg(s[t] - m);
+        lo = vaddq_f32(lo, vld1q_f32(tail));
+        hi = vaddq_f32(hi, vld1q_f32(tail + 4));
+    }
+    return tree8(lo, hi);
+}
+
+/* o[4 C] (+)= sum_t w[t] v[t][4 C], t in order (pg_weigh_scalar): C vectors of columns. */
+static inline __attribute__((always_inline)) void weigh_cols(const float *w, const float *v, int32_t count, int32_t hd, int first,
+                                                             float *o, const int C) {
+    float32x4_t acc[16];
+    int32_t t = 0;
+    if (first) {
+        UNROLL for (int c = 0; c < C; c++) acc[c] = vmulq_n_f32(vld1q_f32(v + 4 * c), w[0]);
+        t = 1;
+    } else {
+        UNROLL for (int c = 0; c < C; c++) acc[c] = vld1q_f32(o + 4 * c);
+    }
+    for (; t < count; t++)
+        UNROLL for (int c = 0; c < C; c++) acc[c] = vaddq_f32(acc[c], vmulq_n_f32(vld1q_f32(v + (int64_t)t * hd + 4 * c), w[t]));
+    UNROLL for (int c = 0; c < C; c++) vst1q_f32(o + 4 * c, acc[c]);
+}
+
+/* 64 columns at a time (16 independent sums of the 32 registers), then 4 at a time. */
+static void weigh(const float *w, const float *v, int32_t count, int32_t hd, int first, float *o) {
+    int32_t d = 0;
+    for (; d + 64 <= hd; d += 64) weigh_cols(w, v + d, count, hd, first, o + d, 16);
+    for (; d < hd; d += 4) weigh_cols(w, v + d, count, hd, first, o + d, 1);
+}
+
+/* pg_rms_row_scalar 8 lanes at a time (lo: the scalar's acc[0..3], hi: acc[4..7]). */
+static void rms_row(const float *x, const float *w, int32_t K, float eps, float *y) {
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    for (int32_t k = 0; k < K; k += 8) {
+        const float32x4_t a = vld1q_f32(x + k), b = vld1q_f32(x + k + 4);
+        lo = vaddq_f32(lo, vmulq_f32(a, a));
+        hi = vaddq_f32(hi, vmulq_f32(b, b));
+    }
+    const float r = pg_rms_scale(tree8(lo, hi), K, eps);
+    for (int32_t k = 0; k < K; k += 4) vst1q_f32(y + k, vmulq_f32(vmulq_n_f32(vld1q_f32(x + k), r), vld1q_f32(w + k)));
+}
+
 /* The converter's float tile (pg_sgemm_tile): 8 x 8, FMLA by a broadcast element (fused). */
 static void sgemm_tile_neon(const float *a, int64_t lda, const float *bp, int32_t kc, float *c, int64_t ldc) {
     float32x4_t acc[8][2];
@@ -391,9 +493,9 @@ static void sgemm_tile_neon(const float *a, int64_t lda, const float *bp, int32_
 
 const pg_sgemm_tile pg_sgemm_neon = {sgemm_tile_neon, 8, 8};
 
-const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
-const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
+const pg_kernels pg_kernels_neon = {"neon", quantize_row, gemm_rows_neon, gemv_rows_neon, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL, &pg_sgemm_neon};
+const pg_kernels pg_kernels_neon_dotprod = {"neon-dotprod", quantize_row, gemm_rows_dotprod, gemv_rows_dotprod, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL, &pg_sgemm_neon};
 /* i8mm: the prefill GEMM on USMMLA; the GEMV (one token would fill half of each 2x2 block) is
  * neon-dotprod's. */
-const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, pg_scores_scalar, pg_softmax_scalar, pg_weigh_scalar, rope_row, swiglu_row, pg_rms_row_scalar, NULL, NULL, &pg_sgemm_neon};
+const pg_kernels pg_kernels_neon_i8mm = {"neon-i8mm", quantize_row, gemm_rows_i8mm, gemv_rows_dotprod, dequant_row, scores, softmax, weigh, rope_row, swiglu_row, rms_row, NULL, NULL, &pg_sgemm_neon};
 #endif
