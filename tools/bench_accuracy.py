@@ -133,14 +133,14 @@ def llama_cpp_rows(python: str, gguf_path: str, texts: dict, refs: dict) -> dict
     import json
     import subprocess
 
-    work = tempfile.mkdtemp()
-    with open(os.path.join(work, "ids.json"), "w") as f:
-        json.dump({k: [int(i) for i in v] for k, v in texts.items()}, f)
-    subprocess.run([python, "-c", LLAMA_WORKER, gguf_path, work], check=True, stderr=subprocess.DEVNULL)
-    with open(os.path.join(work, "sizes.json")) as f:
-        sizes = json.load(f)
-    return {label: (size, [kl_top1(refs[k], np.load(os.path.join(work, f"{label}.{k}.npy"))) for k in texts])
-            for label, size in sizes.items()}
+    with tempfile.TemporaryDirectory(prefix="pyguard-accuracy-") as work:  # the quantized GGUFs: hundreds of MB
+        with open(os.path.join(work, "ids.json"), "w") as f:
+            json.dump({k: [int(i) for i in v] for k, v in texts.items()}, f)
+        subprocess.run([python, "-c", LLAMA_WORKER, gguf_path, work], check=True, stderr=subprocess.DEVNULL)
+        with open(os.path.join(work, "sizes.json")) as f:
+            sizes = json.load(f)
+        return {label: (size, [kl_top1(refs[k], np.load(os.path.join(work, f"{label}.{k}.npy"))) for k in texts])
+                for label, size in sizes.items()}
 
 
 def real_benchmark(args) -> None:
@@ -175,7 +175,8 @@ def real_benchmark(args) -> None:
                 "plain (no calibration)": (False, alphas, False, "int8"), "weighted scales": (prompts, (0.0,), False, "int8"),
                 "weighted + folding": (prompts, alphas, False, "int8"), "weighted + GPTQ": (prompts, (0.0,), True, "int8"),
                 "default (w+f+GPTQ)": (prompts, alphas, True, "int8")}
-    tmp = tempfile.mkdtemp()
+    work = tempfile.TemporaryDirectory(prefix="pyguard-accuracy-")  # removed when the run ends, however it ends in Python
+    tmp = work.name
     for g in args.groups:
         for label, (cal, calibrate.ALPHAS, calibrate.GPTQ, table) in settings.items():
             if args.only and label not in args.only:
