@@ -62,7 +62,10 @@ the best of its rounds (the virtual machines here have slow spells of minutes; t
 exposes all of them alike); transformers, at minutes a run, runs once. Every printout starts
 with the CPU, its features, pyguard's kernel paths (the chosen one, those available, AMX's
 status where this pyguard reports it) and the load average; each peer's version and the
-kernels or precision it reports follow.
+kernels or precision it reports follow. For pyguard it also prints where a policy-kept one-turn
+pass's time goes (the prompt's int4 products and their G multiply-adds/s, attention, the rest,
+the decode steps): on a CPU with a faster product path (AMX), how much of the one-turn time that
+path can still change.
 
     python tools/bench_guard.py --int4 DIR [--threads 2] [--rounds 2]
 
@@ -233,6 +236,7 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
     import bench_peers
 
     engine = bench_peers.run_setup(PyguardEngine(guard.model, 1024), setup)
+    res["split"] = one_turn_split(PyguardEngine(guard.model, 1024), setup)
     res.update({f"engine_{k}": v for k, v in engine.items() if k in ("one", "one_kept", "two", "kept_agrees")})
     res.update({k: v for k, v in engine.items() if k.startswith("prefill_") or k == "decode_tok_s"})
     res["peak_rss_mb"] = peak_rss_mb()
@@ -241,6 +245,38 @@ def bench_pyguard(setup: dict, threads: int) -> dict:
     res.update({f"{k.lower()}_mb": int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")})
     res["kv_4096_mb"] = {np.dtype(t).name: guard.model.new_state(4096, kv_dtype=t).kv.nbytes / 2**20 for t in (np.float32, np.float16)}
     return res
+
+
+def one_turn_split(engine, setup: dict) -> dict:
+    """Where a policy-kept one-turn pass's time goes, as cProfile sees the kernel calls (each
+    prompt once after a warm-up, medians; cProfile's own cost lands in "other"): the prompt
+    pass (its tokens after the policy, and "\\n\\n"): the int4 products (pg_gemm), attention
+    and the rest; then the DECODE_STEPS single-token steps. What a faster GEMM path (AMX) can
+    change is the prompt's products; the steps read every weight once each (memory-bound)."""
+    import cProfile
+    import pstats
+
+    def timed(fn) -> dict:
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.runcall(fn)
+        total = time.perf_counter() - t0
+        calls = {name: tt for (_, _, name), (_, _, tt, _, _) in pstats.Stats(prof).stats.items()}
+        out = {k: calls.get(f"<built-in method pyguard._kernels.pg_{k}>", 0.0) for k in ("gemm", "gemv", "attention")}
+        return {**out, "other": total - sum(out.values()), "total": total}
+
+    policy = setup["policy"]
+    engine.reset()
+    engine.feed(setup["one"][0][:policy])
+    saved = engine.save()
+    prompts, steps = [], []
+    for ids in setup["one"][:1] + setup["one"]:  # the first twice: a warm-up
+        engine.restore(saved)
+        prompts.append(timed(lambda: engine.feed(ids[policy:] + setup["answer_start"])))
+        steps.append(timed(lambda: [engine.feed([5]) for _ in range(DECODE_STEPS)]))
+    med = lambda runs: {k: statistics.median(r[k] for r in runs[1:]) for k in runs[0]}  # noqa: E731
+    return {"tokens": statistics.median(len(ids) - policy + len(setup["answer_start"]) for ids in setup["one"]),
+            "prompt": med(prompts), "steps": med(steps)}
 
 
 class PyguardEngine:
@@ -755,6 +791,13 @@ def report(runs: dict, args, setup: dict, exports: dict, load: tuple) -> None:
     print(f"pyguard prefill {PREFILL_RATE}: {gm:.0f} G multiply-adds/s in the linear layers ({macs / 1e9:.2f} G a token)"
           + (f", {gm / ceiling:.0%} of the {pg['isa']} path's ceiling measured now ({ceiling:.0f} G/s)" if ceiling else
              " (no pg_peak_macs in this pyguard: the path's ceiling is not measured)"))
+    sp = pg.get("split")
+    if sp:
+        p, st = sp["prompt"], sp["steps"]
+        print(f"pyguard one-turn, policy kept, where the time goes (cProfile, medians): the prompt pass ({sp['tokens']:.0f} "
+              f"tokens) {p['total'] * 1e3:.0f} ms: int4 products {p['gemm'] * 1e3:.0f} ms ({sp['tokens'] * macs / p['gemm'] / 1e9:.0f} "
+              f"G multiply-adds/s), attention {p['attention'] * 1e3:.0f} ms, the rest {(p['other'] + p['gemv']) * 1e3:.0f} ms; "
+              f"{DECODE_STEPS} decode steps {st['total'] * 1e3:.0f} ms (products {(st['gemm'] + st['gemv']) * 1e3:.0f} ms)")
     for k, r in peers.items():
         if isinstance(r, dict) and r.get(f"prefill_{PREFILL_RATE}"):
             print(f"{k}: prefill {PREFILL_RATE} at {r[f'prefill_{PREFILL_RATE}'] * macs / 1e9:.0f} G multiply-adds/s in the "
