@@ -212,7 +212,7 @@ XINLINE NAME(tvf) NAME(tv_fma)(NAME(tvf) facc, NAME(tvi) sums, float d) {
 #define LANES 16
 #define TILE_R 4 /* 4 rows x 2 token vectors: 8 group accumulators */
 /* a quarter of the L2 of every CPU with AVX-512 VNNI (1 MB on Zen 4 and Skylake-SP, 2 MB on
- * Sapphire Rapids); against 128 KB, 5-17% faster on Zen 4 (docs/KERNELS.md) */
+ * Sapphire Rapids); against 128 KB, 1-25% faster by shape on Zen 4 (docs/KERNELS.md) */
 #define BLOCK_BYTES (256 << 10)
 #define TAIL_T 4 /* 4 rows x 4 tokens: a reduction's 16 outputs */
 /* measured on Zen 4: up to 6 tokens faster than a padded vector (by 3-12% at 6), up to 2 at G
