@@ -13,6 +13,8 @@ from pyguard import PyguardError
 from pyguard.engine import kernels, model
 from pyguard.formats import quant
 
+from kernel_paths import each_path
+
 # inf and NaN inputs make the numpy references warn: they are inputs here, not faults
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 ISAS = kernels.available_isas()
@@ -41,7 +43,7 @@ def random_floats(rng: np.random.Generator, shape: tuple[int, ...], log_mag: int
     return x
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_path()
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 9), heads=st.integers(1, 6), rest=st.integers(0, 3), hd=st.sampled_from([64, 128, 2, 6, 8, 10, 18, 34, 48]),
        theta=st.sampled_from([10000.0, 500000.0]), first=st.integers(0, 130000), log_mag=st.integers(-30, 30),
@@ -64,7 +66,7 @@ def test_rope_is_its_reference_bit_for_bit(isa, n, heads, rest, hd, theta, first
     assert same_bits(got, ref)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_path()
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 6), hidden=st.one_of(st.integers(1, 70), st.sampled_from([2048, 8192])), log_mag=st.integers(-40, 37),
        specials=st.integers(0, 12), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**32 - 1))
@@ -107,7 +109,7 @@ def same_acts(a: quant.QActs, b: quant.QActs) -> bool:
     return np.array_equal(a.q, b.q) and same_bits(a.scale, b.scale) and np.array_equal(a.zp, b.zp)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@each_path()
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 130), k=st.one_of(st.integers(1, 40).map(lambda i: 8 * i), st.sampled_from([64, 2048, 3072])),
        log_mag=st.integers(-30, 30), w_mag=st.integers(-3, 3), specials=st.integers(0, 3), eps=st.sampled_from([1e-5, 1e-6, 0.1]),

@@ -15,6 +15,8 @@ from pyguard import PyguardError
 from pyguard.engine import kernels
 from pyguard.formats import quant
 
+from kernel_paths import each_path
+
 ISAS = kernels.available_isas()
 EPS = np.finfo(np.float32).eps
 
@@ -27,7 +29,7 @@ def restore_isa():
     kernels.set_threads(None)
 
 
-each_isa = pytest.mark.parametrize("isa", ISAS)
+each_isa = each_path()
 
 
 def test_this_machine_has_its_simd_path():
