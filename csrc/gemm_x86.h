@@ -190,7 +190,8 @@ XINLINE void NAME(cols_tile)(const pg_qtensor *w, int32_t m, int32_t step, const
 #define LANES 8
 #define TILE_R 3 /* 3 rows x 2 token vectors: 6 partial and 6 group accumulators */
 /* A token block's activations, kept in L2 while the rows pass: 128 KB, an eighth to a half of
- * an AVX2 CPU's L2 (256 KB on Haswell, 512 KB on Zen 2 and 3, 1 MB on Zen 4) */
+ * an AVX2 CPU's L2 (256 KB on Haswell, 512 KB on Zen 2 and 3, 1 MB on Zen 4); on Zen 3, 64 to
+ * 384 KB were level within the noise (docs/KERNELS.md) */
 #define BLOCK_BYTES (128 << 10)
 #define TAIL_T 2 /* tail tokens a tile: 3 rows x 2 tokens, within a reduction's 8 outputs */
 #define TAIL_MAX(G) 2 /* measured on Zen 4: 5-12% faster at 1 or 2, even or slower at 3 */
